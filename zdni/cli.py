@@ -1,0 +1,171 @@
+"""The `zdni` command group: train, run, broker, worker, status and the rest."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from zdni.config import MODELS, MODES, OPTIMIZERS, PLACEMENTS, ConfigError, RunConfig
+
+F = Callable[..., Any]
+
+
+def _cuts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of unit indices") from None
+
+
+def config_options(func: F) -> F:
+    """The run settings, each with its ZDNI_* environment variable (see zdni/config.py)."""
+    d = RunConfig()
+    options = [
+        click.option("--mode", type=click.Choice(MODES), default=d.mode, show_default=True,
+                     envvar="ZDNI_MODE", help="backprop, sg (synthetic gradients) or full "
+                     "(synthetic input and gradient)."),
+        click.option("--model", type=click.Choice(MODELS), default=d.model, show_default=True,
+                     envvar="ZDNI_MODEL"),
+        click.option("--dataset", type=click.Choice(["mnist", "cifar10"]), default=None,
+                     envvar="ZDNI_DATASET", help="Defaults to the model's dataset."),
+        click.option("--data-dir", default=None, envvar="ZDNI_DATA_DIR",
+                     help="Directory with the dataset files [default: ./data]."),
+        click.option("--stages", type=int, default=d.stages, show_default=True,
+                     envvar="ZDNI_STAGES"),
+        click.option("--cuts", callback=_cuts, default=None, envvar="ZDNI_CUTS",
+                     help="Explicit cut points, unit indices where stages 2.. start, e.g. 1,3."),
+        click.option("--epochs", type=int, default=d.epochs, show_default=True,
+                     envvar="ZDNI_EPOCHS"),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
+                     envvar="ZDNI_BATCH_SIZE"),
+        click.option("--lr", type=float, default=d.lr, show_default=True, envvar="ZDNI_LR"),
+        click.option("--synth-lr", type=float, default=d.synth_lr, show_default=True,
+                     envvar="ZDNI_SYNTH_LR"),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=d.optimizer,
+                     show_default=True, envvar="ZDNI_OPTIMIZER"),
+        click.option("--conditioned/--unconditioned", default=d.conditioned, show_default=True,
+                     envvar="ZDNI_CONDITIONED", help="cDNI: synthesizers also see the label."),
+        click.option("--synth-hidden", type=int, default=d.synth_hidden, show_default=True,
+                     envvar="ZDNI_SYNTH_HIDDEN", help="Hidden layers in M and I (0 = linear)."),
+        click.option("--synth-width", type=int, default=d.synth_width, show_default=True,
+                     envvar="ZDNI_SYNTH_WIDTH"),
+        click.option("--freeze-stage", type=int, default=None, envvar="ZDNI_FREEZE_STAGE",
+                     help="Leave this stage (1-based) at its random weights."),
+        click.option("--seed", type=int, default=d.seed, show_default=True, envvar="ZDNI_SEED"),
+        click.option("--ring-size", type=int, default=d.ring_size, show_default=True,
+                     envvar="ZDNI_RING_SIZE", help="N of the iteration %% N buffers."),
+        click.option("--max-inflight", type=int, default=d.max_inflight, show_default=True,
+                     envvar="ZDNI_MAX_INFLIGHT", help="Batches in flight at once."),
+        click.option("--eval-batch-size", type=int, default=d.eval_batch_size,
+                     show_default=True, envvar="ZDNI_EVAL_BATCH_SIZE"),
+        click.option("--train-limit", type=int, default=None, envvar="ZDNI_TRAIN_LIMIT",
+                     help="Use only the first N training samples."),
+        click.option("--test-limit", type=int, default=None, envvar="ZDNI_TEST_LIMIT",
+                     help="Use only the first N test samples."),
+        click.option("--synth-placement", type=click.Choice(PLACEMENTS),
+                     default=d.synth_placement, show_default=True,
+                     envvar="ZDNI_SYNTH_PLACEMENT"),
+        click.option("--heartbeat", "heartbeat_s", type=float, default=d.heartbeat_s,
+                     show_default=True, envvar="ZDNI_HEARTBEAT", help="Seconds between beats."),
+        click.option("--checkpoint-every", type=int, default=d.checkpoint_every,
+                     show_default=True, envvar="ZDNI_CHECKPOINT_EVERY"),
+        click.option("--run-id", default="", envvar="ZDNI_RUN_ID",
+                     help="Name of the run [default: generated]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def config_from(kwargs: dict[str, Any]) -> RunConfig:
+    """Pop the config options out of a command's kwargs and validate them."""
+    names = set(RunConfig.__dataclass_fields__)
+    raw = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    if raw.get("dataset") is None:
+        raw["dataset"] = "cifar10" if raw.get("model", "").endswith("cnn") else "mnist"
+    if raw.get("data_dir") is None:
+        raw.pop("data_dir", None)
+    return RunConfig(**raw).validate()
+
+
+def clean_errors(func: F) -> F:
+    """Turn expected errors into a one-line message and exit status 2, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from zdni.data import DataError
+
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, DataError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """zdni: train networks layer by layer, asynchronously, with synthetic gradients."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+@main.command()
+@config_options
+@click.option("--inproc", is_flag=True, help="All stages in this process (the reference).")
+@click.option("--out", "out_dir", default=None, help="Output directory [default: runs/RUN_ID].")
+@click.option("--download", is_flag=True, help="Fetch missing data with torchvision.")
+@click.option("--quiet", is_flag=True, help="No progress bar; plain log lines only.")
+@click.option("--threads", type=int, default=None, envvar="ZDNI_THREADS",
+              help="torch threads per process.")
+@clean_errors
+def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, threads: int | None,
+          **kwargs: Any) -> None:
+    """Train a model; prints a JSON summary line and writes OUT/summary.json."""
+    import torch
+
+    from zdni.summary import summary_line, write_summary
+    from zdni.trainer import train_inproc
+
+    cfg = config_from(kwargs)
+    if not cfg.run_id:
+        cfg.run_id = new_run_id(cfg)
+    out_dir = out_dir or os.path.join("runs", cfg.run_id)
+    if threads:
+        torch.set_num_threads(threads)
+    logging.getLogger("zdni").info("[driver] config %s", cfg.to_json())
+    if inproc:
+        summary = train_inproc(cfg, quiet=quiet, download=download)
+    else:
+        from zdni.driver import train_distributed
+
+        summary = train_distributed(cfg, quiet=quiet, download=download)
+    write_summary(out_dir, summary)
+    click.echo(summary_line(summary))
+
+
+def new_run_id(cfg: RunConfig) -> str:
+    """A readable, unique run id: mode, model and a timestamp."""
+    import time
+
+    tag = cfg.mode + ("-c" if cfg.conditioned else "")
+    return f"{tag}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+if __name__ == "__main__":
+    main()

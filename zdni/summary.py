@@ -1,0 +1,90 @@
+"""The run summary and per-epoch history every `zdni train` prints and writes to summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from zdni.config import RunConfig
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one epoch's training metrics, per stage where they are per stage."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_loss: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    input_loss: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, stage: int, metrics: dict[str, float]) -> None:
+        if "loss" in metrics:
+            self.losses.append(metrics["loss"])
+        if "grad_loss" in metrics:
+            self.grad_loss[stage].append(metrics["grad_loss"])
+        if "input_loss" in metrics:
+            self.input_loss[stage].append(metrics["input_loss"])
+
+    def row(self, epoch: int, test_loss: float, test_accuracy: float, wall_s: float,
+            iterations: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "iterations": iterations,
+            "train_loss": _mean(self.losses),
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "wall_s": round(wall_s, 3),
+            "grad_loss": {str(s): _mean(v) for s, v in sorted(self.grad_loss.items())},
+            "input_loss": {str(s): _mean(v) for s, v in sorted(self.input_loss.items())},
+        }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def build_summary(
+    cfg: RunConfig, stages: int, history: list[dict[str, Any]], iterations: int, samples: int,
+    wall_s: float, runner: str, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary record: the fields the README documents, then runner-specific extras."""
+    accuracies = [row["test_accuracy"] for row in history]
+    summary: dict[str, Any] = {
+        "run_id": cfg.run_id,
+        "runner": runner,
+        "mode": cfg.mode,
+        "conditioned": cfg.conditioned,
+        "freeze_stage": cfg.freeze_stage,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "stages": stages,
+        "epochs": len(history),
+        "iterations": iterations,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "test_accuracy": accuracies[-1] if accuracies else None,
+        "best_test_accuracy": max(accuracies) if accuracies else None,
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "wall_s": round(wall_s, 3),
+        "samples_per_s": round(samples / wall_s, 1) if wall_s > 0 else None,
+        "history": history,
+        "config": json.loads(cfg.to_json()),
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def write_summary(out_dir: str, summary: dict[str, Any]) -> str:
+    """Write <out_dir>/summary.json and return its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "summary.json")
+    with open(path, "w") as fh:
+        json.dump(summary, fh, indent=2)
+    return path
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The one JSON line printed at the end: the summary without its bulky history and config."""
+    return json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")})
