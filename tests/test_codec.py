@@ -53,7 +53,13 @@ def make(tensors: dict[str, torch.Tensor] | None = None, **fields: Any) -> Messa
 
 def assert_same(got: Message, want: Message) -> None:
     """Every field equal, tensors bit for bit with the same dtype and shape."""
-    assert (got.kind, got.run, got.it, got.src, got.dst) == (want.kind, want.run, want.it, want.src, want.dst)
+    assert (got.kind, got.run, got.it, got.src, got.dst) == (
+        want.kind,
+        want.run,
+        want.it,
+        want.src,
+        want.dst,
+    )
     assert got.meta == want.meta
     assert list(got.tensors) == list(want.tensors)
     for name, t in want.tensors.items():
@@ -105,7 +111,9 @@ def test_round_trip_over_zeromq(push_pull: tuple[zmq.Socket[Any], zmq.Socket[Any
     """Frames survive real PUSH/PULL sockets with copy=False both ways, large and small, all dtypes."""
     push, pull = push_pull
     sent = [make(t, it=i) for i, (_, t) in enumerate(ROUND_TRIPS)]
-    sent.append(make({"h": torch.randn(512, 512), "y": torch.arange(8)}, kind=protocol.BATCH, src=0, dst=1))
+    sent.append(
+        make({"h": torch.randn(512, 512), "y": torch.arange(8)}, kind=protocol.BATCH, src=0, dst=1)
+    )
     for m in sent:
         push.send_multipart(encode(m), copy=False)
     for m in sent:
@@ -123,6 +131,13 @@ def test_encode_does_not_copy(dtype: torch.dtype) -> None:
     assert len(frames) == 2 and len(frames[0]) < 256
     assert memoryview(frames[1]).nbytes == 1 << 20
     assert np.frombuffer(frames[1], dtype=np.uint8).__array_interface__["data"][0] == t.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encode_moves_cuda_tensors_to_cpu() -> None:
+    """A CUDA tensor is encoded from a CPU copy and decodes to the same values on the CPU."""
+    t = torch.randn(3, 4, device="cuda").to(torch.bfloat16)
+    assert torch.equal(decode(encode(make({"h": t}))).tensors["h"], t.cpu())
 
 
 def test_encode_copies_non_contiguous_once() -> None:
@@ -154,7 +169,7 @@ def without(key: str) -> dict[str, Any]:
     return h
 
 
-REJECTIONS: list[tuple[str, Callable[[], list[Any]], str]] = [
+REJECTIONS: list[tuple[str, Callable[[], Any], str]] = [
     ("no frames", lambda: [], "frames"),
     ("not a list", lambda: b"abc", "frames"),
     ("frame of wrong type", lambda: [VALID[0], "text"], "frames"),
@@ -182,28 +197,76 @@ REJECTIONS: list[tuple[str, Callable[[], list[Any]], str]] = [
     ("unknown dtype", lambda: frames_of(header(tensors=[["h", "complex64", [3]]]), F24), "dtype"),
     ("negative dim", lambda: frames_of(header(tensors=[["h", "float32", [-2, -3]]]), F24), "shape"),
     ("float dim", lambda: frames_of(header(tensors=[["h", "float32", [2.0, 3]]]), F24), "shape"),
+    (
+        "empty, dim past int64",
+        lambda: frames_of(header(tensors=[["h", "uint8", [0, 2**64 - 1]]]), b""),
+        "shape",
+    ),
+    (
+        "empty, strides past int64",
+        lambda: frames_of(header(tensors=[["h", "uint8", [0, 2**40, 2**40]]]), b""),
+        "shape",
+    ),
     ("too many dims", lambda: frames_of(header(tensors=[["h", "uint8", [1] * 7]]), b"\0"), "shape"),
     ("size mismatch", lambda: frames_of(header(tensors=[["h", "float64", [2, 3]]]), F24), "size"),
-    ("oversize declared", lambda: frames_of(header(tensors=[["h", "float32", [2**40]]])), "too_large"),
-    ("oversize in sum", lambda: frames_of(header(tensors=[[n, "uint8", [2**28]] for n in "ab"])), "too_large"),
-    ("too many tensors", lambda: frames_of(header(tensors=[[str(i), "uint8", [0]] for i in range(9)])), "header"),
-    ("duplicate names", lambda: frames_of(header(tensors=[["h", "uint8", [0]]] * 2), b"", b""), "header"),
+    (
+        "oversize declared",
+        lambda: frames_of(header(tensors=[["h", "float32", [2**40]]])),
+        "too_large",
+    ),
+    (
+        "oversize in sum",
+        lambda: frames_of(header(tensors=[[n, "uint8", [2**28]] for n in "ab"])),
+        "too_large",
+    ),
+    (
+        "too many tensors",
+        lambda: frames_of(header(tensors=[[str(i), "uint8", [0]] for i in range(9)])),
+        "header",
+    ),
+    (
+        "duplicate names",
+        lambda: frames_of(header(tensors=[["h", "uint8", [0]]] * 2), b"", b""),
+        "header",
+    ),
     ("bad tensor entry", lambda: frames_of(header(tensors=[["h", "float32"]]), F24), "header"),
     ("nested meta", lambda: frames_of(header(meta={"a": [1]}), F24), "header"),
-    ("too much meta", lambda: frames_of(header(meta={str(i): i for i in range(33)}), F24), "header"),
+    (
+        "too much meta",
+        lambda: frames_of(header(meta={str(i): i for i in range(33)}), F24),
+        "header",
+    ),
     ("bin meta", lambda: frames_of(header(meta={"a": b"x"}), F24), "header"),
     ("ext type", lambda: frames_of(header(meta={"a": msgpack.ExtType(5, b"x")}), F24), "header"),
-    ("empty ext type", lambda: frames_of(header(meta={"a": msgpack.ExtType(5, b"")}), F24), "header"),
+    (
+        "empty ext type",
+        lambda: frames_of(header(meta={"a": msgpack.ExtType(5, b"")}), F24),
+        "header",
+    ),
     ("timestamp ext", lambda: frames_of(header(meta={"a": msgpack.Timestamp(1)}), F24), "header"),
-    ("header too large", lambda: frames_of(header(meta={"s": "x" * protocol.MAX_HEADER_BYTES}), F24), "too_large"),
+    (
+        "header too large",
+        lambda: frames_of(header(meta={"s": "x" * protocol.MAX_HEADER_BYTES}), F24),
+        "too_large",
+    ),
     ("nan", lambda: encode(make({"h": torch.tensor([1.0, float("nan")])})), "nonfinite"),
-    ("inf", lambda: encode(make({"h": torch.tensor([float("-inf")], dtype=torch.float16)})), "nonfinite"),
-    ("bfloat16 inf", lambda: encode(make({"h": torch.full((2,), float("inf"), dtype=torch.bfloat16)})), "nonfinite"),
+    (
+        "inf",
+        lambda: encode(make({"h": torch.tensor([float("-inf")], dtype=torch.float16)})),
+        "nonfinite",
+    ),
+    (
+        "bfloat16 inf",
+        lambda: encode(make({"h": torch.full((2,), float("inf"), dtype=torch.bfloat16)})),
+        "nonfinite",
+    ),
 ]
 
 
-@pytest.mark.parametrize("build,reason", [(b, r) for _, b, r in REJECTIONS], ids=[n for n, _, _ in REJECTIONS])
-def test_decode_rejects(build: Callable[[], list[Any]], reason: str) -> None:
+@pytest.mark.parametrize(
+    "build,reason", [(b, r) for _, b, r in REJECTIONS], ids=[n for n, _, _ in REJECTIONS]
+)
+def test_decode_rejects(build: Callable[[], Any], reason: str) -> None:
     """Each malformed message is refused with its reason and a message saying what came."""
     with pytest.raises(DecodeError) as err:
         decode(build())
@@ -256,10 +319,26 @@ def test_dtype_names_cover_the_protocol() -> None:
         dtype_name(torch.bool)
 
 
+ODD_VALUES: list[Any] = [
+    None,
+    1,
+    "x",
+    b"x",
+    [],
+    {},
+    {"v": 1},
+    [[1]],
+    {"meta": {"a": {}}},
+    2**63,
+    -1.5,
+]
+ODD_DIMS = [0, 0, 0, 1, 2, 3, 2**31, 2**40, 2**63, 2**64 - 1, -1, 2.0, "2", None]
+
+
 def mutate(rng: random.Random, frames: list[bytes]) -> list[Any]:
-    """One random corruption: new bytes, a truncation, bit flips, or a wrong frame count."""
+    """One random corruption: new bytes, a cut, bit flips, a wrong frame count or odd header values."""
     frames = list(frames)
-    op = rng.randrange(5)
+    op = rng.randrange(6)
     i = rng.randrange(len(frames))
     if op == 0:
         frames[i] = rng.randbytes(rng.randrange(64))
@@ -273,9 +352,13 @@ def mutate(rng: random.Random, frames: list[bytes]) -> list[Any]:
         frames[i] = bytes(b)
     elif op == 3:
         frames = rng.sample(frames * 2, rng.randrange(2 * len(frames) + 1))
-    else:
-        obj = rng.choice([None, 1, "x", [], {}, {"v": 1}, [[1]], {"meta": {"a": {}}}, 2**63, -1.5])
+    elif op == 4:
+        obj: Any = rng.choice(ODD_VALUES)
         frames[0] = msgpack.packb({**header(), rng.choice(sorted(header())): obj})
+    else:
+        dims = [rng.choice(ODD_DIMS) for _ in range(rng.randrange(protocol.MAX_DIMS + 2))]
+        spec = [rng.choice(["h", "h", "h", "", 1]), rng.choice([*protocol.DTYPES, "x"]), dims]
+        frames = [msgpack.packb(header(tensors=[spec])), rng.choice([b"", b"", b"", bytes(8)])]
     return frames
 
 
@@ -301,7 +384,12 @@ STATE = {
     "empty": torch.empty(0, 2),
     "optimizer.state.0.exp_avg_sq." + "x" * 100: torch.rand(2, dtype=torch.float64),
 }
-STATE_META = {"lr": 1e-3, "betas": [0.9, 0.999], "groups": [{"params": [0, 1], "wd": 0.0}], "name": "adam"}
+STATE_META = {
+    "lr": 1e-3,
+    "betas": [0.9, 0.999],
+    "groups": [{"params": [0, 1], "wd": 0.0}],
+    "name": "adam",
+}
 
 
 @pytest.mark.parametrize("as_bytes", [False, True], ids=["str keys", "bytes keys"])
@@ -309,8 +397,8 @@ def test_state_round_trip(as_bytes: bool) -> None:
     """encode_state then decode_state gives back tensors and nested meta, keys as str or as Redis bytes."""
     fields = encode_state(STATE, STATE_META)
     assert all(isinstance(v, bytes) for v in fields.values())
-    mapping = {k.encode() if as_bytes else k: v for k, v in fields.items()}
-    tensors, meta = decode_state(mapping)  # type: ignore[arg-type]
+    mapping: dict[Any, bytes] = {k.encode() if as_bytes else k: v for k, v in fields.items()}
+    tensors, meta = decode_state(mapping)
     assert meta == STATE_META
     assert list(tensors) == list(STATE)
     for name, t in STATE.items():
@@ -336,13 +424,18 @@ BAD_STATES: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
     ("missing spec", lambda: corrupt(__spec__=None), "header"),
     ("garbage spec", lambda: corrupt(__spec__=b"\xc1"), "header"),
     ("spec not a map", lambda: corrupt(__spec__=msgpack.packb([1])), "header"),
-    ("ext in meta", lambda: corrupt(__meta__=msgpack.packb({"a": msgpack.ExtType(1, b"x")})), "header"),
+    (
+        "ext in meta",
+        lambda: corrupt(__meta__=msgpack.packb({"a": msgpack.ExtType(1, b"x")})),
+        "header",
+    ),
     ("meta not a map", lambda: corrupt(__meta__=msgpack.packb(3)), "header"),
     ("truncated tensor", lambda: {**corrupt(), W: corrupt()[W][:-1]}, "size"),
     ("missing tensor", lambda: {k: v for k, v in corrupt().items() if k != W}, "frames"),
     ("extra field", lambda: {**corrupt(), "stray": b""}, "frames"),
     ("bad dtype", lambda: one_tensor_state(["f32", [1]], b"\0" * 4), "dtype"),
     ("bad shape", lambda: one_tensor_state(["uint8", [-1]], b""), "shape"),
+    ("huge empty", lambda: one_tensor_state(["uint8", [2**63, 0]], b""), "shape"),
     ("too many dims", lambda: one_tensor_state(["uint8", [1] * 7], b"\0"), "shape"),
     ("bad spec entry", lambda: one_tensor_state(["uint8"], b""), "header"),
     ("non-utf8 key", lambda: {**corrupt(), b"\xff": b""}, "header"),
@@ -350,7 +443,9 @@ BAD_STATES: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
 ]
 
 
-@pytest.mark.parametrize("build,reason", [(b, r) for _, b, r in BAD_STATES], ids=[n for n, _, _ in BAD_STATES])
+@pytest.mark.parametrize(
+    "build,reason", [(b, r) for _, b, r in BAD_STATES], ids=[n for n, _, _ in BAD_STATES]
+)
 def test_decode_state_rejects(build: Callable[[], dict[Any, Any]], reason: str) -> None:
     """A corrupted stored state is refused with DecodeError and its reason."""
     with pytest.raises(DecodeError) as err:
@@ -360,12 +455,13 @@ def test_decode_state_rejects(build: Callable[[], dict[Any, Any]], reason: str) 
 
 def test_encode_state_refuses_bad_input() -> None:
     """Reserved names, unsupported dtypes and meta that cannot round-trip are ValueErrors."""
-    for tensors, meta in [
+    cases: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = [
         ({"__spec__": torch.zeros(1)}, {}),
         ({"a": torch.zeros(1, dtype=torch.bool)}, {}),
         ({}, {"a": {1: 2}}),
-        ({}, {"a": {1, 2}}),
-    ]:
+        ({}, {"a": {1, 2}}),  # a set
+    ]
+    for tensors, meta in cases:
         with pytest.raises(ValueError):
             encode_state(tensors, meta)
 

@@ -103,10 +103,12 @@ def clean_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from zdni.data import DataError
+        from zdni.driver import RunError
+        from zdni.redisserver import RedisError
 
         try:
             return func(*args, **kwargs)
-        except (ConfigError, DataError) as exc:
+        except (ConfigError, DataError, RunError, RedisError) as exc:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
@@ -129,9 +131,11 @@ def main(verbose: int) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar; plain log lines only.")
 @click.option("--threads", type=int, default=None, envvar="ZDNI_THREADS",
               help="torch threads per process.")
+@click.option("--redis-url", default=None, envvar="ZDNI_REDIS_URL",
+              help="Use this Redis instead of starting an embedded one.")
 @clean_errors
 def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, threads: int | None,
-          **kwargs: Any) -> None:
+          redis_url: str | None, **kwargs: Any) -> None:
     """Train a model; prints a JSON summary line and writes OUT/summary.json."""
     import torch
 
@@ -142,7 +146,7 @@ def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, thread
     if not cfg.run_id:
         cfg.run_id = new_run_id(cfg)
     out_dir = out_dir or os.path.join("runs", cfg.run_id)
-    if threads:
+    if threads and inproc:
         torch.set_num_threads(threads)
     logging.getLogger("zdni").info("[driver] config %s", cfg.to_json())
     if inproc:
@@ -150,9 +154,60 @@ def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, thread
     else:
         from zdni.driver import train_distributed
 
-        summary = train_distributed(cfg, quiet=quiet, download=download)
+        summary = train_distributed(cfg, quiet=quiet, download=download, redis_url=redis_url,
+                                    threads=threads, log_dir=os.path.join(out_dir, "logs"))
     write_summary(out_dir, summary)
     click.echo(summary_line(summary))
+
+
+def redis_option(func: F) -> F:
+    return click.option("--redis-url", default=None, envvar="ZDNI_REDIS_URL",
+                        help="Redis to use, e.g. redis://:PASSWORD@HOST:6379/0.")(func)
+
+
+def broker_option(func: F) -> F:
+    return click.option("--broker", default="tcp://127.0.0.1:5555", show_default=True,
+                        envvar="ZDNI_BROKER", help="The broker's inbound address.")(func)
+
+
+@main.command()
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, envvar="ZDNI_BIND",
+              help="Inbound address; the outbound sockets take the next ports.")
+@click.option("--redis-url", required=True, envvar="ZDNI_REDIS_URL")
+def broker(bind: str, redis_url: str) -> None:
+    """Run the broker: route tensors between the driver and the stages; watch their health."""
+    from broker.broker import main as broker_main
+    from zdni.protocol import outbound_address
+
+    try:
+        outbound_address(bind, 0)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bind") from None
+    broker_main(bind, redis_url)
+
+
+@main.command()
+@click.option("--stage", type=click.IntRange(1, 16), required=True, help="Stage number, from 1.")
+@broker_option
+@click.option("--redis-url", required=True, envvar="ZDNI_REDIS_URL")
+@click.option("--run", "run_id", default=None, help="Run id [default: the current run].")
+@click.option("--device", default="cpu", show_default=True, envvar="ZDNI_DEVICE",
+              help="cpu or cuda:N.")
+@click.option("--threads", type=int, default=None, envvar="ZDNI_THREADS")
+@click.option("--checkpoint-dir", default=None, envvar="ZDNI_CHECKPOINT_DIR",
+              help="Keep backups in files here instead of in Redis.")
+def worker(stage: int, broker: str, redis_url: str, run_id: str | None, device: str,
+           threads: int | None, checkpoint_dir: str | None) -> None:
+    """Run one stage's worker; the run's settings come from Redis."""
+    from workers.worker import main as worker_main
+
+    if device != "cpu":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise click.BadParameter(f"{device!r}: expected cpu, or cuda:N with CUDA available",
+                                     param_hint="--device")
+    worker_main(stage, broker, redis_url, run_id, device, threads, checkpoint_dir)
 
 
 def new_run_id(cfg: RunConfig) -> str:

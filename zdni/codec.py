@@ -27,6 +27,7 @@ from zdni.protocol import (
 MAX_META = 32  # meta carries a few losses or an op name; more means a bug or an attack
 MAX_NAME = 64  # tensor names on the wire are short words ("x", "h", "grad")
 MAX_STATE_NAME = 1024  # stored states name tensors by state_dict paths, which can be long
+MAX_SPAN = 2**40  # product of dims, zeros as ones: keeps empty tensors' strides in int64
 MAX_IT = 2**53  # iterations stay exact as a float64, so logs and JSON never round them
 SPEC, META = "__spec__", "__meta__"  # the two non-tensor fields of a stored state
 
@@ -91,13 +92,15 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise DecodeError("header", f"msgpack ext type {code} is not allowed")
 
 
+_STRICT: dict[str, Any] = {"raw": False, "strict_map_key": True, "ext_hook": _no_ext}
+_STRICT |= {"max_bin_len": 0, "max_ext_len": 0}  # no bytes, no ext types, in any header
+
+
 def _unpack(raw: bytes | memoryview, what: str, str_len: int, items: int) -> Any:
     """msgpack.unpackb with tight limits and no ext types; any failure is a DecodeError."""
     try:
-        return msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, ext_hook=_no_ext, max_str_len=str_len,
-            max_bin_len=0, max_array_len=items, max_map_len=items, max_ext_len=0,
-        )
+        limits = {"max_str_len": str_len, "max_array_len": items, "max_map_len": items}
+        return msgpack.unpackb(raw, **_STRICT, **limits)
     except DecodeError:
         raise
     except Exception as e:  # untrusted bytes: every parser failure means the same thing
@@ -110,13 +113,11 @@ def _view(frame: object) -> memoryview:
     try:
         return memoryview(frame)  # type: ignore[arg-type]
     except TypeError as e:
-        raise DecodeError(
-            "frames", f"expected bytes, a buffer or a zmq.Frame, got {type(frame).__name__}"
-        ) from e
+        raise DecodeError("frames", f"expected a buffer, got {type(frame).__name__}") from e
 
 
 def _raw(t: torch.Tensor) -> memoryview:
-    """The bytes of `t` as a flat buffer: a view of its memory when it is a contiguous CPU tensor."""
+    """The bytes of `t` as a flat buffer, a view of its memory if it is a contiguous CPU tensor."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -129,13 +130,15 @@ def _raw(t: torch.Tensor) -> memoryview:
 def _check_spec(name: object, dtype: object, shape: object, *, max_name: int = MAX_NAME) -> int:
     """Validate one [name, dtype, shape] entry and return its size in bytes."""
     if not isinstance(name, str) or not 1 <= len(name) <= max_name:
-        raise DecodeError("header", f"expected a tensor name of 1..{max_name} chars, got {name!r:.80}")
+        raise DecodeError("header", f"expected a name of 1..{max_name} chars, got {name!r:.80}")
     if dtype not in _TORCH:
-        raise DecodeError("dtype", f"tensor {name!r}: expected a dtype in {DTYPES}, got {dtype!r:.80}")
+        raise DecodeError("dtype", f"{name!r}: expected a dtype in {DTYPES}, got {dtype!r:.80}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
-        raise DecodeError("shape", f"tensor {name!r}: expected a list of at most {MAX_DIMS} dims, got {shape!r:.80}")
+        raise DecodeError("shape", f"{name!r}: expected <= {MAX_DIMS} dims, got {shape!r:.80}")
     if not all(_is_int(d) and d >= 0 for d in shape):
-        raise DecodeError("shape", f"tensor {name!r}: expected non-negative int dims, got {shape!r:.80}")
+        raise DecodeError("shape", f"{name!r}: expected int dims >= 0, got {shape!r:.80}")
+    if math.prod(max(d, 1) for d in shape) > MAX_SPAN:
+        raise DecodeError("shape", f"{name!r}: expected a span <= 2**40, got {shape!r:.80}")
     return math.prod(shape) * _TORCH[dtype].itemsize
 
 
@@ -155,58 +158,62 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
-        raise DecodeError("nonfinite", f"tensor {name!r}: expected finite values, got {nan} NaN and {inf} inf")
+        raise DecodeError("nonfinite", f"{name!r}: expected finite values, got {nan} NaN {inf} inf")
 
 
 def decode_header(frames: list[Any]) -> dict[str, Any]:
-    """Parse and validate frame 0 and the frame sizes, touching no tensor bytes; return the header."""
+    """Validate frame 0 and the frame sizes, touching no tensor bytes; return the header."""
     if not isinstance(frames, list | tuple) or not frames:
-        raise DecodeError("frames", f"expected a non-empty list of frames, got {type(frames).__name__}")
+        raise DecodeError("frames", f"expected a non-empty list of frames, got {frames!r:.80}")
     raw = _view(frames[0])
     if raw.nbytes > MAX_HEADER_BYTES:
-        raise DecodeError("too_large", f"expected a header of at most {MAX_HEADER_BYTES} bytes, got {raw.nbytes}")
+        raise DecodeError("too_large", f"expected a header <= {MAX_HEADER_BYTES}, got {raw.nbytes}")
     h = _unpack(raw, "header", MAX_HEADER_BYTES, 64)
     if not isinstance(h, dict):
         raise DecodeError("header", f"expected the header to be a map, got {type(h).__name__}")
     if "v" in h and (not _is_int(h["v"]) or h["v"] != PROTOCOL_VERSION):
-        raise DecodeError("version", f"expected protocol version {PROTOCOL_VERSION}, got {h['v']!r:.80}")
+        raise DecodeError("version", f"expected version {PROTOCOL_VERSION}, got {h['v']!r:.80}")
     if set(h) != _KEYS:
         missing, extra = sorted(_KEYS - set(h)), sorted(map(repr, set(h) - _KEYS))
         raise DecodeError("header", f"header keys: missing {missing}, unexpected {extra}"[:300])
     if not isinstance(h["kind"], str) or h["kind"] not in KINDS:
         raise DecodeError("kind", f"expected a kind in {sorted(KINDS)}, got {h['kind']!r:.80}")
     if not isinstance(h["run"], str) or not RUN_ID_RE.fullmatch(h["run"]):
-        raise DecodeError("run", f"expected a run id matching {RUN_ID_RE.pattern}, got {h['run']!r:.80}")
+        raise DecodeError("run", f"expected a run id {RUN_ID_RE.pattern}, got {h['run']!r:.80}")
     if not _is_int(h["it"]) or not 0 <= h["it"] < MAX_IT:
         raise DecodeError("header", f"expected an iteration in 0..2**53-1, got {h['it']!r:.80}")
     for end in ("src", "dst"):
         if not _is_int(h[end]) or not 0 <= h[end] < ENDPOINTS:
-            raise DecodeError("endpoint", f"expected {end} in 0..{ENDPOINTS - 1}, got {h[end]!r:.80}")
+            raise DecodeError(
+                "endpoint", f"expected {end} in 0..{ENDPOINTS - 1}, got {h[end]!r:.60}"
+            )
     meta = h["meta"]
     if not isinstance(meta, dict) or len(meta) > MAX_META:
-        raise DecodeError("header", f"expected meta as a map of at most {MAX_META} entries, got {type(meta).__name__}")
+        raise DecodeError(
+            "header", f"expected meta: a map of <= {MAX_META} items, got {meta!r:.60}"
+        )
     for k, val in meta.items():
         if not isinstance(k, str) or not isinstance(val, _SCALARS):
-            raise DecodeError("header", f"meta {k!r:.80}: expected a str key and a scalar, got {type(val).__name__}")
+            raise DecodeError("header", f"meta {k!r:.80}: expected a scalar, got {val!r:.80}")
     specs = h["tensors"]
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
-        raise DecodeError("header", f"expected a list of at most {MAX_TENSORS} tensors, got {specs!r:.80}")
+        raise DecodeError("header", f"expected <= {MAX_TENSORS} tensor entries, got {specs!r:.80}")
     sizes, names = [], set()
     for spec in specs:
         if not isinstance(spec, list) or len(spec) != 3:
-            raise DecodeError("header", f"expected a tensor entry [name, dtype, shape], got {spec!r:.80}")
+            raise DecodeError("header", f"expected [name, dtype, shape], got {spec!r:.80}")
         sizes.append(_check_spec(*spec))
         names.add(spec[0])
     if len(names) != len(specs):
         raise DecodeError("header", f"expected unique tensor names, got {[s[0] for s in specs]}")
     if sum(sizes) > MAX_MESSAGE_BYTES:
-        raise DecodeError("too_large", f"expected at most {MAX_MESSAGE_BYTES} tensor bytes, header declares {sum(sizes)}")
+        raise DecodeError("too_large", f"expected <= {MAX_MESSAGE_BYTES} bytes, got {sum(sizes)}")
     if len(frames) != 1 + len(specs):
-        raise DecodeError("frames", f"expected {1 + len(specs)} frames for {len(specs)} tensors, got {len(frames)}")
+        raise DecodeError("frames", f"expected {1 + len(specs)} frames, got {len(frames)}")
     for spec, size, frame in zip(specs, sizes, frames[1:]):
         got = _view(frame).nbytes
         if got != size:
-            raise DecodeError("size", f"tensor {spec[0]!r} {spec[1]} {spec[2]}: expected {size} bytes, got {got}")
+            raise DecodeError("size", f"{spec}: expected {size} bytes, got {got}")
     return h
 
 
@@ -248,7 +255,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 
 
 def _check_state_meta(meta: object) -> None:
-    """Meta of a stored state: nested lists and str-keyed maps of scalars (checked without recursion)."""
+    """State meta holds nested lists and str-keyed maps of scalars (checked without recursion)."""
     if not isinstance(meta, dict):
         raise DecodeError("header", f"expected state meta to be a map, got {type(meta).__name__}")
     stack: list[object] = [meta]
@@ -283,7 +290,9 @@ def encode_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
     return out
 
 
-def decode_state(mapping: Mapping[bytes | str, bytes]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def decode_state(
+    mapping: Mapping[str, bytes] | Mapping[bytes, bytes],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Validate and rebuild what encode_state stored (keys may come back from Redis as bytes)."""
     fields: dict[str, memoryview] = {}
     for k, v in mapping.items():
@@ -292,7 +301,7 @@ def decode_state(mapping: Mapping[bytes | str, bytes]) -> tuple[dict[str, torch.
         except UnicodeDecodeError as e:
             raise DecodeError("header", f"state field name {k!r:.80} is not UTF-8") from e
         if not isinstance(key, str):
-            raise DecodeError("header", f"expected str or bytes field names, got {type(k).__name__}")
+            raise DecodeError("header", f"expected str or bytes field names, got {k!r:.80}")
         fields[key] = _view(v)
     if SPEC not in fields or META not in fields:
         raise DecodeError("header", f"expected fields {SPEC} and {META}, got {sorted(fields)[:10]}")
@@ -300,16 +309,16 @@ def decode_state(mapping: Mapping[bytes | str, bytes]) -> tuple[dict[str, torch.
     meta = _unpack(fields.pop(META), "state meta", 1 << 24, 1 << 20)
     _check_state_meta(meta)
     if not isinstance(spec, dict):
-        raise DecodeError("header", f"expected the state spec to be a map, got {type(spec).__name__}")
+        raise DecodeError("header", f"expected the state spec as a map, got {spec!r:.80}")
     if set(spec) != set(fields):
         missing, extra = sorted(map(str, set(spec) - set(fields))), sorted(set(fields) - set(spec))
-        raise DecodeError("frames", f"state fields: missing {missing[:10]}, unexpected {extra[:10]}")
+        raise DecodeError("frames", f"state fields: missing {missing[:9]}, extra {extra[:9]}")
     tensors = {}
     for name, entry in spec.items():
         if not isinstance(entry, list) or len(entry) != 2:
-            raise DecodeError("header", f"tensor {name!r}: expected [dtype, shape], got {entry!r:.80}")
+            raise DecodeError("header", f"{name!r}: expected [dtype, shape], got {entry!r:.80}")
         size = _check_spec(name, entry[0], entry[1], max_name=MAX_STATE_NAME)
-        if fields[name].nbytes != size:
-            raise DecodeError("size", f"tensor {name!r} {entry[0]} {entry[1]}: expected {size} bytes, got {fields[name].nbytes}")
+        if (got := fields[name].nbytes) != size:
+            raise DecodeError("size", f"{name!r} {entry}: expected {size} bytes, got {got}")
         tensors[name] = _tensor(fields[name], entry[0], entry[1])
     return tensors, meta

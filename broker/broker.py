@@ -1,0 +1,188 @@
+"""The broker process: routes frames between driver and stages, and monitors worker health.
+
+One PULL socket takes every message in; one PUSH socket per endpoint sends it on (addresses in
+zdni.protocol.outbound_address). The broker reads only headers (zdni.codec.decode_header) and
+forwards the tensor frames untouched, without copying. It never stops reading: the driver's
+window bounds the messages in flight, and a message that cannot be sent waits in a bounded
+per-endpoint queue; past that bound it is dropped and counted, so a flood cannot grow memory
+and backpressure cannot deadlock the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import Counter, deque
+from typing import Any
+
+import zmq
+
+from zdni import codec, health, keys, protocol
+from zdni.config import ConfigError, RunConfig
+from zdni.redisserver import connect
+from zdni.transport import make_socket
+
+log = logging.getLogger("zdni.broker")
+QUEUE_LIMIT = 4096  # messages waiting per endpoint; the window keeps real traffic far below
+
+
+class Broker:
+    """Routing loop and health monitor over real sockets and a real Redis."""
+
+    def __init__(self, bind: str, redis_url: str) -> None:
+        self.bind = bind
+        self.redis = connect(redis_url)
+        self.runs: dict[str, int] = {}  # run id -> stage count, read from the run's config
+        self.liveness: dict[tuple[str, int], health.Liveness] = {}
+        self.counts: Counter[str] = Counter()
+        self.stopping = False
+
+    def stages_of(self, run: str) -> int:
+        """The run's stage count; raises codec.DecodeError('run') for a run Redis does not know."""
+        if run not in self.runs:
+            raw = self.redis.get(keys.config(run))
+            if raw is None:
+                raise codec.DecodeError("run", f"unknown run id {run!r}: no config in Redis")
+            try:
+                from zdni.models import stage_count
+
+                self.runs[run] = stage_count(RunConfig.from_json(raw))
+            except ConfigError as exc:
+                raise codec.DecodeError("run", f"run {run!r} has a bad config: {exc}") from None
+        return self.runs[run]
+
+    def serve(self) -> None:
+        ctx = zmq.Context()
+        inbound = make_socket(ctx, zmq.PULL)
+        inbound.bind(self.bind)
+        outs = []
+        for endpoint in range(protocol.ENDPOINTS):
+            sock = make_socket(ctx, zmq.PUSH)
+            sock.bind(protocol.outbound_address(self.bind, endpoint))
+            outs.append(sock)
+        queues: list[deque[list[Any]]] = [deque() for _ in outs]
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        log.info("[broker] listening on %s (outbound ports follow it)", self.bind)
+        poller = zmq.Poller()
+        poller.register(inbound, zmq.POLLIN)
+        interval = 1.0
+        next_check = time.monotonic() + interval
+        try:
+            while not self.stopping:
+                waiting = [e for e, q in enumerate(queues) if q]
+                for e in waiting:
+                    poller.register(outs[e], zmq.POLLOUT)
+                events = dict(poller.poll(timeout=100))
+                for e in waiting:
+                    poller.unregister(outs[e])
+                    if events.get(outs[e]):
+                        self._flush(outs[e], queues[e])
+                if events.get(inbound):
+                    for _ in range(256):  # a burst at a time, then service queues and the monitor
+                        try:
+                            frames = inbound.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.forward(frames, outs, queues)
+                if time.monotonic() >= next_check:
+                    interval = self.monitor()
+                    next_check = time.monotonic() + interval
+        finally:
+            self._flush_counts()
+            for sock in [inbound, *outs]:
+                sock.close(0)
+            ctx.term()
+            log.info("[broker] stopped")
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stopping:
+            raise SystemExit(1)
+        self.stopping = True
+
+    def forward(self, frames: list[Any], outs: list[zmq.Socket],
+                queues: list[deque[list[Any]]]) -> None:
+        """Route one message, or log, count and drop it."""
+        self.counts["received"] += 1
+        try:
+            header = codec.decode_header(frames)
+            dst = protocol.route(header["kind"], header["src"], header["dst"],
+                                 self.stages_of(header["run"]))
+        except codec.DecodeError as exc:
+            self._drop(exc.reason, str(exc))
+            return
+        except ValueError as exc:
+            self._drop("route", str(exc))
+            return
+        queue = queues[dst]
+        if not queue:
+            try:
+                outs[dst].send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self.counts["forwarded"] += 1
+                return
+            except zmq.Again:
+                pass
+        if len(queue) >= QUEUE_LIMIT:
+            self._drop("queue_full", f"endpoint {dst} has {len(queue)} messages waiting")
+            return
+        queue.append(frames)
+
+    def _flush(self, sock: zmq.Socket, queue: deque[list[Any]]) -> None:
+        while queue:
+            try:
+                sock.send_multipart(queue[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            queue.popleft()
+            self.counts["forwarded"] += 1
+
+    def _drop(self, reason: str, text: str) -> None:
+        self.counts[f"dropped:{reason}"] += 1
+        if self.counts[f"dropped:{reason}"] <= 100 or self.counts[f"dropped:{reason}"] % 1000 == 0:
+            log.error("[broker] dropped a message (%s): %s", reason, text)
+
+    def monitor(self) -> float:
+        """One health check of the current run's stages; returns the interval until the next."""
+        current = self.redis.get(keys.current_run())
+        if current is None:
+            return 1.0
+        run = current.decode()
+        raw = self.redis.get(keys.config(run))
+        if raw is None:
+            return 1.0
+        cfg = RunConfig.from_json(raw)
+        stages = self.stages_of(run)
+        pipe = self.redis.pipeline(transaction=False)
+        for stage in range(1, stages + 1):
+            pipe.hmget(keys.heartbeat(run, stage), ["time", "status"])
+        beats = pipe.execute()
+        for stage, (beat_time, status) in zip(range(1, stages + 1), beats):
+            previous = self.liveness.get((run, stage), health.Liveness(state="starting"))
+            stopped = status == b"stopped"
+            now = health.check(previous, float(beat_time) if beat_time else None, stopped)
+            if previous.state == "starting" and now.state == "failed" and previous.last_beat is None:
+                now.state = "starting"  # never beat yet: still starting, not failed
+            self.liveness[(run, stage)] = now
+            if now.state != previous.state:
+                self.redis.hset(keys.health(run), str(stage), now.state)
+                health.publish(self.redis, run, {"stage": stage, "state": now.state,
+                                                 "time": time.time()})
+                level = logging.ERROR if now.state == "failed" else logging.INFO
+                log.log(level, "[broker] stage %d of run %s is %s", stage, run, now.state)
+        self._flush_counts(run)
+        return cfg.heartbeat_s
+
+    def _flush_counts(self, run: str | None = None) -> None:
+        if run is None:
+            current = self.redis.get(keys.current_run())
+            run = current.decode() if current else None
+        if run and self.counts:
+            self.redis.hset(keys.counters(run, "broker"), mapping=dict(self.counts))
+
+
+def main(bind: str, redis_url: str) -> None:
+    """Entry point of `zdni broker`."""
+    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"),
+                        format="%(asctime)s [broker] %(levelname)s %(message)s")
+    Broker(bind, redis_url).serve()

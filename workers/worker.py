@@ -1,0 +1,242 @@
+"""The stage worker process: receive a message, apply it to zdni.stage, send what it produced."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import zmq
+
+from zdni import checkpoint, codec, keys, protocol
+from zdni.buffer import RedisRing
+from zdni.codec import DecodeError, Message
+from zdni.config import RunConfig
+from zdni.health import beat
+from zdni.inbox import Inbox, InputError, check_labels, check_tensor
+from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
+from zdni.redisserver import connect
+from zdni.stage import Outcome, Stage, StageError
+from zdni.transport import Endpoint
+
+log = logging.getLogger("zdni.worker")
+RECENT = 4096  # iterations remembered as finished, to drop replays
+
+
+class Worker:
+    """One stage of one run, served from the broker until the driver says stop."""
+
+    def __init__(self, stage: int, broker: str, redis_url: str, run: str | None = None,
+                 device: str = "cpu", threads: int | None = None,
+                 checkpoint_dir: str | None = None, wait_s: float = 60.0) -> None:
+        self.index = stage
+        self.broker = broker
+        self.device = device
+        self.checkpoint_dir = checkpoint_dir
+        self.who = f"[stage {stage}]"
+        self.redis = connect(redis_url)
+        self.run = run or self._wait_for_run(wait_s)
+        raw = self.redis.get(keys.config(self.run))
+        if raw is None:
+            raise SystemExit(f"{self.who} run {self.run!r} has no config in Redis")
+        self.cfg = RunConfig.from_json(raw)
+        if threads:
+            torch.set_num_threads(threads)
+        modules = build_stages(self.cfg)
+        if not 1 <= stage <= len(modules):
+            raise SystemExit(f"{self.who} run {self.run} has stages 1..{len(modules)}")
+        self.shapes = stage_shapes(modules, INPUT_SHAPES[self.cfg.dataset])
+        rings = {name: RedisRing(self.redis, self.run, stage, name, self.cfg.ring_size)
+                 for name in ("out", "in")}
+        self.stage = Stage(self.cfg, stage, modules[stage - 1], self.shapes, rings, device)
+        self.count = len(modules)
+        self.inbox = Inbox(self.cfg, stage, self.count)
+        self.counts: Counter[str] = Counter()
+        self.finished: OrderedDict[int, None] = OrderedDict()
+        self.iteration = -1
+        self.stopping = False
+        self.resume()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _wait_for_run(self, wait_s: float) -> str:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            current = self.redis.get(keys.current_run())
+            if current:
+                return current.decode()
+            time.sleep(0.2)
+        raise SystemExit(f"{self.who} no run published in Redis within {wait_s:.0f} s")
+
+    def resume(self) -> None:
+        """Start from the stage's latest backup when there is one (a restarted worker)."""
+        found = checkpoint.load(self.redis, self.run, self.index)
+        if found is not None:
+            tensors, meta = found
+            checkpoint.restore_stage(self.stage, tensors, meta)
+            self.iteration = int(meta["it"])
+            self.counts["resumed"] += 1
+            log.warning("%s resumed from the backup of iteration %d", self.who, self.iteration)
+
+    def serve(self) -> None:
+        """Receive and apply messages until told to stop; always close sockets and beat 'stopped'."""
+        ctx = zmq.Context()
+        self.net = Endpoint(ctx, self.broker, self.index)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        log.info("%s serving run %s: mode %s, %s", self.who, self.run, self.cfg.mode,
+                 self.stage.module)
+        next_beat = 0.0
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._beat("alive")
+                    next_beat = now + self.cfg.heartbeat_s
+                frames = self.net.recv(timeout_ms=int(self.cfg.heartbeat_s * 1000))
+                if frames is not None:
+                    self.handle(frames)
+        finally:
+            self._save(self.iteration)
+            self._beat("stopped")
+            self.net.close()
+            ctx.term()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stopping:
+            raise SystemExit(1)  # a second SIGTERM: leave at once
+        self.stopping = True
+
+    # -- messages -------------------------------------------------------------------------
+    def handle(self, frames: list[Any]) -> None:
+        """Decode, check and apply one message; a bad one is logged, counted and dropped."""
+        self.counts["received"] += 1
+        try:
+            msg = codec.decode(frames, expect_run=self.run)
+            if msg.dst != self.index:
+                raise InputError("endpoint", f"message for endpoint {msg.dst} reached stage {self.index}")
+            self.dispatch(msg)
+        except (DecodeError, InputError) as exc:
+            self._drop(exc.reason, str(exc))
+        except StageError as exc:
+            self._drop("unmatched", str(exc))
+
+    def _drop(self, reason: str, text: str) -> None:
+        self.counts[f"dropped:{reason}"] += 1
+        log.error("%s dropped a message (%s): %s", self.who, reason, text)
+
+    def dispatch(self, msg: Message) -> None:
+        kind, it, t = msg.kind, msg.it, msg.tensors
+        if kind in (protocol.BATCH, protocol.ACT) and it in self.finished:
+            raise InputError("duplicate", f"iteration {it} was already trained")
+        if kind == protocol.BATCH:
+            x = y = None
+            if self.inbox.needs_x:
+                x = check_tensor("x", t.get("x"), self.shapes[0], torch.float32)
+            if self.inbox.needs_y:
+                y = check_labels(t.get("y"), x.shape[0] if x is not None else None)
+            self._run_events(it, self.inbox.add_batch(it, x, y))
+        elif kind == protocol.ACT:
+            h = check_tensor("h", t.get("h"), self.shapes[self.index - 1], torch.float32)
+            self._run_events(it, self.inbox.add_act(it, h))
+        elif kind == protocol.GRAD:
+            g = check_tensor("g", t.get("g"), self.shapes[self.index], torch.float32)
+            self._apply(it, self.stage.train_grad(it, g))
+            self.counts["grads"] += 1
+        elif kind == protocol.EVAL:
+            self._evaluate(msg)
+        elif kind == protocol.CONTROL:
+            self._control(msg)
+        else:
+            raise InputError("kind", f"stage workers do not take {kind!r} messages")
+
+    def _run_events(self, it: int, events: list[str]) -> None:
+        for event in events:
+            parts = self.inbox.peek(it)
+            if event == "batch":
+                assert parts.x is not None
+                self._apply(it, self.stage.train_batch(it, parts.x, parts.y))
+                continue
+            true_input = parts.x if self.index == 1 else parts.h
+            assert true_input is not None
+            if parts.y is not None and true_input.shape[0] != parts.y.shape[0]:
+                self.inbox.take(it)
+                raise InputError("shape", f"iteration {it}: {true_input.shape[0]} inputs but"
+                                          f" {parts.y.shape[0]} labels")
+            self.inbox.take(it)
+            self._apply(it, self.stage.train_input(it, true_input, parts.y))
+
+    def _apply(self, it: int, out: Outcome) -> None:
+        """Send what an event produced: the activation on, the gradient back, 'done' to the driver."""
+        if out.h_out is not None:
+            self._send(protocol.ACT, it, self.index + 1, {"h": out.h_out})
+        if out.d_in is not None and self.index > 1:
+            self._send(protocol.GRAD, it, self.index - 1, {"g": out.d_in})
+        if out.done:
+            self.finished[it] = None
+            if len(self.finished) > RECENT:
+                self.finished.popitem(last=False)
+            self.iteration = max(self.iteration, it)
+            self.counts["trained"] += 1
+            every = self.cfg.checkpoint_every
+            if every and it > 0 and it % every == 0:
+                self._save(it)
+        if out.done or out.metrics:
+            meta: dict[str, Any] = {k: float(v) for k, v in out.metrics.items()}
+            meta["event"] = "update" if out.done else "synth"
+            self._send(protocol.DONE, it, protocol.DRIVER, {}, meta)
+
+    def _evaluate(self, msg: Message) -> None:
+        h = check_tensor("h", msg.tensors.get("h"), self.shapes[self.index - 1], torch.float32)
+        y = check_labels(msg.tensors.get("y"), h.shape[0])
+        out = self.stage.evaluate(h)
+        if self.index < self.count:
+            self._send(protocol.EVAL, msg.it, self.index + 1, {"h": out, "y": y}, msg.meta)
+            return
+        meta = dict(msg.meta)
+        meta["loss_sum"] = F.cross_entropy(out, y.to(out.device), reduction="sum").item()
+        meta["correct"] = int((out.argmax(1).cpu() == y).sum())
+        meta["n"] = int(y.shape[0])
+        self._send(protocol.EVAL_RESULT, msg.it, protocol.DRIVER, {}, meta)
+
+    def _control(self, msg: Message) -> None:
+        op = msg.meta.get("op")
+        if op == "stop":
+            self.stopping = True
+        elif op == "checkpoint":
+            self._save(self.iteration)
+        elif op == "rollback":
+            target = msg.meta.get("to")
+            found = checkpoint.load(self.redis, self.run, self.index, int(target)) if isinstance(
+                target, int) else None
+            if found is None:
+                raise InputError("value", f"no backup of stage {self.index} at iteration {target}")
+            checkpoint.restore_stage(self.stage, *found)
+            self.iteration = int(found[1]["it"])
+            self.finished.clear()
+            log.warning("%s rolled back to iteration %d", self.who, self.iteration)
+        elif op != "ping":
+            raise InputError("value", f"unknown control op {op!r}")
+
+    def _send(self, kind: str, it: int, dst: int, tensors: dict[str, torch.Tensor],
+              meta: dict[str, Any] | None = None) -> None:
+        self.net.send(Message(kind, self.run, it, self.index, dst, tensors, meta or {}))
+
+    def _save(self, it: int) -> None:
+        if it >= 0:
+            checkpoint.save(self.redis, self.run, self.stage, it, self.checkpoint_dir)
+
+    def _beat(self, status: str) -> None:
+        beat(self.redis, self.run, self.index, status, self.iteration, self.counts, self.device,
+             self.cfg.heartbeat_s)
+
+
+def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
+         threads: int | None, checkpoint_dir: str | None) -> None:
+    """Entry point of `zdni worker`."""
+    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"),
+                        format=f"%(asctime)s [stage {stage}] %(levelname)s %(message)s")
+    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir).serve()

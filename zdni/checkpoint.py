@@ -1,0 +1,141 @@
+"""Backups of a stage (module, synthesizers, optimizers) in Redis or files, and restoring them.
+
+A backup is a Redis hash in the codec's safe state format (no pickle): one field per tensor plus
+msgpack metadata. Backups of a stage are indexed by iteration in a sorted set, so "the latest"
+and "the one at iteration T" are single lookups. Large models may keep the hash in a file under
+a checkpoint directory instead; the hash then holds only its path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import redis
+import torch
+
+from zdni import keys
+from zdni.codec import decode_state, encode_state
+from zdni.stage import Stage
+
+KEEP = 5  # backups kept per stage: enough to roll back a few intervals, bounded memory
+
+
+def _parts(stage: Stage) -> dict[str, Any]:
+    parts: dict[str, Any] = {"stage": stage.module}
+    if stage.M is not None:
+        parts["M"] = stage.M
+    if stage.I is not None:
+        parts["I"] = stage.I
+    return parts
+
+
+def _optimizers(stage: Stage) -> dict[str, torch.optim.Optimizer]:
+    opts = {"stage": stage.opt, "M": stage.m_opt, "I": stage.i_opt}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def stage_state(stage: Stage, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every tensor that defines the stage's training state, and the metadata beside them."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in _parts(stage).items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().cpu()
+    groups: dict[str, Any] = {}
+    for name, opt in _optimizers(stage).items():
+        sd = opt.state_dict()
+        for idx, entry in sd["state"].items():
+            for key, value in entry.items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"opt.{name}.{idx}.{key}"] = t.detach().cpu()
+        groups[name] = sd["param_groups"]
+    meta = {"it": iteration, "stage": stage.index, "param_groups": groups}
+    return tensors, meta
+
+
+def restore_stage(stage: Stage, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load a backup into the stage, in place."""
+    for name, module in _parts(stage).items():
+        prefix = f"{name}."
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(sd)
+    for name, opt in _optimizers(stage).items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        prefix = f"opt.{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                idx, field = key[len(prefix):].split(".", 1)
+                state.setdefault(int(idx), {})[field] = value
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+
+
+def save(client: redis.Redis, run: str, stage: Stage, iteration: int,
+         directory: str | None = None) -> str:
+    """Back up the stage at `iteration`; keep the newest KEEP backups. Returns the key."""
+    tensors, meta = stage_state(stage, iteration)
+    fields = encode_state(tensors, meta)
+    key = keys.checkpoint(run, stage.index, iteration)
+    index = keys.checkpoints(run, stage.index)
+    pipe = client.pipeline(transaction=True)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{run}-stage{stage.index}-{iteration}.zckpt")
+        _write_file(path, fields)
+        pipe.delete(key)
+        pipe.hset(key, mapping={"__file__": path})
+    else:
+        pipe.delete(key)
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+    pipe.zadd(index, {str(iteration): iteration})
+    pipe.execute()
+    for old in client.zrange(index, 0, -KEEP - 1):
+        client.delete(keys.checkpoint(run, stage.index, int(old)))
+        client.zrem(index, old)
+    return key
+
+
+def iterations(client: redis.Redis, run: str, stage: int) -> list[int]:
+    """The iterations at which the stage has a backup, oldest first."""
+    return [int(v) for v in client.zrange(keys.checkpoints(run, stage), 0, -1)]
+
+
+def load(client: redis.Redis, run: str, stage: int,
+         iteration: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The backup at `iteration` (the latest when None), or None if there is none."""
+    if iteration is None:
+        latest = client.zrevrange(keys.checkpoints(run, stage), 0, 0)
+        if not latest:
+            return None
+        iteration = int(latest[0])
+    raw = client.hgetall(keys.checkpoint(run, stage, iteration))
+    if not raw:
+        return None
+    if b"__file__" in raw:
+        raw = _read_file(raw[b"__file__"].decode())
+    return decode_state(raw)
+
+
+def _write_file(path: str, fields: dict[str, bytes]) -> None:
+    """Fields as length-prefixed name/value pairs: a format that cannot carry code."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        for name, value in fields.items():
+            encoded = name.encode()
+            fh.write(len(encoded).to_bytes(4, "little") + encoded)
+            fh.write(len(value).to_bytes(8, "little") + value)
+    os.replace(tmp, path)
+
+
+def _read_file(path: str) -> dict[bytes, bytes]:
+    fields: dict[bytes, bytes] = {}
+    with open(path, "rb") as fh:
+        data = fh.read()
+    pos = 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "little")
+        name = data[pos + 4 : pos + 4 + n]
+        pos += 4 + n
+        m = int.from_bytes(data[pos : pos + 8], "little")
+        fields[name] = data[pos + 8 : pos + 8 + m]
+        pos += 8 + m
+    return fields

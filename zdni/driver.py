@@ -1,0 +1,273 @@
+"""The driver: publishes a run, feeds batches through the broker within a window, evaluates, summarizes.
+
+`zdni train` runs it with a local cluster (embedded Redis, broker, one worker per stage);
+`zdni run` runs it alone against a broker and workers started elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import torch
+import zmq
+
+from zdni import codec, keys, protocol
+from zdni.config import RunConfig
+from zdni.data import BatchFeeder, load_dataset
+from zdni.inbox import stage_needs
+from zdni.launcher import Cluster
+from zdni.models import stage_count
+from zdni.progress import Progress
+from zdni.redisserver import EmbeddedRedis, connect
+from zdni.summary import EpochStats, build_summary
+from zdni.transport import Endpoint, free_port_range
+
+log = logging.getLogger("zdni.driver")
+
+
+class RunError(RuntimeError):
+    """The run cannot go on: a stage died, stalled or never started. The message says which."""
+
+
+class Driver:
+    """Feeds one run and collects what the stages report."""
+
+    def __init__(self, cfg: RunConfig, client: redis.Redis, broker: str,
+                 cluster: Cluster | None = None, quiet: bool = False,
+                 stall_s: float = 120.0) -> None:
+        self.cfg = cfg
+        self.redis = client
+        self.broker = broker
+        self.cluster = cluster
+        self.quiet = quiet
+        self.stall_s = stall_s
+        self.stages = stage_count(cfg)
+        self.needs = {i: stage_needs(cfg, i, self.stages) for i in range(1, self.stages + 1)}
+        self.updates: dict[int, int] = defaultdict(int)  # iteration -> stages done with it
+        self.inflight: set[int] = set()
+        self.last_done = dict.fromkeys(range(1, self.stages + 1), -1)
+        self.stats = EpochStats()
+        self.eval_results: dict[int, dict[str, Any]] = {}
+        self.last_message = time.monotonic()
+        self.fed = 0
+
+    def publish(self) -> None:
+        """Make the run known: config, current run, run list, state."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(keys.config(self.cfg.run_id), self.cfg.to_json())
+        pipe.set(keys.current_run(), self.cfg.run_id)
+        pipe.zadd(keys.runs(), {self.cfg.run_id: time.time()})
+        pipe.hset(keys.state(self.cfg.run_id), mapping={"status": "starting", "stages": self.stages,
+                                                         "started": time.time()})
+        pipe.execute()
+
+    def set_state(self, **fields: Any) -> None:
+        self.redis.hset(keys.state(self.cfg.run_id), mapping={k: str(v) for k, v in fields.items()})
+
+    # -- messages -------------------------------------------------------------------------
+    def _send(self, kind: str, it: int, dst: int, tensors: dict[str, torch.Tensor],
+              meta: dict[str, Any] | None = None) -> None:
+        self.net.send(codec.Message(kind, self.cfg.run_id, it, protocol.DRIVER, dst, tensors,
+                                    meta or {}))
+
+    def pump(self, timeout_ms: int = 100) -> None:
+        """Take one message if one comes within the timeout; check children and stalls."""
+        frames = self.net.recv(timeout_ms)
+        if frames is None:
+            self._check_health()
+            return
+        self.last_message = time.monotonic()
+        try:
+            msg = codec.decode(frames, expect_run=self.cfg.run_id)
+        except codec.DecodeError as exc:
+            log.error("[driver] dropped a message (%s): %s", exc.reason, exc)
+            return
+        if msg.kind == protocol.DONE and 1 <= msg.src <= self.stages:
+            self.stats.add(msg.src, {k: v for k, v in msg.meta.items() if isinstance(v, float)})
+            if msg.meta.get("event") == "update" and msg.it in self.inflight:
+                self.last_done[msg.src] = max(self.last_done[msg.src], msg.it)
+                self.updates[msg.it] += 1
+                if self.updates[msg.it] >= self.stages:
+                    self.inflight.discard(msg.it)
+                    del self.updates[msg.it]
+        elif msg.kind == protocol.EVAL_RESULT:
+            self.eval_results[msg.it] = msg.meta
+        else:
+            log.error("[driver] dropped an unexpected %s message from %d", msg.kind, msg.src)
+
+    def _check_health(self) -> None:
+        if self.cluster is not None:
+            for name, code in self.cluster.dead():
+                raise RunError(f"{name} exited with code {code}; see its log for the cause")
+        if time.monotonic() - self.last_message > self.stall_s:
+            behind = [s for s, it in self.last_done.items() if it < self.fed - 1]
+            raise RunError(f"no message for {self.stall_s:.0f} s; stages behind: {behind}")
+
+    # -- the run --------------------------------------------------------------------------
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Wait until every stage beats 'alive' for this run."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for s in range(1, self.stages + 1):
+                pipe.hget(keys.heartbeat(self.cfg.run_id, s), "status")
+            missing = [s for s, v in zip(range(1, self.stages + 1), pipe.execute()) if v != b"alive"]
+            if not missing:
+                return
+            if self.cluster is not None:
+                for name, code in self.cluster.dead():
+                    raise RunError(f"{name} exited with code {code} while starting")
+            if time.monotonic() > deadline:
+                raise RunError(f"stages {missing} did not start within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def train(self, download: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        x_train, y_train = load_dataset(cfg.dataset, cfg.data_dir, True, download, cfg.train_limit)
+        x_test, y_test = load_dataset(cfg.dataset, cfg.data_dir, False, download, cfg.test_limit)
+        feeder = BatchFeeder(x_train, y_train, cfg.batch_size, cfg.seed)
+        ctx = zmq.Context()
+        self.net = Endpoint(ctx, self.broker, protocol.DRIVER)
+        try:
+            self.wait_ready()
+            self.set_state(status="running")
+            summary = self._loop(feeder, x_test, y_test)
+            self.stop_workers()
+            return summary
+        finally:
+            self.net.close()
+            ctx.term()
+
+    def _loop(self, feeder: BatchFeeder, x_test: torch.Tensor, y_test: torch.Tensor
+              ) -> dict[str, Any]:
+        cfg = self.cfg
+        total = feeder.batches_per_epoch * cfg.epochs
+        progress = Progress(total, f"{cfg.mode} x{self.stages}", quiet=self.quiet)
+        history: list[dict[str, Any]] = []
+        start = time.monotonic()
+        samples = 0
+        accuracy = None
+        for epoch in range(cfg.epochs):
+            self.stats = EpochStats()
+            for _, xb, yb in feeder.iter_epoch(epoch):
+                while len(self.inflight) >= cfg.max_inflight:
+                    self.pump()
+                self.feed(self.fed, xb, yb)
+                samples += len(xb)
+                progress.update(self.fed, epoch=epoch + 1,
+                                loss=self.stats.losses[-1] if self.stats.losses else None,
+                                acc=accuracy, sps=round(samples / (time.monotonic() - start)),
+                                lag=self.fed - 1 - min(self.last_done.values()))
+            while self.inflight:
+                self.pump()
+            test_loss, accuracy = self.evaluate(x_test, y_test, epoch)
+            row = self.stats.row(epoch + 1, test_loss, accuracy, time.monotonic() - start, self.fed)
+            history.append(row)
+            self.set_state(epoch=epoch + 1, iteration=self.fed, test_accuracy=accuracy)
+            log.info("[driver] epoch %d: test accuracy %.4f", epoch + 1, accuracy)
+        progress.close()
+        wall = time.monotonic() - start
+        return build_summary(cfg, self.stages, history, self.fed, samples, wall, runner="zdni",
+                             extra={"max_inflight": cfg.max_inflight, "ring_size": cfg.ring_size})
+
+    def feed(self, it: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Send iteration `it`'s batch to every stage that needs part of it."""
+        self.inflight.add(it)
+        for stage, (needs_x, needs_y) in self.needs.items():
+            tensors = {}
+            if needs_x:
+                tensors["x"] = x
+            if needs_y:
+                tensors["y"] = y
+            if tensors:
+                self._send(protocol.BATCH, it, stage, tensors)
+        self.fed = it + 1
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
+        """Forward the test set through the stages; (mean loss, accuracy)."""
+        self.eval_results.clear()
+        batch = self.cfg.eval_batch_size
+        starts = list(range(0, len(x), batch))
+        sent = 0
+        while len(self.eval_results) < len(starts):
+            while sent < len(starts) and sent - len(self.eval_results) < self.cfg.max_inflight:
+                a = starts[sent]
+                self._send(protocol.EVAL, sent, 1, {"h": x[a : a + batch].contiguous(),
+                                                    "y": y[a : a + batch].contiguous()},
+                           {"epoch": epoch})
+                sent += 1
+            self.pump()
+        loss = sum(r["loss_sum"] for r in self.eval_results.values()) / len(x)
+        correct = sum(r["correct"] for r in self.eval_results.values())
+        return loss, correct / len(x)
+
+    def stop_workers(self, timeout_s: float = 30.0) -> None:
+        """Ask every stage to back up and stop; wait for their 'stopped' beats."""
+        for stage in range(1, self.stages + 1):
+            with contextlib.suppress(TimeoutError):
+                self._send(protocol.CONTROL, max(self.fed - 1, 0), stage, {}, {"op": "stop"})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            statuses = [self.redis.hget(keys.heartbeat(self.cfg.run_id, s), "status")
+                        for s in range(1, self.stages + 1)]
+            if all(v in (b"stopped", None) for v in statuses):
+                return
+            time.sleep(0.1)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Every process's message counters, from Redis."""
+        out = {}
+        for who in ["broker", *[f"stage:{s}" for s in range(1, self.stages + 1)]]:
+            raw = self.redis.hgetall(keys.counters(self.cfg.run_id, who))
+            out[who] = {k.decode(): int(v) for k, v in raw.items()}
+        return out
+
+
+@contextlib.contextmanager
+def local_redis(url: str | None) -> Iterator[str]:
+    """The given Redis URL, or an embedded server for the duration of the block."""
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = False,
+                      redis_url: str | None = None, threads: int | None = None,
+                      log_dir: str | None = None) -> dict[str, Any]:
+    """`zdni train`: an embedded Redis (unless given), a broker and a worker per stage, here."""
+    stages = stage_count(cfg)
+    threads = threads or max(1, (os.cpu_count() or 1) // stages)
+    with local_redis(redis_url) as url:
+        client = connect(url)
+        base = free_port_range(protocol.ENDPOINTS + 1)
+        broker = f"tcp://127.0.0.1:{base}"
+        cluster = Cluster(log_dir=log_dir)
+        driver = Driver(cfg, client, broker, cluster, quiet)
+        driver.publish()
+        try:
+            cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])
+            for s in range(1, stages + 1):
+                cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
+                                             "--redis-url", url, "--run", cfg.run_id,
+                                             "--threads", str(threads)])
+            summary = driver.train(download)
+            cluster.stop()  # the broker writes its final counters as it exits
+            summary["counts"] = driver.counts()
+            driver.set_state(status="finished")
+            return summary
+        except BaseException:
+            with contextlib.suppress(Exception):
+                driver.set_state(status="failed")
+            raise
+        finally:
+            cluster.stop()
+            client.close()

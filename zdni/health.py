@@ -1,0 +1,86 @@
+"""Worker heartbeats with utilization, and the pure rule that turns missed beats into 'failed'.
+
+A heartbeat is a Redis hash that expires after a few intervals, so a missing key is a dead
+worker even if nobody is watching. The broker's monitor checks every interval: a stage whose
+beat has not changed for two consecutive checks is marked failed; a new beat makes it alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from zdni import keys
+
+_process: Any = None
+
+
+def utilization(device: str) -> dict[str, float]:
+    """CPU %, resident memory and, on CUDA, GPU memory and utilization of this process."""
+    global _process
+    import psutil
+
+    if _process is None:
+        _process = psutil.Process()
+        _process.cpu_percent(None)  # the first reading is meaningless; it starts the clock
+    out = {"cpu_percent": _process.cpu_percent(None), "rss_mb": _process.memory_info().rss / 2**20}
+    if device.startswith("cuda"):
+        import torch
+
+        out["gpu_mem_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        try:
+            out["gpu_util_percent"] = float(torch.cuda.utilization(device))
+        except Exception:  # pynvml missing: memory is still reported
+            pass
+    return out
+
+
+def beat(client: redis.Redis, run: str, stage: int, status: str, iteration: int,
+         counts: Mapping[str, int], device: str, interval: float = 1.0) -> None:
+    """Write the stage's heartbeat (expiring after 5 intervals) and its counters, in one trip."""
+    fields: dict[str, Any] = {
+        "status": status, "time": time.time(), "iteration": iteration, "pid": os.getpid(),
+        "host": socket.gethostname(), "device": device, **utilization(device),
+    }
+    pipe = client.pipeline(transaction=False)
+    key = keys.heartbeat(run, stage)
+    pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
+    pipe.expire(key, max(int(interval * 5), 2))
+    if counts:
+        pipe.hset(keys.counters(run, f"stage:{stage}"), mapping=dict(counts))
+    pipe.execute()
+
+
+@dataclass
+class Liveness:
+    """What the monitor remembers of one stage between checks."""
+
+    last_beat: float | None = None
+    misses: int = 0
+    state: str = "alive"
+
+
+def check(previous: Liveness, beat_time: float | None, stopped: bool = False) -> Liveness:
+    """The stage's liveness after one check, given the beat time now in Redis (None: no key).
+
+    Two consecutive checks without a new beat make a stage failed; a new beat makes it alive.
+    A stage that said it stopped is 'stopped', never failed.
+    """
+    if stopped:
+        return Liveness(beat_time, 0, "stopped")
+    if beat_time is not None and beat_time != previous.last_beat:
+        return Liveness(beat_time, 0, "alive")
+    misses = previous.misses + 1
+    return Liveness(previous.last_beat, misses, "failed" if misses >= 2 else previous.state)
+
+
+def publish(client: redis.Redis, run: str, event: dict[str, Any]) -> None:
+    """Announce a notable event on the run's channel."""
+    client.publish(keys.events(run), json.dumps(event))

@@ -1,0 +1,119 @@
+"""A worker's inbox: checks each arriving tensor against the stage and joins the parts of an iteration.
+
+A stage may need several messages for one iteration (the activation from upstream, the batch
+from the driver); they arrive in any order. The inbox keeps the parts until an event can run and
+hands back events in the order they may run. It is pure: no sockets, no Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zdni.config import RunConfig
+from zdni.models import NUM_CLASSES
+
+MAX_BATCH = 65536  # samples per message; a larger batch is refused as hostile
+
+
+class InputError(ValueError):
+    """A message's tensors do not fit the stage; the message says what was expected and what came."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def stage_needs(cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
+    """(needs x, needs y): what the driver must send stage `index` of `count` each iteration."""
+    full_later = cfg.mode == "full" and index > 1
+    needs_x = index == 1 or full_later
+    has_synth = (cfg.needs_synth and index < count) or full_later
+    needs_y = index == count or (cfg.conditioned and has_synth)
+    return needs_x, needs_y
+
+
+def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                 batch: int | None = None) -> torch.Tensor:
+    """Return t if it is (B, *shape) of `dtype` with 1 <= B <= MAX_BATCH, else raise InputError."""
+    if t is None:
+        raise InputError("missing", f"expected tensor {name!r}, it is missing")
+    if t.dtype != dtype:
+        raise InputError("dtype", f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.dim() != 1 + len(shape) or tuple(t.shape[1:]) != tuple(shape):
+        raise InputError("shape", f"{name}: expected shape (B, {', '.join(map(str, shape))}),"
+                                  f" got {tuple(t.shape)}")
+    if not 1 <= t.shape[0] <= MAX_BATCH or (batch is not None and t.shape[0] != batch):
+        want = batch if batch is not None else f"1..{MAX_BATCH}"
+        raise InputError("shape", f"{name}: expected batch {want}, got {t.shape[0]}")
+    return t
+
+
+def check_labels(y: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:
+    """Labels: int64 (B,) within 0..9."""
+    y = check_tensor("y", y, (), torch.int64, batch)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
+        raise InputError("value", f"y: labels must be within 0..{NUM_CLASSES - 1}")
+    return y
+
+
+@dataclass
+class Parts:
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    batch_done: bool = False  # full mode: the synthetic pass ran
+
+
+@dataclass
+class Inbox:
+    """Joins batch and activation messages per iteration for one stage."""
+
+    cfg: RunConfig
+    index: int
+    count: int
+    limit: int = 1024  # iterations held at once; more means a flood, and the oldest are dropped
+    parts: dict[int, Parts] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.needs_x, self.needs_y = stage_needs(self.cfg, self.index, self.count)
+        self.full_later = self.cfg.mode == "full" and self.index > 1
+
+    def add_batch(self, it: int, x: torch.Tensor | None, y: torch.Tensor | None) -> list[str]:
+        """Record the driver's batch; returns the events now ready ('batch', 'input')."""
+        p = self._parts(it)
+        p.x = x if self.needs_x else None
+        p.y = y if self.needs_y else None
+        return self._ready(it)
+
+    def add_act(self, it: int, h: torch.Tensor) -> list[str]:
+        """Record the true input from upstream; returns the events now ready."""
+        self._parts(it).h = h
+        return self._ready(it)
+
+    def take(self, it: int) -> Parts:
+        """The parts of a finished iteration, forgotten here."""
+        return self.parts.pop(it)
+
+    def peek(self, it: int) -> Parts:
+        return self.parts[it]
+
+    def _parts(self, it: int) -> Parts:
+        if it not in self.parts and len(self.parts) >= self.limit:
+            self.parts.pop(min(self.parts))
+        return self.parts.setdefault(it, Parts())
+
+    def _ready(self, it: int) -> list[str]:
+        p = self.parts[it]
+        have_batch = (p.x is not None or not self.needs_x) and (p.y is not None or not self.needs_y)
+        if self.needs_x or self.needs_y:
+            have_batch = have_batch and (p.x is not None or p.y is not None)
+        events = []
+        if self.full_later and have_batch and not p.batch_done:
+            p.batch_done = True
+            events.append("batch")
+        true_input = p.x if self.index == 1 else p.h
+        if true_input is not None and have_batch and (p.batch_done or not self.full_later):
+            events.append("input")
+        return events

@@ -1,0 +1,71 @@
+"""Starting and stopping the local broker and worker processes, and noticing when one dies."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+log = logging.getLogger("zdni.driver")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM when the driver dies, even by SIGKILL; then own session,
+    so a Ctrl-C reaches only the driver, which stops the children in order."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Cluster:
+    """The child processes of one local run, by name ('broker', 'stage 1', ...)."""
+
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    log_dir: str | None = None
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start `python -m zdni.cli ARGS` as `name`; its output goes to LOG_DIR/NAME.log."""
+        cmd = [sys.executable, "-m", "zdni.cli", *args]
+        out = None
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, name.replace(" ", "") + ".log"), "ab")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        if out:
+            out.close()
+        self.procs[name] = proc
+        self.commands[name] = args
+        return proc
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start `name` again with the arguments it was first started with."""
+        return self.start(name, self.commands[name])
+
+    def dead(self) -> list[tuple[str, int]]:
+        """The children that have exited, with their exit codes."""
+        return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self, names: list[str] | None = None, timeout: float = 10.0) -> None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL: no child outlives the run."""
+        chosen = [n for n in (names or list(self.procs)) if n in self.procs]
+        for name in chosen:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(signal.SIGTERM)
+        for name in chosen:
+            proc = self.procs[name]
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("[driver] %s did not stop in %.0f s; killing it", name, timeout)
+                proc.kill()
+                proc.wait(5)

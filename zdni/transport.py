@@ -1,0 +1,76 @@
+"""ZeroMQ sockets as zdni uses them: linger 0, bounded queues, timeouts, zero-copy sends."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import zmq
+
+from zdni import codec, protocol
+
+log = logging.getLogger("zdni.transport")
+
+HWM = 1000  # messages queued per socket before sends block/fail: the window bounds real traffic
+
+
+def make_socket(ctx: zmq.Context, kind: int, hwm: int = HWM) -> zmq.Socket:
+    """A socket that never blocks shutdown and never queues without bound."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + protocol.MAX_HEADER_BYTES)
+    return sock
+
+
+class Endpoint:
+    """An endpoint's two sockets: PUSH into the broker's inbound, PULL from its outbound."""
+
+    def __init__(self, ctx: zmq.Context, broker: str, endpoint: int) -> None:
+        self.endpoint = endpoint
+        self.push = make_socket(ctx, zmq.PUSH)
+        self.push.connect(broker)
+        self.pull = make_socket(ctx, zmq.PULL)
+        self.pull.connect(protocol.outbound_address(broker, endpoint))
+        self.poller = zmq.Poller()
+        self.poller.register(self.pull, zmq.POLLIN)
+
+    def send(self, msg: codec.Message, timeout_ms: int = 10_000) -> None:
+        """Send without copying tensor bytes; raise TimeoutError if the broker cannot take it."""
+        frames = codec.encode(msg)
+        if not self.push.poll(timeout_ms, zmq.POLLOUT):
+            raise TimeoutError(f"broker did not accept a {msg.kind} message in {timeout_ms} ms")
+        self.push.send_multipart(frames, copy=False)
+
+    def recv(self, timeout_ms: int) -> list[Any] | None:
+        """One message's frames, or None when nothing came within the timeout."""
+        if not self.poller.poll(timeout_ms):
+            return None
+        return self.pull.recv_multipart(copy=False)
+
+    def close(self) -> None:
+        self.push.close(0)
+        self.pull.close(0)
+
+
+def free_port_range(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """A base port P such that P..P+count-1 were all free a moment ago (for a broker's sockets)."""
+    import random
+
+    for _ in range(tries):
+        base = random.randint(20000, 60000 - count)
+        held = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"found no {count} consecutive free ports on {host}")
