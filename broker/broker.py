@@ -183,6 +183,6 @@ class Broker:
 
 def main(bind: str, redis_url: str) -> None:
     """Entry point of `zdni broker`."""
-    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"),
+    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"), force=True,
                         format="%(asctime)s [broker] %(levelname)s %(message)s")
     Broker(bind, redis_url).serve()

@@ -68,7 +68,9 @@ class Worker:
         while time.monotonic() < deadline:
             current = self.redis.get(keys.current_run())
             if current:
-                return current.decode()
+                status = self.redis.hget(keys.state(current.decode()), "status")
+                if status in (b"starting", b"running"):
+                    return current.decode()
             time.sleep(0.2)
         raise SystemExit(f"{self.who} no run published in Redis within {wait_s:.0f} s")
 
@@ -237,6 +239,6 @@ class Worker:
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
          threads: int | None, checkpoint_dir: str | None) -> None:
     """Entry point of `zdni worker`."""
-    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"),
+    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"), force=True,
                         format=f"%(asctime)s [stage {stage}] %(levelname)s %(message)s")
     Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir).serve()

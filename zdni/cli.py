@@ -210,6 +210,51 @@ def worker(stage: int, broker: str, redis_url: str, run_id: str | None, device: 
     worker_main(stage, broker, redis_url, run_id, device, threads, checkpoint_dir)
 
 
+@main.command("run")
+@config_options
+@broker_option
+@click.option("--redis-url", required=True, envvar="ZDNI_REDIS_URL")
+@click.option("--out", "out_dir", default=None, help="Output directory [default: runs/RUN_ID].")
+@click.option("--download", is_flag=True, help="Fetch missing data with torchvision.")
+@click.option("--quiet", is_flag=True, help="No progress bar; plain log lines only.")
+@click.option("--wait", "wait_s", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for the workers to start.")
+@clean_errors
+def run_cmd(broker: str, redis_url: str, out_dir: str | None, download: bool, quiet: bool,
+            wait_s: float, **kwargs: Any) -> None:
+    """Drive a run over a broker and workers started elsewhere (another host, honcho)."""
+    from zdni.driver import run_remote
+    from zdni.summary import summary_line, write_summary
+
+    cfg = config_from(kwargs)
+    if not cfg.run_id:
+        cfg.run_id = new_run_id(cfg)
+    summary = run_remote(cfg, broker, redis_url, quiet=quiet, download=download, ready_s=wait_s)
+    write_summary(out_dir or os.path.join("runs", cfg.run_id), summary)
+    click.echo(summary_line(summary))
+
+
+@main.command("redis")
+@click.option("--port", type=int, default=6379, show_default=True, envvar="ZDNI_REDIS_PORT")
+@click.option("--host", default="127.0.0.1", show_default=True)
+def redis_cmd(port: int, host: str) -> None:
+    """Run the embedded Redis server in the foreground (for honcho and laptops) until stopped."""
+    import signal
+    import time
+
+    from zdni.redisserver import EmbeddedRedis
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with EmbeddedRedis(port=port, host=host) as server:
+        click.echo(f"[redis] serving {server.url} (pid {server.pid})", err=True)
+        try:
+            while not stop and server.pid:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+
+
 def new_run_id(cfg: RunConfig) -> str:
     """A readable, unique run id: mode, model and a timestamp."""
     import time

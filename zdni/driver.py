@@ -57,6 +57,7 @@ class Driver:
         self.eval_results: dict[int, dict[str, Any]] = {}
         self.last_message = time.monotonic()
         self.fed = 0
+        self.ready_s = 120.0  # seconds to wait for every stage's first beat
 
     def publish(self) -> None:
         """Make the run known: config, current run, run list, state."""
@@ -136,7 +137,7 @@ class Driver:
         ctx = zmq.Context()
         self.net = Endpoint(ctx, self.broker, protocol.DRIVER)
         try:
-            self.wait_ready()
+            self.wait_ready(self.ready_s)
             self.set_state(status="running")
             summary = self._loop(feeder, x_test, y_test)
             self.stop_workers()
@@ -228,6 +229,28 @@ class Driver:
             raw = self.redis.hgetall(keys.counters(self.cfg.run_id, who))
             out[who] = {k.decode(): int(v) for k, v in raw.items()}
         return out
+
+
+def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
+               download: bool = False, ready_s: float = 600.0) -> dict[str, Any]:
+    """`zdni run`: drive workers and a broker started elsewhere (other hosts, honcho)."""
+    client = connect(redis_url)
+    driver = Driver(cfg, client, broker, None, quiet)
+    driver.ready_s = ready_s
+    driver.publish()
+    log.warning("[driver] run %s published; waiting for %d stage workers", cfg.run_id,
+                driver.stages)
+    try:
+        summary = driver.train(download)
+        summary["counts"] = driver.counts()
+        driver.set_state(status="finished")
+        return summary
+    except BaseException:
+        with contextlib.suppress(Exception):
+            driver.set_state(status="failed")
+        raise
+    finally:
+        client.close()
 
 
 @contextlib.contextmanager

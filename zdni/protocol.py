@@ -85,8 +85,9 @@ def outbound_address(broker: str, endpoint: int) -> str:
 def route(kind: str, src: int, dst: int, stages: int) -> int:
     """The endpoint a message goes to, or raise ValueError naming why it cannot be routed.
 
-    Activations go forward one stage, gradients back one stage, everything else where its
-    header says; a message may not claim to come from an endpoint that cannot send its kind.
+    Every message goes where its header says, and only if that is legal for its kind:
+    activations exactly one stage forward, gradients exactly one stage back; a message may not
+    claim to come from an endpoint that cannot send its kind.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
@@ -95,11 +96,15 @@ def route(kind: str, src: int, dst: int, stages: int) -> int:
     if kind == ACT:
         if not 1 <= src < stages:
             raise ValueError(f"act from {src}: only stages 1..{stages - 1} send activations")
-        return src + 1
+        if dst != src + 1:
+            raise ValueError(f"act {src}->{dst}: activations go to the next stage, {src + 1}")
+        return dst
     if kind == GRAD:
         if not 2 <= src <= stages:
             raise ValueError(f"grad from {src}: only stages 2..{stages} send gradients")
-        return src - 1
+        if dst != src - 1:
+            raise ValueError(f"grad {src}->{dst}: gradients go to the previous stage, {src - 1}")
+        return dst
     if kind in (BATCH, CONTROL):
         if src != DRIVER or not 1 <= dst <= stages:
             raise ValueError(f"{kind} must go from the driver to a stage 1..{stages}, not {src}->{dst}")

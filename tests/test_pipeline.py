@@ -1,0 +1,128 @@
+"""End-to-end tests of the brokered pipeline: real Redis, real ZeroMQ, real worker processes."""
+
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zdni import checkpoint, keys
+from zdni.config import RunConfig
+from zdni.data import BatchFeeder, load_dataset
+from zdni.driver import train_distributed
+from zdni.models import build_stages
+from zdni.trainer import build_pipeline, run_iteration
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Workers and reference both compute with one thread.
+
+    Equality needs the same float reduction order: a Linear bias right before BatchNorm has a
+    true gradient of exactly zero, and Adam turns its +-1e-9 rounding noise into +-lr steps, so
+    two thread counts drift apart by whole learning-rate steps within a few iterations.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_config(mnist_dir: Path, run_id: str, **changes: object) -> RunConfig:
+    base = dict(run_id=run_id, data_dir=str(mnist_dir), epochs=1, batch_size=64, train_limit=640,
+                test_limit=1000, max_inflight=1, ring_size=4, checkpoint_every=0, stages=3,
+                lr=1e-2, synth_lr=1e-3)
+    base.update(changes)
+    return RunConfig(**base).validate()  # type: ignore[arg-type]
+
+
+def worker_state(client: redis.Redis, run: str, stage: int) -> dict[str, torch.Tensor]:
+    """The parameters a worker backed up when it stopped."""
+    found = checkpoint.load(client, run, stage)
+    assert found is not None, f"stage {stage} left no backup"
+    return found[0]
+
+
+def batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = load_dataset(cfg.dataset, cfg.data_dir, True, limit=cfg.train_limit)
+    feeder = BatchFeeder(x, y, cfg.batch_size, cfg.seed)
+    return [(xb, yb) for _, xb, yb in feeder.iter_epoch(0)]
+
+
+def test_backprop_through_broker_equals_single_process_pytorch(
+    mnist_dir: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """With one batch in flight, brokered backprop ends with plain PyTorch's parameters."""
+    cfg = small_config(mnist_dir, "eq-backprop", mode="backprop")
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    assert summary["iterations"] == 10
+    model = nn.Sequential(*build_stages(cfg))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    for xb, yb in batches(cfg):
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    for s, stage in enumerate(model, start=1):
+        got = worker_state(redis_client, cfg.run_id, s)
+        for name, value in stage.state_dict().items():
+            torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {s} {name}")
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_sg_through_broker_equals_inprocess_reference(
+    mnist_dir: Path, redis_url: str, redis_client: redis.Redis, conditioned: bool
+) -> None:
+    """With one batch in flight, brokered sg mode ends with the in-process reference's stages and Ms."""
+    cfg = small_config(mnist_dir, f"eq-sg-{int(conditioned)}", mode="sg", conditioned=conditioned)
+    train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    pipeline = build_pipeline(cfg)
+    for it, (xb, yb) in enumerate(batches(cfg)):
+        run_iteration(pipeline, it, xb, yb, cfg.mode)
+    for stage in pipeline:
+        got = worker_state(redis_client, cfg.run_id, stage.index)
+        expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}
+        if stage.M is not None:
+            expected |= {f"M.{k}": v for k, v in stage.M.state_dict().items()}
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, msg=f"stage {stage.index} {name}")
+
+
+def test_full_mode_runs_and_counts_add_up(mnist_dir: Path, redis_url: str) -> None:
+    """Full mode trains through the broker; every stage trained every fed batch, none dropped."""
+    cfg = small_config(mnist_dir, "full-run", mode="full", conditioned=True, max_inflight=4,
+                       ring_size=8)
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    assert summary["iterations"] == 10
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    for s in (1, 2, 3):
+        counts = summary["counts"][f"stage:{s}"]
+        assert counts["trained"] == 10
+        assert not any(k.startswith("dropped") for k in counts)
+    assert summary["history"][0]["input_loss"].keys() == {"2", "3"}
+
+
+def buffer_footprint(client: redis.Redis, run: str) -> tuple[int, int]:
+    """(number of ring slot keys, bytes Redis uses for them)."""
+    names = list(client.scan_iter(keys.slot_pattern(run)))
+    return len(names), sum(client.memory_usage(n) or 0 for n in names)
+
+
+def test_buffers_stay_bounded_however_long_the_run(
+    mnist_dir: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Runs of 3N+ and 9N+ iterations hold the same N slots per stage and the same Redis memory."""
+    footprints = []
+    for run, limit in (("bounded-a", 32 * 30), ("bounded-b", 32 * 90)):
+        cfg = small_config(mnist_dir, run, mode="full", batch_size=32, train_limit=limit,
+                           ring_size=8, max_inflight=4, test_limit=500)
+        summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+        assert summary["iterations"] > 3 * cfg.ring_size
+        footprints.append(buffer_footprint(redis_client, run))
+    (count_a, bytes_a), (count_b, bytes_b) = footprints
+    # 'out' rings of stages 1-2 and 'in' rings of stages 2-3, N slots each
+    assert count_a == count_b == 4 * 8
+    assert abs(bytes_b - bytes_a) <= 0.02 * bytes_a
