@@ -10,6 +10,7 @@ and backpressure cannot deadlock the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 from collections import Counter, deque
 from typing import Any
 
+import redis
 import zmq
 
 from zdni import codec, health, keys, protocol
@@ -87,10 +89,15 @@ class Broker:
                             break
                         self.forward(frames, outs, queues)
                 if time.monotonic() >= next_check:
-                    interval = self.monitor()
+                    try:
+                        interval = self.monitor()
+                    except redis.RedisError as exc:  # routing needs no Redis: keep routing
+                        log.error("[broker] health check skipped, Redis unreachable: %s", exc)
+                        interval = 1.0
                     next_check = time.monotonic() + interval
         finally:
-            self._flush_counts()
+            with contextlib.suppress(redis.RedisError):  # Redis may already be gone at shutdown
+                self._flush_counts()
             for sock in [inbound, *outs]:
                 sock.close(0)
             ctx.term()
@@ -147,7 +154,7 @@ class Broker:
         current = self.redis.get(keys.current_run())
         if current is None:
             return 1.0
-        run = current.decode()
+        run = keys.text(current)
         raw = self.redis.get(keys.config(run))
         if raw is None:
             return 1.0
@@ -176,9 +183,9 @@ class Broker:
     def _flush_counts(self, run: str | None = None) -> None:
         if run is None:
             current = self.redis.get(keys.current_run())
-            run = current.decode() if current else None
+            run = keys.text(current) if current else None
         if run and self.counts:
-            self.redis.hset(keys.counters(run, "broker"), mapping=dict(self.counts))
+            self.redis.hset(keys.counters(run, "broker"), mapping=dict(self.counts))  # type: ignore[arg-type]
 
 
 def main(bind: str, redis_url: str) -> None:

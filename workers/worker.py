@@ -68,9 +68,9 @@ class Worker:
         while time.monotonic() < deadline:
             current = self.redis.get(keys.current_run())
             if current:
-                status = self.redis.hget(keys.state(current.decode()), "status")
+                status = self.redis.hget(keys.state(keys.text(current)), "status")
                 if status in (b"starting", b"running"):
-                    return current.decode()
+                    return keys.text(current)
             time.sleep(0.2)
         raise SystemExit(f"{self.who} no run published in Redis within {wait_s:.0f} s")
 
@@ -237,8 +237,8 @@ class Worker:
 
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
-         threads: int | None, checkpoint_dir: str | None) -> None:
+         threads: int | None, checkpoint_dir: str | None, wait_s: float = 60.0) -> None:
     """Entry point of `zdni worker`."""
     logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"), force=True,
                         format=f"%(asctime)s [stage {stage}] %(levelname)s %(message)s")
-    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir).serve()
+    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s).serve()

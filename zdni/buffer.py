@@ -49,7 +49,7 @@ class RedisRing:
         entry = self.local.get(it % self.size)
         if entry is not None:
             return entry[1] if entry[0] == it else None
-        raw = self.client.hgetall(self.key(it))
+        raw: dict[bytes, bytes] = self.client.hgetall(self.key(it))  # type: ignore[assignment]
         if not raw:
             return None
         try:

@@ -8,6 +8,7 @@ a checkpoint directory instead; the hash then holds only its path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -89,14 +90,19 @@ def save(client: redis.Redis, run: str, stage: Stage, iteration: int,
     pipe.zadd(index, {str(iteration): iteration})
     pipe.execute()
     for old in client.zrange(index, 0, -KEEP - 1):
-        client.delete(keys.checkpoint(run, stage.index, int(old)))
-        client.zrem(index, old)
+        old_key = keys.checkpoint(run, stage.index, int(keys.text(old)))
+        old_file = client.hget(old_key, "__file__")
+        if old_file:  # a file backup leaves the disk with its key, or files pile up unbounded
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(keys.text(old_file))
+        client.delete(old_key)
+        client.zrem(index, keys.text(old))
     return key
 
 
 def iterations(client: redis.Redis, run: str, stage: int) -> list[int]:
     """The iterations at which the stage has a backup, oldest first."""
-    return [int(v) for v in client.zrange(keys.checkpoints(run, stage), 0, -1)]
+    return [int(keys.text(v)) for v in client.zrange(keys.checkpoints(run, stage), 0, -1)]
 
 
 def load(client: redis.Redis, run: str, stage: int,
@@ -106,12 +112,12 @@ def load(client: redis.Redis, run: str, stage: int,
         latest = client.zrevrange(keys.checkpoints(run, stage), 0, 0)
         if not latest:
             return None
-        iteration = int(latest[0])
-    raw = client.hgetall(keys.checkpoint(run, stage, iteration))
+        iteration = int(keys.text(latest[0]))
+    raw: dict[bytes, bytes] = client.hgetall(keys.checkpoint(run, stage, iteration))  # type: ignore[assignment]
     if not raw:
         return None
     if b"__file__" in raw:
-        raw = _read_file(raw[b"__file__"].decode())
+        raw = _read_file(keys.text(raw[b"__file__"]))
     return decode_state(raw)
 
 

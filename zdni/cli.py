@@ -170,6 +170,40 @@ def broker_option(func: F) -> F:
                         envvar="ZDNI_BROKER", help="The broker's inbound address.")(func)
 
 
+REDIS_START_WAIT_S = 30.0  # processes started together (honcho) can be up before their Redis is
+
+
+def wait_for_redis(url: str, who: str, wait_s: float = REDIS_START_WAIT_S) -> None:
+    """Return once Redis answers; retry a refused or lost connection for up to `wait_s` seconds.
+
+    A wrong password or a malformed URL is no startup race: it fails at once.
+    """
+    import time
+
+    import redis
+
+    from zdni.redisserver import RedisError, connect, mask_url
+
+    deadline = time.monotonic() + wait_s
+    waiting = False
+    while True:
+        try:
+            connect(url).close()
+            return
+        except RedisError as exc:
+            cause = exc.__context__  # connect() raises `from None`; the cause is still kept here
+            transient = isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError))
+            if isinstance(cause, redis.AuthenticationError) or not transient:
+                raise click.ClickException(str(exc)) from None
+            if time.monotonic() >= deadline:
+                raise click.ClickException(f"{exc} (retried for {wait_s:.0f} s)") from None
+            if not waiting:
+                click.echo(f"{who} waiting up to {wait_s:.0f} s for Redis at {mask_url(url)}",
+                           err=True)
+                waiting = True
+            time.sleep(0.5)
+
+
 @main.command()
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, envvar="ZDNI_BIND",
               help="Inbound address; the outbound sockets take the next ports.")
@@ -183,6 +217,7 @@ def broker(bind: str, redis_url: str) -> None:
         outbound_address(bind, 0)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--bind") from None
+    wait_for_redis(redis_url, "[broker]")
     broker_main(bind, redis_url)
 
 
@@ -196,8 +231,11 @@ def broker(bind: str, redis_url: str) -> None:
 @click.option("--threads", type=int, default=None, envvar="ZDNI_THREADS")
 @click.option("--checkpoint-dir", default=None, envvar="ZDNI_CHECKPOINT_DIR",
               help="Keep backups in files here instead of in Redis.")
+@click.option("--wait", "wait_s", type=float, default=60.0, show_default=True,
+              envvar="ZDNI_WORKER_WAIT",
+              help="Without --run: seconds to wait for a driver to publish a run.")
 def worker(stage: int, broker: str, redis_url: str, run_id: str | None, device: str,
-           threads: int | None, checkpoint_dir: str | None) -> None:
+           threads: int | None, checkpoint_dir: str | None, wait_s: float) -> None:
     """Run one stage's worker; the run's settings come from Redis."""
     from workers.worker import main as worker_main
 
@@ -207,7 +245,8 @@ def worker(stage: int, broker: str, redis_url: str, run_id: str | None, device: 
         if not device.startswith("cuda") or not torch.cuda.is_available():
             raise click.BadParameter(f"{device!r}: expected cpu, or cuda:N with CUDA available",
                                      param_hint="--device")
-    worker_main(stage, broker, redis_url, run_id, device, threads, checkpoint_dir)
+    wait_for_redis(redis_url, f"[stage {stage}]")
+    worker_main(stage, broker, redis_url, run_id, device, threads, checkpoint_dir, wait_s)
 
 
 @main.command("run")
@@ -229,6 +268,7 @@ def run_cmd(broker: str, redis_url: str, out_dir: str | None, download: bool, qu
     cfg = config_from(kwargs)
     if not cfg.run_id:
         cfg.run_id = new_run_id(cfg)
+    wait_for_redis(redis_url, "[driver]")
     summary = run_remote(cfg, broker, redis_url, quiet=quiet, download=download, ready_s=wait_s)
     write_summary(out_dir or os.path.join("runs", cfg.run_id), summary)
     click.echo(summary_line(summary))

@@ -227,7 +227,7 @@ class Driver:
         out = {}
         for who in ["broker", *[f"stage:{s}" for s in range(1, self.stages + 1)]]:
             raw = self.redis.hgetall(keys.counters(self.cfg.run_id, who))
-            out[who] = {k.decode(): int(v) for k, v in raw.items()}
+            out[who] = {keys.text(k): int(v) for k, v in raw.items()}
         return out
 
 

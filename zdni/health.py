@@ -54,7 +54,7 @@ def beat(client: redis.Redis, run: str, stage: int, status: str, iteration: int,
     pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
     pipe.expire(key, max(int(interval * 5), 2))
     if counts:
-        pipe.hset(keys.counters(run, f"stage:{stage}"), mapping=dict(counts))
+        pipe.hset(keys.counters(run, f"stage:{stage}"), mapping=dict(counts))  # type: ignore[arg-type]
     pipe.execute()
 
 
@@ -77,6 +77,8 @@ def check(previous: Liveness, beat_time: float | None, stopped: bool = False) ->
         return Liveness(beat_time, 0, "stopped")
     if beat_time is not None and beat_time != previous.last_beat:
         return Liveness(beat_time, 0, "alive")
+    if previous.state == "stopped":  # its heartbeat key expires after it stops: not a failure
+        return Liveness(previous.last_beat, 0, "stopped")
     misses = previous.misses + 1
     return Liveness(previous.last_beat, misses, "failed" if misses >= 2 else previous.state)
 

@@ -78,3 +78,8 @@ def checkpoint(run: str, stage: int, iteration: int) -> str:
 def checkpoints(run: str, stage: int) -> str:
     """Sorted set: the iterations at which the stage has a backup, scored by iteration."""
     return f"{run_prefix(run)}:ckpts:{stage}"
+
+
+def text(value: object) -> str:
+    """A Redis reply as str (replies are bytes: clients do not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -18,6 +18,7 @@ Modes:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -89,7 +90,7 @@ class Stage:
         index: int,
         module: nn.Module,
         shapes: list[tuple[int, ...]],
-        rings: dict[str, Ring] | None = None,
+        rings: Mapping[str, Ring] | None = None,
         device: str = "cpu",
     ) -> None:
         self.cfg = cfg
@@ -100,7 +101,7 @@ class Stage:
         self.device = torch.device(device)
         self.module = module.to(self.device).train()
         self.frozen = cfg.freeze_stage == index
-        self.rings: dict[str, Ring] = rings or {
+        self.rings: Mapping[str, Ring] = rings or {
             "out": MemoryRing(cfg.ring_size),
             "in": MemoryRing(cfg.ring_size),
         }
