@@ -51,9 +51,10 @@ def test_sg_with_oracle_gradients_equals_backprop() -> None:
     pipeline = build_pipeline(cfg)
     oracles = []
     for stage in pipeline[:-1]:
-        stage.M = OracleM()
-        stage.m_opt = torch.optim.Adam(stage.M.parameters(), lr=1e-3)
-        oracles.append(stage.M)
+        assert stage.local is not None
+        stage.local.M = OracleM()
+        stage.local.m_opt = torch.optim.Adam(stage.local.M.parameters(), lr=1e-3)
+        oracles.append(stage.local.M)
     reference = nn.Sequential(*build_stages(cfg))
     opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     for it, (x, y) in enumerate(batches(5)):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zdni.config import RunConfig
+from zdni.inbox import stage_needs
 from zdni.synthesizer import GradientSynthesizer, InputSynthesizer
 
 Tensors = dict[str, torch.Tensor]
@@ -81,8 +82,98 @@ def synthesizer_seed(cfg: RunConfig, index: int) -> int:
     return cfg.seed * 7919 + 104729 * index
 
 
+class Synth(Protocol):
+    """Where a stage gets its synthetic gradient and input, and sends their training targets."""
+
+    def predict_grad(self, it: int, h: torch.Tensor, y: torch.Tensor | None,
+                     remember: bool = True) -> torch.Tensor: ...
+
+    def train_grad(self, it: int, g: torch.Tensor) -> dict[str, float]: ...
+
+    def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor: ...
+
+    def train_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None,
+                    h: torch.Tensor) -> dict[str, float]: ...
+
+
+class LocalSynth:
+    """Stage `index`'s M and I with their optimizers, in this process (--synth-placement local).
+
+    predict_grad remembers (h, y, M's answer) in the 'out' ring so that train_grad can pair the
+    gradient that comes back later with the activation it belongs to.
+    """
+
+    def __init__(self, cfg: RunConfig, index: int, shapes: list[tuple[int, ...]],
+                 out_ring: Ring | None = None, device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.index = index
+        count = len(shapes) - 1
+        self.ring: Ring = out_ring or MemoryRing(cfg.ring_size)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(synthesizer_seed(cfg, index))
+        self.M: nn.Module | None = None
+        self.I: nn.Module | None = None  # noqa: E741
+        if cfg.needs_synth and index < count:
+            self.M = GradientSynthesizer(
+                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
+            ).to(device)
+        if cfg.mode == "full" and index > 1:
+            self.I = InputSynthesizer(
+                shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
+            ).to(device)
+        torch.random.set_rng_state(generator_state)
+        self.m_opt = make_optimizer(cfg, list(self.M.parameters()), cfg.synth_lr) if self.M else None
+        self.i_opt = make_optimizer(cfg, list(self.I.parameters()), cfg.synth_lr) if self.I else None
+
+    def _label(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return y if self.cfg.conditioned else None
+
+    def predict_grad(self, it: int, h: torch.Tensor, y: torch.Tensor | None,
+                     remember: bool = True) -> torch.Tensor:
+        if self.M is None:
+            raise StageError(f"stage {self.index} has no gradient synthesizer")
+        h = h.detach()
+        with torch.no_grad():
+            g = self.M(h, self._label(y))
+        if not remember:  # full mode's synthetic pass: no true gradient will come for this h
+            return g
+        stored = {"h": h, "g": g}
+        if y is not None and self.cfg.conditioned:
+            stored["y"] = y
+        self.ring.put(it, stored)
+        return g
+
+    def train_grad(self, it: int, g: torch.Tensor) -> dict[str, float]:
+        if self.M is None or self.m_opt is None:
+            raise StageError(f"stage {self.index} has no gradient synthesizer")
+        slot = self.ring.get(it)
+        if slot is None:
+            raise StageError(f"stage {self.index}: slot of iteration {it} was overwritten")
+        self.m_opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(self.M(slot["h"], slot.get("y")), g)
+        loss.backward()
+        self.m_opt.step()
+        return {"grad_loss": loss.item()}
+
+    def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.I is None:
+            raise StageError(f"stage {self.index} has no input synthesizer")
+        with torch.no_grad():
+            return self.I(x, self._label(y))
+
+    def train_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None,
+                    h: torch.Tensor) -> dict[str, float]:
+        if self.I is None or self.i_opt is None:
+            raise StageError(f"stage {self.index} has no input synthesizer")
+        self.i_opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(self.I(x, self._label(y)), h)
+        loss.backward()
+        self.i_opt.step()
+        return {"input_loss": loss.item()}
+
+
 class Stage:
-    """Stage `index` (1-based) of `count`, with its synthesizers, optimizers and rings."""
+    """Stage `index` (1-based) of `count`, with its synthesizers, optimizer and rings."""
 
     def __init__(
         self,
@@ -92,6 +183,7 @@ class Stage:
         shapes: list[tuple[int, ...]],
         rings: Mapping[str, Ring] | None = None,
         device: str = "cpu",
+        synth: Synth | None = None,
     ) -> None:
         self.cfg = cfg
         self.index = index
@@ -107,36 +199,41 @@ class Stage:
         }
         params = list(self.module.parameters())
         self.opt = None if self.frozen or not params else make_optimizer(cfg, params, cfg.lr)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(synthesizer_seed(cfg, index))
-        self.M: GradientSynthesizer | None = None
-        self.I: InputSynthesizer | None = None
-        if cfg.needs_synth and not self.last:
-            self.M = GradientSynthesizer(
-                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
-            ).to(self.device)
-        if cfg.mode == "full" and not self.first:
-            self.I = InputSynthesizer(
-                shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
-            ).to(self.device)
-        torch.random.set_rng_state(generator_state)
-        self.m_opt = make_optimizer(cfg, list(self.M.parameters()), cfg.synth_lr) if self.M else None
-        self.i_opt = make_optimizer(cfg, list(self.I.parameters()), cfg.synth_lr) if self.I else None
+        self.synth: Synth = synth or LocalSynth(cfg, index, shapes, self.rings["out"], device)
+        self.has_M = cfg.needs_synth and not self.last
+        self.has_I = cfg.mode == "full" and not self.first
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # backprop graphs
 
-    # -- what a stage needs ---------------------------------------------------------------
+    @property
+    def local(self) -> LocalSynth | None:
+        """The synthesizers when they live in this process."""
+        return self.synth if isinstance(self.synth, LocalSynth) else None
+
+    @property
+    def M(self) -> nn.Module | None:
+        return self.local.M if self.local else None
+
+    @property
+    def I(self) -> nn.Module | None:  # noqa: E743 - the DNI paper's name for it
+        return self.local.I if self.local else None
+
+    @property
+    def m_opt(self) -> torch.optim.Optimizer | None:
+        return self.local.m_opt if self.local else None
+
+    @property
+    def i_opt(self) -> torch.optim.Optimizer | None:
+        return self.local.i_opt if self.local else None
+
     @property
     def needs_x(self) -> bool:
         """Whether the driver must send this stage the raw input x each iteration."""
-        return self.first or self.I is not None
+        return stage_needs(self.cfg, self.index, self.count)[0]
 
     @property
     def needs_y(self) -> bool:
         """Whether the driver must send this stage the labels y each iteration."""
-        return self.last or (self.cfg.conditioned and (self.M is not None or self.I is not None))
-
-    def _label(self, y: torch.Tensor | None) -> torch.Tensor | None:
-        return y if self.cfg.conditioned else None
+        return stage_needs(self.cfg, self.index, self.count)[1]
 
     def _step(self) -> None:
         if self.opt is not None:
@@ -146,55 +243,47 @@ class Stage:
         self.module.zero_grad(set_to_none=True)
 
     def _backward_output(
-        self, out: torch.Tensor, y: torch.Tensor | None
-    ) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Backward from the loss (last stage) or from M's synthetic gradient; returns it."""
+        self, it: int, out: torch.Tensor, y: torch.Tensor | None, remember: bool
+    ) -> dict[str, float]:
+        """Backward from the loss (last stage) or from the synthetic gradient of `out`."""
         if self.last:
             if y is None:
                 raise StageError(f"stage {self.index} is last and needs labels")
             loss = F.cross_entropy(out, y)
             loss.backward()
-            return {"loss": loss.item()}, None
-        assert self.M is not None
-        with torch.no_grad():
-            g = self.M(out.detach(), self._label(y))
-        out.backward(g)
-        return {}, g
+            return {"loss": loss.item()}
+        g = self.synth.predict_grad(it, out.detach(), y, remember)
+        out.backward(g.to(out.device))
+        return {}
 
     # -- events ---------------------------------------------------------------------------
     def train_input(self, it: int, h: torch.Tensor, y: torch.Tensor | None = None) -> Outcome:
         """The true input of iteration `it` (x for stage 1) arrived."""
         h = h.to(self.device)
         y = y.to(self.device) if y is not None else None
-        if self.cfg.mode == "full" and not self.first:
+        if self.has_I:
             return self._true_pass(it, h)
         h_in = h.detach().requires_grad_(not self.first)
         self._zero()
         out = self.module(h_in)
-        d_in = None
         if self.cfg.mode == "backprop" and not self.last:
             self.pending[it] = (h_in, out)
             return Outcome(h_out=out.detach())
-        metrics, g = self._backward_output(out, y)
+        metrics = self._backward_output(it, out, y, remember=True)
         self._step()
-        if not self.first:
-            d_in = h_in.grad
-        if g is not None:
-            self._store_out(it, out.detach(), y, g)
-        return Outcome(h_out=None if self.last else out.detach(), d_in=d_in, done=True,
-                       metrics=metrics)
+        return Outcome(h_out=None if self.last else out.detach(),
+                       d_in=None if self.first else h_in.grad, done=True, metrics=metrics)
 
     def train_batch(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> Outcome:
         """Full mode, stages 2..S: update now from the synthetic input I(x)."""
-        if self.I is None or self.i_opt is None:
+        if not self.has_I:
             raise StageError(f"stage {self.index} has no input synthesizer (mode {self.cfg.mode})")
         x = x.to(self.device)
         y = y.to(self.device) if y is not None else None
-        with torch.no_grad():
-            h_syn = self.I(x, self._label(y))
+        h_syn = self.synth.predict_input(it, x, y).to(self.device)
         self._zero()
         out = self.module(h_syn)
-        metrics, _ = self._backward_output(out, y)
+        metrics = self._backward_output(it, out, y, remember=False)
         self._step()
         stored = {"x": x, "h_syn": h_syn}
         if y is not None:
@@ -204,31 +293,18 @@ class Stage:
 
     def _true_pass(self, it: int, h: torch.Tensor) -> Outcome:
         """Full mode: train I on the true input, then forward it for the true signals."""
-        assert self.I is not None and self.i_opt is not None
         slot = self.rings["in"].get(it)
         if slot is None:
             raise StageError(f"stage {self.index}: true input of iteration {it} came before its batch")
         x, y = slot["x"], slot.get("y")
-        self.i_opt.zero_grad(set_to_none=True)
-        input_loss = F.mse_loss(self.I(x, self._label(y)), h)
-        input_loss.backward()
-        self.i_opt.step()
+        metrics = self.synth.train_input(it, x, y, h)
         h_in = h.detach().requires_grad_(True)
         self._zero()
         out = self.module(h_in)
-        metrics, g = self._backward_output(out, y)
+        metrics |= self._backward_output(it, out, y, remember=True)
         self._zero()  # the true pass only produces signals: its parameter gradients are dropped
-        if g is not None:
-            self._store_out(it, out.detach(), y, g)
-        metrics["input_loss"] = input_loss.item()
         return Outcome(h_out=None if self.last else out.detach(), d_in=h_in.grad, done=True,
                        metrics=metrics)
-
-    def _store_out(self, it: int, h: torch.Tensor, y: torch.Tensor | None, g: torch.Tensor) -> None:
-        stored = {"h": h, "g": g}
-        if y is not None and self.cfg.conditioned:
-            stored["y"] = y
-        self.rings["out"].put(it, stored)
 
     def train_grad(self, it: int, g: torch.Tensor) -> Outcome:
         """The gradient of this stage's output for iteration `it` came back."""
@@ -242,16 +318,9 @@ class Stage:
             out.backward(g)
             self._step()
             return Outcome(d_in=None if self.first else h_in.grad, done=True)
-        if self.M is None or self.m_opt is None:
+        if not self.has_M:
             raise StageError(f"stage {self.index} has no gradient synthesizer")
-        slot = self.rings["out"].get(it)
-        if slot is None:
-            raise StageError(f"stage {self.index}: slot of iteration {it} was overwritten")
-        self.m_opt.zero_grad(set_to_none=True)
-        grad_loss = F.mse_loss(self.M(slot["h"], slot.get("y")), g)
-        grad_loss.backward()
-        self.m_opt.step()
-        return Outcome(metrics={"grad_loss": grad_loss.item()})
+        return Outcome(metrics=self.synth.train_grad(it, g))
 
     @torch.no_grad()
     def evaluate(self, h: torch.Tensor) -> torch.Tensor:
