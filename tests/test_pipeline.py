@@ -91,6 +91,25 @@ def test_sg_through_broker_equals_inprocess_reference(
             torch.testing.assert_close(got[name], value, msg=f"stage {stage.index} {name}")
 
 
+@pytest.mark.parametrize("mode", ["sg", "full"])
+def test_remote_synthesizers_equal_local_ones(
+    mnist_dir: Path, redis_url: str, redis_client: redis.Redis, mode: str
+) -> None:
+    """With the synthesizers in the remote service, stages end as with the in-process reference."""
+    cfg = small_config(mnist_dir, f"remote-{mode}", mode=mode, conditioned=True,
+                       synth_placement="remote")
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    assert summary["iterations"] == 10
+    assert summary["history"][0]["grad_loss"], "M losses come back from the service"
+    pipeline = build_pipeline(cfg)
+    for it, (xb, yb) in enumerate(batches(cfg)):
+        run_iteration(pipeline, it, xb, yb, cfg.mode)
+    for stage in pipeline:
+        got = worker_state(redis_client, cfg.run_id, stage.index)
+        for name, value in stage.module.state_dict().items():
+            torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {stage.index} {name}")
+
+
 def test_full_mode_runs_and_counts_add_up(mnist_dir: Path, redis_url: str) -> None:
     """Full mode trains through the broker; every stage trained every fed batch, none dropped."""
     cfg = small_config(mnist_dir, "full-run", mode="full", conditioned=True, max_inflight=4,

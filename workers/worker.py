@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 import torch
@@ -22,10 +22,13 @@ from zdni.inbox import Inbox, InputError, check_labels, check_tensor
 from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
 from zdni.redisserver import connect
 from zdni.stage import Outcome, Stage, StageError
+from zdni.synthservice import RemoteSynth
 from zdni.transport import Endpoint
 
 log = logging.getLogger("zdni.worker")
 RECENT = 4096  # iterations remembered as finished, to drop replays
+RPC_TIMEOUT_S = 60.0  # a synthesizer service silent this long is an error, not a hang
+BACKLOG = 8192  # messages held while waiting for the synthesizer; the window keeps it small
 
 
 class Worker:
@@ -53,7 +56,10 @@ class Worker:
         self.shapes = stage_shapes(modules, INPUT_SHAPES[self.cfg.dataset])
         rings = {name: RedisRing(self.redis, self.run, stage, name, self.cfg.ring_size)
                  for name in ("out", "in")}
-        self.stage = Stage(self.cfg, stage, modules[stage - 1], self.shapes, rings, device)
+        synth = RemoteSynth(self._rpc, self.cfg, stage) if self.cfg.synth_placement == "remote" \
+            and self.cfg.needs_synth else None
+        self.stage = Stage(self.cfg, stage, modules[stage - 1], self.shapes, rings, device, synth)
+        self.backlog: deque[list[Any]] = deque()
         self.count = len(modules)
         self.inbox = Inbox(self.cfg, stage, self.count)
         self.counts: Counter[str] = Counter()
@@ -98,7 +104,8 @@ class Worker:
                 if now >= next_beat:
                     self._beat("alive")
                     next_beat = now + self.cfg.heartbeat_s
-                frames = self.net.recv(timeout_ms=int(self.cfg.heartbeat_s * 1000))
+                frames = self.backlog.popleft() if self.backlog else self.net.recv(
+                    timeout_ms=int(self.cfg.heartbeat_s * 1000))
                 if frames is not None:
                     self.handle(frames)
         finally:
@@ -150,6 +157,10 @@ class Worker:
             self.counts["grads"] += 1
         elif kind == protocol.EVAL:
             self._evaluate(msg)
+        elif kind == protocol.SYNTH_REP:
+            metrics = {k: float(v) for k, v in msg.meta.items() if k.endswith("_loss")}
+            if metrics:  # the losses of a training request sent without waiting
+                self._apply(it, Outcome(metrics=metrics))
         elif kind == protocol.CONTROL:
             self._control(msg)
         else:
@@ -189,6 +200,8 @@ class Worker:
         if out.done or out.metrics:
             meta: dict[str, Any] = {k: float(v) for k, v in out.metrics.items()}
             meta["event"] = "update" if out.done else "synth"
+            if "grad_loss" in meta:  # M trained on iteration it's true gradient: how late it came
+                meta["staleness"] = float(self.iteration - it)
             self._send(protocol.DONE, it, protocol.DRIVER, {}, meta)
 
     def _evaluate(self, msg: Message) -> None:
@@ -222,6 +235,31 @@ class Worker:
             log.warning("%s rolled back to iteration %d", self.who, self.iteration)
         elif op != "ping":
             raise InputError("value", f"unknown control op {op!r}")
+
+    def _rpc(self, op: str, it: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+             wait: bool) -> Message | None:
+        """Ask the synthesizer service; when waiting, hold other messages in the backlog."""
+        self._send(protocol.SYNTH_REQ, it, protocol.SYNTH, tensors, {"op": op, **meta})
+        if not wait:
+            return None
+        deadline = time.monotonic() + RPC_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            frames = self.net.recv(int(left * 1000))
+            if frames is None:
+                break
+            try:
+                header = codec.decode_header(frames)
+            except DecodeError:
+                header = {}
+            if (header.get("kind") == protocol.SYNTH_REP and header.get("it") == it
+                    and header.get("meta", {}).get("op") == op):
+                return codec.decode(frames, expect_run=self.run)
+            if len(self.backlog) >= BACKLOG:
+                self._drop("backlog_full", f"{len(self.backlog)} messages held during an RPC")
+            else:
+                self.backlog.append(frames)
+        raise StageError(f"synthesizer service did not answer {op} of iteration {it}"
+                         f" within {RPC_TIMEOUT_S:.0f} s")
 
     def _send(self, kind: str, it: int, dst: int, tensors: dict[str, torch.Tensor],
               meta: dict[str, Any] | None = None) -> None:

@@ -78,6 +78,9 @@ def config_options(func: F) -> F:
                      show_default=True, envvar="ZDNI_HEARTBEAT", help="Seconds between beats."),
         click.option("--checkpoint-every", type=int, default=d.checkpoint_every,
                      show_default=True, envvar="ZDNI_CHECKPOINT_EVERY"),
+        click.option("--eval-every", type=int, default=d.eval_every, show_default=True,
+                     envvar="ZDNI_EVAL_EVERY",
+                     help="Also test every N iterations (metrics 'eval' records); 0 = per epoch."),
         click.option("--run-id", default="", envvar="ZDNI_RUN_ID",
                      help="Name of the run [default: generated]."),
     ]
@@ -150,12 +153,13 @@ def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, thread
         torch.set_num_threads(threads)
     logging.getLogger("zdni").info("[driver] config %s", cfg.to_json())
     if inproc:
-        summary = train_inproc(cfg, quiet=quiet, download=download)
+        summary = train_inproc(cfg, quiet=quiet, download=download, out_dir=out_dir)
     else:
         from zdni.driver import train_distributed
 
         summary = train_distributed(cfg, quiet=quiet, download=download, redis_url=redis_url,
-                                    threads=threads, log_dir=os.path.join(out_dir, "logs"))
+                                    threads=threads, log_dir=os.path.join(out_dir, "logs"),
+                                    out_dir=out_dir)
     write_summary(out_dir, summary)
     click.echo(summary_line(summary))
 
@@ -249,6 +253,22 @@ def worker(stage: int, broker: str, redis_url: str, run_id: str | None, device: 
     worker_main(stage, broker, redis_url, run_id, device, threads, checkpoint_dir, wait_s)
 
 
+@main.command()
+@broker_option
+@click.option("--redis-url", required=True, envvar="ZDNI_REDIS_URL")
+@click.option("--run", "run_id", required=True, help="Run id whose synthesizers to serve.")
+@click.option("--threads", type=int, default=None, envvar="ZDNI_THREADS")
+def synth(broker: str, redis_url: str, run_id: str, threads: int | None) -> None:
+    """Run the synthesizer service (--synth-placement remote): every stage's M and I."""
+    from workers.synth import main as synth_main
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    synth_main(broker, redis_url, run_id)
+
+
 @main.command("run")
 @config_options
 @broker_option
@@ -269,8 +289,10 @@ def run_cmd(broker: str, redis_url: str, out_dir: str | None, download: bool, qu
     if not cfg.run_id:
         cfg.run_id = new_run_id(cfg)
     wait_for_redis(redis_url, "[driver]")
-    summary = run_remote(cfg, broker, redis_url, quiet=quiet, download=download, ready_s=wait_s)
-    write_summary(out_dir or os.path.join("runs", cfg.run_id), summary)
+    out_dir = out_dir or os.path.join("runs", cfg.run_id)
+    summary = run_remote(cfg, broker, redis_url, quiet=quiet, download=download, ready_s=wait_s,
+                         out_dir=out_dir)
+    write_summary(out_dir, summary)
     click.echo(summary_line(summary))
 
 

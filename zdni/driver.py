@@ -23,6 +23,7 @@ from zdni.config import RunConfig
 from zdni.data import BatchFeeder, load_dataset
 from zdni.inbox import stage_needs
 from zdni.launcher import Cluster
+from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
 from zdni.progress import Progress
 from zdni.redisserver import EmbeddedRedis, connect
@@ -58,6 +59,7 @@ class Driver:
         self.last_message = time.monotonic()
         self.fed = 0
         self.ready_s = 120.0  # seconds to wait for every stage's first beat
+        self.metrics = MetricsWriter(cfg, self.stages)  # records nowhere until replaced
 
     def publish(self) -> None:
         """Make the run known: config, current run, run list, state."""
@@ -92,6 +94,7 @@ class Driver:
             return
         if msg.kind == protocol.DONE and 1 <= msg.src <= self.stages:
             self.stats.add(msg.src, {k: v for k, v in msg.meta.items() if isinstance(v, float)})
+            self.metrics.observe(msg.src, msg.meta)
             if msg.meta.get("event") == "update" and msg.it in self.inflight:
                 self.last_done[msg.src] = max(self.last_done[msg.src], msg.it)
                 self.updates[msg.it] += 1
@@ -119,7 +122,11 @@ class Driver:
             pipe = self.redis.pipeline(transaction=False)
             for s in range(1, self.stages + 1):
                 pipe.hget(keys.heartbeat(self.cfg.run_id, s), "status")
-            missing = [s for s, v in zip(range(1, self.stages + 1), pipe.execute()) if v != b"alive"]
+            missing: list[int | str] = [
+                s for s, v in zip(range(1, self.stages + 1), pipe.execute()) if v != b"alive"]
+            if self.cfg.synth_placement == "remote" and self.cfg.needs_synth:
+                synth = self.redis.hget(keys.heartbeat(self.cfg.run_id, protocol.SYNTH), "status")
+                missing += [] if synth == b"alive" else ["synth"]
             if not missing:
                 return
             if self.cluster is not None:
@@ -143,6 +150,7 @@ class Driver:
             self.stop_workers()
             return summary
         finally:
+            self.metrics.close()
             self.net.close()
             ctx.term()
 
@@ -166,11 +174,22 @@ class Driver:
                                 loss=self.stats.losses[-1] if self.stats.losses else None,
                                 acc=accuracy, sps=round(samples / (time.monotonic() - start)),
                                 lag=self.fed - 1 - min(self.last_done.values()))
+                self.metrics.iteration(self.fed, epoch + 1, samples, time.monotonic() - start,
+                                       len(self.inflight),
+                                       {s: self.fed - 1 - d for s, d in self.last_done.items()})
+                if cfg.eval_every and self.fed % cfg.eval_every == 0 and (
+                        self.fed % feeder.batches_per_epoch):
+                    while self.inflight:  # evaluate the parameters of one iteration, not a mix
+                        self.pump()
+                    result = self.evaluate(x_test, y_test, epoch)
+                    _, accuracy = self.metrics.eval(self.fed, epoch + 1,
+                                                    time.monotonic() - start, *result)
             while self.inflight:
                 self.pump()
             test_loss, accuracy = self.evaluate(x_test, y_test, epoch)
             row = self.stats.row(epoch + 1, test_loss, accuracy, time.monotonic() - start, self.fed)
             history.append(row)
+            self.metrics.epoch(row, samples)
             self.set_state(epoch=epoch + 1, iteration=self.fed, test_accuracy=accuracy)
             log.info("[driver] epoch %d: test accuracy %.4f", epoch + 1, accuracy)
         progress.close()
@@ -232,10 +251,12 @@ class Driver:
 
 
 def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
-               download: bool = False, ready_s: float = 600.0) -> dict[str, Any]:
+               download: bool = False, ready_s: float = 600.0,
+               out_dir: str | None = None) -> dict[str, Any]:
     """`zdni run`: drive workers and a broker started elsewhere (other hosts, honcho)."""
     client = connect(redis_url)
     driver = Driver(cfg, client, broker, None, quiet)
+    driver.metrics = MetricsWriter(cfg, driver.stages, out_dir, client)
     driver.ready_s = ready_s
     driver.publish()
     log.warning("[driver] run %s published; waiting for %d stage workers", cfg.run_id,
@@ -265,8 +286,11 @@ def local_redis(url: str | None) -> Iterator[str]:
 
 def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = False,
                       redis_url: str | None = None, threads: int | None = None,
-                      log_dir: str | None = None) -> dict[str, Any]:
-    """`zdni train`: an embedded Redis (unless given), a broker and a worker per stage, here."""
+                      log_dir: str | None = None, out_dir: str | None = None) -> dict[str, Any]:
+    """`zdni train`: an embedded Redis (unless given), a broker and a worker per stage, here.
+
+    Metric records go to out_dir/metrics.jsonl and the run's Redis stream.
+    """
     stages = stage_count(cfg)
     threads = threads or max(1, (os.cpu_count() or 1) // stages)
     with local_redis(redis_url) as url:
@@ -275,9 +299,13 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
         broker = f"tcp://127.0.0.1:{base}"
         cluster = Cluster(log_dir=log_dir)
         driver = Driver(cfg, client, broker, cluster, quiet)
+        driver.metrics = MetricsWriter(cfg, driver.stages, out_dir, client)
         driver.publish()
         try:
             cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])
+            if cfg.synth_placement == "remote" and cfg.needs_synth:
+                cluster.start("synth", ["synth", "--broker", broker, "--redis-url", url,
+                                        "--run", cfg.run_id, "--threads", str(threads)])
             for s in range(1, stages + 1):
                 cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
                                              "--redis-url", url, "--run", cfg.run_id,

@@ -1,0 +1,127 @@
+"""Remote synthesizer placement: every stage's M and I in one service, queried through the broker.
+
+This is the seed report's first architecture (all synthesizers on one node, reached by RPC):
+a stage asks for a synthetic gradient or input and waits for the answer; it sends training
+targets without waiting, and the service's answer to those carries only their losses.
+
+Requests are SYNTH_REQ messages from a stage with meta["op"]:
+
+    grad         tensors h (, y)   reply tensor g = M(h, y); meta remember=False for full mode's
+                                   synthetic pass, whose h will never get a true gradient
+    train_grad   tensor g          reply meta grad_loss (M trained on the remembered h)
+    input        tensors x (, y)   reply tensor h = I(x, y)
+    train_input  tensor h          reply meta input_loss (I trained on the remembered x, y)
+
+The service holds one LocalSynth per stage, built from the same seeds as a stage's own, so both
+placements compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from zdni import protocol
+from zdni.codec import Message
+from zdni.config import RunConfig
+from zdni.inbox import InputError, check_labels, check_tensor
+from zdni.stage import LocalSynth, MemoryRing, Ring
+
+OPS = ("grad", "train_grad", "input", "train_input")
+Call = Callable[[str, int, dict[str, torch.Tensor], dict[str, Any], bool], Message | None]
+
+
+class RemoteSynth:
+    """A stage's Synth whose M and I live in the synthesizer service."""
+
+    def __init__(self, call: Call, cfg: RunConfig, index: int) -> None:
+        self.call = call
+        self.cfg = cfg
+        self.index = index
+
+    def _with_label(self, tensors: dict[str, torch.Tensor],
+                    y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if y is not None and self.cfg.conditioned:
+            tensors["y"] = y
+        return tensors
+
+    def _answer(self, reply: Message | None, name: str, like: tuple[int, ...]) -> torch.Tensor:
+        t = reply.tensors.get(name) if reply is not None else None
+        if t is None or tuple(t.shape) != like:
+            got = None if t is None else tuple(t.shape)
+            raise InputError("shape", f"synthesizer answered {name} of shape {got}, expected {like}")
+        return t
+
+    def predict_grad(self, it: int, h: torch.Tensor, y: torch.Tensor | None,
+                     remember: bool = True) -> torch.Tensor:
+        reply = self.call("grad", it, self._with_label({"h": h.cpu()}, y), {"remember": remember},
+                          True)
+        return self._answer(reply, "g", tuple(h.shape))
+
+    def train_grad(self, it: int, g: torch.Tensor) -> dict[str, float]:
+        self.call("train_grad", it, {"g": g}, {}, False)
+        return {}
+
+    def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        reply = self.call("input", it, self._with_label({"x": x.cpu()}, y), {}, True)
+        if reply is None or "h" not in reply.tensors:
+            raise InputError("missing", "synthesizer answered no input h")
+        return reply.tensors["h"]
+
+    def train_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None,
+                    h: torch.Tensor) -> dict[str, float]:
+        self.call("train_input", it, {"h": h}, {}, False)
+        return {}
+
+
+class SynthService:
+    """Every stage's synthesizers, answering requests (no sockets: the process loop is elsewhere)."""
+
+    def __init__(self, cfg: RunConfig, shapes: list[tuple[int, ...]],
+                 ring: Callable[[int, str], Ring] | None = None) -> None:
+        self.cfg = cfg
+        self.shapes = shapes
+        count = len(shapes) - 1
+        make_ring = ring or (lambda stage, name: MemoryRing(cfg.ring_size))
+        self.synths: dict[int, LocalSynth] = {}
+        self.inputs: dict[int, Ring] = {}
+        for i in range(1, count + 1):
+            synth = LocalSynth(cfg, i, shapes, make_ring(i, "synth-out"))
+            if synth.M is not None or synth.I is not None:
+                self.synths[i] = synth
+                self.inputs[i] = make_ring(i, "synth-in")
+
+    def handle(self, msg: Message) -> Message:
+        """Apply one request; returns the reply. Raises InputError for a bad request."""
+        op = msg.meta.get("op")
+        if op not in OPS:
+            raise InputError("value", f"unknown synthesizer op {op!r}; expected one of {OPS}")
+        synth = self.synths.get(msg.src)
+        if synth is None:
+            raise InputError("endpoint", f"stage {msg.src} has no synthesizers in this run")
+        i, t = msg.src, msg.tensors
+        y = check_labels(t["y"]) if "y" in t else None
+        out: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"op": op}
+        if op == "grad":
+            h = check_tensor("h", t.get("h"), self.shapes[i], torch.float32,
+                             y.shape[0] if y is not None else None)
+            out["g"] = synth.predict_grad(msg.it, h, y, bool(msg.meta.get("remember", True)))
+        elif op == "train_grad":
+            g = check_tensor("g", t.get("g"), self.shapes[i], torch.float32)
+            meta.update(synth.train_grad(msg.it, g))
+        elif op == "input":
+            x = check_tensor("x", t.get("x"), self.shapes[0], torch.float32,
+                             y.shape[0] if y is not None else None)
+            out["h"] = synth.predict_input(msg.it, x, y)
+            stored = {"x": x} | ({"y": y} if y is not None else {})
+            self.inputs[i].put(msg.it, stored)
+        else:
+            h = check_tensor("h", t.get("h"), self.shapes[i - 1], torch.float32)
+            slot = self.inputs[i].get(msg.it)
+            if slot is None:
+                raise InputError("unmatched", f"stage {i}: no input request of iteration {msg.it}")
+            meta.update(synth.train_input(msg.it, slot["x"], slot.get("y"), h))
+        return Message(protocol.SYNTH_REP, msg.run, msg.it, protocol.SYNTH, i, out, meta)
