@@ -136,9 +136,11 @@ def main(verbose: int) -> None:
               help="torch threads per process.")
 @click.option("--redis-url", default=None, envvar="ZDNI_REDIS_URL",
               help="Use this Redis instead of starting an embedded one.")
+@click.option("--restart/--no-restart", default=True, show_default=True,
+              help="Restart a crashed worker (it resumes from its backup) instead of failing.")
 @clean_errors
 def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, threads: int | None,
-          redis_url: str | None, **kwargs: Any) -> None:
+          redis_url: str | None, restart: bool, **kwargs: Any) -> None:
     """Train a model; prints a JSON summary line and writes OUT/summary.json."""
     import torch
 
@@ -159,7 +161,7 @@ def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, thread
 
         summary = train_distributed(cfg, quiet=quiet, download=download, redis_url=redis_url,
                                     threads=threads, log_dir=os.path.join(out_dir, "logs"),
-                                    out_dir=out_dir)
+                                    out_dir=out_dir, restart=restart)
     write_summary(out_dir, summary)
     click.echo(summary_line(summary))
 
@@ -315,6 +317,68 @@ def redis_cmd(port: int, host: str) -> None:
                 time.sleep(0.2)
         except KeyboardInterrupt:
             pass
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, help="Directory for the PNGs and report.md.")
+@click.option("--target", type=float, default=0.97, show_default=True,
+              help="Test accuracy (a fraction) of the time-to-target column.")
+@click.option("--title", default="zdni runs", show_default=True, help="Heading of report.md.")
+def report(run_dirs: tuple[str, ...], out_dir: str, target: float, title: str) -> None:
+    """Plot and tabulate runs (run directories, or directories of them) from their metrics.
+
+    Runs that differ only in their seed are one variant: mean curves with the min-max spread.
+    """
+    from zdni.report import ReportError, build_report
+
+    try:
+        click.echo(build_report(list(run_dirs), out_dir, target, title))
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _suites() -> list[str]:
+    from zdni.experiment import SUITES
+
+    return sorted(SUITES)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(_suites()))
+@click.option("--epochs", type=int, default=None, help="Epochs per run [default: the suite's].")
+@click.option("--seeds", default=None, help="Comma-separated seeds [default: the suite's].")
+@click.option("--data-dir", default=None, envvar="ZDNI_DATA_DIR",
+              help="Directory with the dataset files [default: ./data].")
+@click.option("--out", "out_dir", default=None,
+              help="Output directory [default: runs/experiments/NAME].")
+@click.option("--inproc", is_flag=True, help="Run the in-process reference trainer instead.")
+@click.option("--quick", is_flag=True, help="Tiny runs (1024 samples, 1 epoch, 1 seed): a check.")
+@click.option("--quiet", is_flag=True, help="No progress bar; plain log lines only.")
+@click.option("--target", type=float, default=None,
+              help="Test accuracy of the report's time-to-target column [default: the suite's].")
+@clean_errors
+def experiment(name: str, epochs: int | None, seeds: str | None, data_dir: str | None,
+               out_dir: str | None, inproc: bool, quick: bool, quiet: bool,
+               target: float | None) -> None:
+    """Run a named suite of trainings, then one report of them all; prints report.md's path.
+
+    seed-mnist: backprop, sg, cDNI, full and full with stage 1 frozen (fcn3, 3 stages, MNIST).
+    placement: synthesizers local versus remote (sg and full, cDNI).
+    """
+    from zdni.experiment import ExperimentError, run_suite
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
+                                 param_hint="--seeds") from None
+    try:
+        click.echo(run_suite(name, out_dir, seed_list, epochs, data_dir, inproc, quick, quiet,
+                             target))
+    except ExperimentError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def new_run_id(cfg: RunConfig) -> str:

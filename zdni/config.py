@@ -54,6 +54,7 @@ class RunConfig:
     synth_placement: str = "local"  # local: M and I live in the stage's worker; remote: a service
     heartbeat_s: float = 1.0  # worker heartbeat and monitor check interval, seconds
     checkpoint_every: int = 200  # iterations between parameter backups; 0 = only at stop
+    eval_every: int = 0  # iterations between extra test evaluations, for finer curves; 0 = off
     run_id: str = ""  # filled in by the driver when empty
 
     def validate(self) -> RunConfig:
@@ -74,6 +75,8 @@ class RunConfig:
             raise ConfigError("synth_hidden must be >= 0 and synth_width >= 1")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -10,8 +10,8 @@ import contextlib
 import logging
 import os
 import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -51,14 +51,19 @@ class Driver:
         self.stall_s = stall_s
         self.stages = stage_count(cfg)
         self.needs = {i: stage_needs(cfg, i, self.stages) for i in range(1, self.stages + 1)}
-        self.updates: dict[int, int] = defaultdict(int)  # iteration -> stages done with it
+        self.updates: dict[int, set[int]] = defaultdict(set)  # iteration -> stages done with it
         self.inflight: set[int] = set()
+        self.batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # in flight, for replay
+        self.recovery = Recovery(restart=True)
+        self.tally: Counter[str] = Counter()  # fed, replayed, dropped:REASON, restarts
         self.last_done = dict.fromkeys(range(1, self.stages + 1), -1)
         self.stats = EpochStats()
         self.eval_results: dict[int, dict[str, Any]] = {}
         self.last_message = time.monotonic()
         self.fed = 0
         self.ready_s = 120.0  # seconds to wait for every stage's first beat
+        self.next_health = 0.0
+        self.replay: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
         self.metrics = MetricsWriter(cfg, self.stages)  # records nowhere until replaced
 
     def publish(self) -> None:
@@ -83,8 +88,10 @@ class Driver:
     def pump(self, timeout_ms: int = 100) -> None:
         """Take one message if one comes within the timeout; check children and stalls."""
         frames = self.net.recv(timeout_ms)
-        if frames is None:
+        if time.monotonic() >= self.next_health:
             self._check_health()
+            self.next_health = time.monotonic() + min(0.5, self.cfg.heartbeat_s)
+        if frames is None:
             return
         self.last_message = time.monotonic()
         try:
@@ -97,9 +104,10 @@ class Driver:
             self.metrics.observe(msg.src, msg.meta)
             if msg.meta.get("event") == "update" and msg.it in self.inflight:
                 self.last_done[msg.src] = max(self.last_done[msg.src], msg.it)
-                self.updates[msg.it] += 1
-                if self.updates[msg.it] >= self.stages:
+                self.updates[msg.it].add(msg.src)
+                if len(self.updates[msg.it]) >= self.stages:
                     self.inflight.discard(msg.it)
+                    self.batches.pop(msg.it, None)
                     del self.updates[msg.it]
         elif msg.kind == protocol.EVAL_RESULT:
             self.eval_results[msg.it] = msg.meta
@@ -107,12 +115,45 @@ class Driver:
             log.error("[driver] dropped an unexpected %s message from %d", msg.kind, msg.src)
 
     def _check_health(self) -> None:
-        if self.cluster is not None:
-            for name, code in self.cluster.dead():
-                raise RunError(f"{name} exited with code {code}; see its log for the cause")
+        dead = dict(self.cluster.dead()) if self.cluster is not None else {}
+        if dead and not self.recovery.restart:
+            name, code = next(iter(dead.items()))
+            raise RunError(f"{name} exited with code {code}; see its log for the cause")
+        for name in ("broker", "synth"):
+            if name in dead and self.cluster is not None:
+                log.error("[driver] %s exited with code %s; restarting it", name, dead.pop(name))
+                self.cluster.restart(name)
+                self.tally["restarts"] += 1
+                self._replay(sorted(self.inflight), f"{name}_failed")
+        health = {int(keys.text(k)): keys.text(v) for k, v in
+                  self.redis.hgetall(keys.health(self.cfg.run_id)).items()}
+        for stage in self.recovery.failed(dead, health, time.monotonic(), self.cfg.heartbeat_s):
+            self._recover(stage, dead)
         if time.monotonic() - self.last_message > self.stall_s:
             behind = [s for s, it in self.last_done.items() if it < self.fed - 1]
             raise RunError(f"no message for {self.stall_s:.0f} s; stages behind: {behind}")
+
+    def _recover(self, stage: int, dead: dict[str, int]) -> None:
+        """Stage `stage` failed: restart it if it is ours, replay the batches it lost."""
+        name = f"stage {stage}"
+        log.error("[driver] stage %d failed (exit code %s); recovering", stage, dead.get(name))
+        if self.cluster is not None and name in dead:
+            self.redis.hset(keys.health(self.cfg.run_id), str(stage), "restarting")
+            self.cluster.restart(name)
+            self.tally["restarts"] += 1
+        self._replay(sorted(t for t in self.inflight if stage not in self.updates.get(t, ())),
+                     "stage_failed")
+
+    def _replay(self, lost: list[int], reason: str) -> None:
+        """Count iterations as dropped and feed their batches again as new iterations,
+        so that no stage ever trains one iteration twice."""
+        for t in lost:
+            self.inflight.discard(t)
+            self.updates.pop(t, None)
+            self.replay.append(self.batches.pop(t))
+            self.tally[f"dropped:{reason}"] += 1
+            self.tally["replayed"] += 1
+        log.warning("[driver] replaying %d batches lost to %s", len(lost), reason)
 
     # -- the run --------------------------------------------------------------------------
     def wait_ready(self, timeout_s: float = 120.0) -> None:
@@ -165,7 +206,8 @@ class Driver:
         accuracy = None
         for epoch in range(cfg.epochs):
             self.stats = EpochStats()
-            for _, xb, yb in feeder.iter_epoch(epoch):
+            batches = feeder.iter_epoch(epoch)
+            for xb, yb in _with_replays(batches, self.replay):
                 while len(self.inflight) >= cfg.max_inflight:
                     self.pump()
                 self.feed(self.fed, xb, yb)
@@ -184,7 +226,9 @@ class Driver:
                     result = self.evaluate(x_test, y_test, epoch)
                     _, accuracy = self.metrics.eval(self.fed, epoch + 1,
                                                     time.monotonic() - start, *result)
-            while self.inflight:
+            while self.inflight or self.replay:
+                while self.replay and len(self.inflight) < cfg.max_inflight:
+                    self.feed(self.fed, *self.replay.popleft())
                 self.pump()
             test_loss, accuracy = self.evaluate(x_test, y_test, epoch)
             row = self.stats.row(epoch + 1, test_loss, accuracy, time.monotonic() - start, self.fed)
@@ -195,11 +239,14 @@ class Driver:
         progress.close()
         wall = time.monotonic() - start
         return build_summary(cfg, self.stages, history, self.fed, samples, wall, runner="zdni",
-                             extra={"max_inflight": cfg.max_inflight, "ring_size": cfg.ring_size})
+                             extra={"max_inflight": cfg.max_inflight, "ring_size": cfg.ring_size,
+                                    "tally": dict(self.tally)})
 
     def feed(self, it: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Send iteration `it`'s batch to every stage that needs part of it."""
         self.inflight.add(it)
+        self.batches[it] = (x, y)
+        self.tally["fed"] += 1
         for stage, (needs_x, needs_y) in self.needs.items():
             tensors = {}
             if needs_x:
@@ -274,6 +321,50 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
         client.close()
 
 
+def _with_replays(batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+                  replay: deque[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's batches, with any batch waiting for replay fed first."""
+    for _, xb, yb in batches:
+        while replay:
+            yield replay.popleft()
+        yield xb, yb
+
+
+class Recovery:
+    """Decides when a failed stage is recovered: the pure part of the driver's failure handling.
+
+    A local worker whose process exited is recovered once the broker's monitor marks it failed
+    (two missed checks), or after three intervals if the monitor is silent; a remote worker
+    (another host) once it is marked failed and then beats again.
+    """
+
+    def __init__(self, restart: bool) -> None:
+        self.restart = restart
+        self.exited_at: dict[int, float] = {}
+        self.handled: set[int] = set()  # failed stages already recovered, until alive again
+
+    def failed(self, dead: dict[str, int], health: dict[int, str], now: float,
+               interval: float) -> list[int]:
+        out = []
+        for name in dead:
+            if name.startswith("stage "):
+                self.exited_at.setdefault(int(name.split()[1]), now)
+        for stage, state in health.items():
+            if state == "alive":
+                self.handled.discard(stage)
+        for stage, since in list(self.exited_at.items()):
+            if health.get(stage) == "failed" or now - since > 3 * interval:
+                out.append(stage)
+                del self.exited_at[stage]
+                self.handled.add(stage)
+        for stage, state in health.items():
+            if state == "failed" and stage not in self.handled and stage not in out:
+                out.append(stage)  # a worker of another host: replay now, it rejoins by itself
+                self.handled.add(stage)
+        return sorted(out)
+
+
 @contextlib.contextmanager
 def local_redis(url: str | None) -> Iterator[str]:
     """The given Redis URL, or an embedded server for the duration of the block."""
@@ -286,7 +377,8 @@ def local_redis(url: str | None) -> Iterator[str]:
 
 def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = False,
                       redis_url: str | None = None, threads: int | None = None,
-                      log_dir: str | None = None, out_dir: str | None = None) -> dict[str, Any]:
+                      log_dir: str | None = None, out_dir: str | None = None,
+                      restart: bool = True) -> dict[str, Any]:
     """`zdni train`: an embedded Redis (unless given), a broker and a worker per stage, here.
 
     Metric records go to out_dir/metrics.jsonl and the run's Redis stream.
@@ -299,6 +391,7 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
         broker = f"tcp://127.0.0.1:{base}"
         cluster = Cluster(log_dir=log_dir)
         driver = Driver(cfg, client, broker, cluster, quiet)
+        driver.recovery.restart = restart
         driver.metrics = MetricsWriter(cfg, driver.stages, out_dir, client)
         driver.publish()
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("zdni.driver")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGTERM when the driver dies, even by SIGKILL; then own session,
     so a Ctrl-C reaches only the driver, which stops the children in order."""
     os.setsid()
@@ -40,7 +40,7 @@ class Cluster:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, name.replace(" ", "") + ".log"), "ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         if out:
             out.close()
         self.procs[name] = proc

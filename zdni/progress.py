@@ -1,4 +1,4 @@
-"""The live progress line: a redrawn bar on a terminal, plain log lines otherwise."""
+"""The live progress line: a redrawn bar on a terminal, plain log lines with --quiet or otherwise."""
 
 from __future__ import annotations
 
@@ -23,19 +23,25 @@ class Progress:
         self.start = time.monotonic()
         self.last_draw = 0.0
         self.last_log = self.start
+        self.latest: tuple[int, dict[str, object]] | None = None  # for the closing log line
+        self.logged = -1  # the `done` of the last plain log line
 
     def update(self, done: int, **fields: object) -> None:
         """Redraw (at most 10 times a second) or, off a terminal, log every log_every_s seconds."""
         now = time.monotonic()
+        self.latest = (done, fields)
         if self.tty and now - self.last_draw < 0.1 and done < self.total:
             return
-        if not self.tty and (self.quiet or now - self.last_log < self.log_every_s):
+        if not self.tty and now - self.last_log < self.log_every_s:
             return
+        self._draw(now, done, fields)
+
+    def _draw(self, now: float, done: int, fields: dict[str, object]) -> None:
         elapsed = max(now - self.start, 1e-9)
         frac = min(done / self.total, 1.0)
         parts = [f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None]
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        text = f"{done}/{self.total} {elapsed:.0f}s<{eta:.0f}s " + " ".join(parts)
+        text = f"it {done}/{self.total} {elapsed:.0f}s<{eta:.0f}s " + " ".join(parts)
         if self.tty:
             width = 24
             filled = int(width * frac)
@@ -45,12 +51,16 @@ class Progress:
         else:
             self.stream.write(f"[{self.label}] {100 * frac:5.1f}% {text}\n")
             self.last_log = now
+            self.logged = done
         self.stream.flush()
 
     def close(self) -> None:
+        """End the bar's line; off a terminal, log the final state unless it was just logged."""
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+        elif self.latest is not None and self.latest[0] != self.logged:
+            self._draw(time.monotonic(), *self.latest)
 
 
 def _fmt(value: object) -> str:

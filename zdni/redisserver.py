@@ -21,6 +21,8 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from zdni.launcher import die_with_parent
+
 START_TIMEOUT_S = 10.0  # a cold redis-server answers PING in ~50 ms; 10 s covers a loaded CI box
 STOP_TIMEOUT_S = 5.0  # SHUTDOWN NOSAVE with persistence off exits in milliseconds
 SOCKET_TIMEOUT_S = 5.0  # long enough for a remote Redis under load, short enough to notice it died
@@ -214,13 +216,14 @@ class EmbeddedRedis:
         conf.write_text("\n".join(lines) + "\n")
         # Errors before the logfile opens go to stdout: send them to the same (fresh) file.
         with open(self.dir / "redis.log", "wb") as log:
-            # Same session and process group as us: Ctrl-C in a terminal stops it too.
+            # Its own session, so a Ctrl-C reaches only us and we stop it after the workers;
+            # and it gets SIGTERM if we die, even by SIGKILL (Linux), so it never outlives us.
             self._proc = subprocess.Popen(
                 [binary, str(conf)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=False,
+                preexec_fn=die_with_parent,
             )
         self._pid = self._proc.pid
 

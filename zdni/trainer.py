@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from zdni.config import RunConfig
 from zdni.data import BatchFeeder, load_dataset
+from zdni.metrics import MetricsWriter
 from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
 from zdni.progress import Progress
 from zdni.schedule import iteration_events
@@ -64,8 +65,9 @@ def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch: int) 
     return loss_sum / len(x), correct / len(x)
 
 
-def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False) -> dict[str, Any]:
-    """Train with every stage in this process; returns the summary."""
+def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
+                 out_dir: str | None = None) -> dict[str, Any]:
+    """Train with every stage in this process; returns the summary (metrics go to out_dir)."""
     cfg.validate()
     x_train, y_train = load_dataset(cfg.dataset, cfg.data_dir, True, download, cfg.train_limit)
     x_test, y_test = load_dataset(cfg.dataset, cfg.data_dir, False, download, cfg.test_limit)
@@ -73,6 +75,7 @@ def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False) ->
     feeder = BatchFeeder(x_train, y_train, cfg.batch_size, cfg.seed)
     total = feeder.batches_per_epoch * cfg.epochs
     progress = Progress(total, f"inproc {cfg.mode}", quiet=quiet)
+    metrics = MetricsWriter(cfg, len(stages), out_dir, runner="inproc")
     history: list[dict[str, Any]] = []
     start = time.monotonic()
     it = samples = 0
@@ -82,12 +85,19 @@ def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False) ->
         for _, xb, yb in feeder.iter_epoch(epoch):
             for i, outcome in run_iteration(stages, it, xb, yb, cfg.mode).items():
                 stats.add(abs(i), outcome.metrics)
+                metrics.observe(abs(i), outcome.metrics)
             it += 1
             samples += len(xb)
+            metrics.iteration(it, epoch + 1, samples, time.monotonic() - start)
+            if cfg.eval_every and it % cfg.eval_every == 0 and it % feeder.batches_per_epoch:
+                result = evaluate(stages, x_test, y_test, cfg.eval_batch_size)
+                _, accuracy = metrics.eval(it, epoch + 1, time.monotonic() - start, *result)
             progress.update(it, epoch=epoch + 1, loss=stats.losses[-1] if stats.losses else None,
                             acc=accuracy, sps=round(samples / (time.monotonic() - start)))
         test_loss, accuracy = evaluate(stages, x_test, y_test, cfg.eval_batch_size)
         history.append(stats.row(epoch + 1, test_loss, accuracy, time.monotonic() - start, it))
+        metrics.epoch(history[-1], samples)
     progress.close()
+    metrics.close()
     wall = time.monotonic() - start
     return build_summary(cfg, len(stages), history, it, samples, wall, runner="inproc")

@@ -1,0 +1,92 @@
+"""A run leaves no process behind: when it ends, when interrupted, and when a worker crashes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def start_train(mnist_dir: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "zdni.cli", "train", "--data-dir", str(mnist_dir), "--out",
+           str(out), "--quiet", "--test-limit", "1000", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def descendants_until(proc: subprocess.Popen[str], want: int, timeout: float = 60.0
+                      ) -> list[psutil.Process]:
+    """Wait until the driver has `want` descendants (redis, broker, workers); return them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        if len(kids) >= want:
+            return kids
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"driver started only {len(kids)} of {want} processes")
+
+
+def assert_all_gone(procs: list[psutil.Process], timeout: float = 15.0) -> None:
+    gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+
+
+def wait_running(out: Path, proc: subprocess.Popen[str], seconds: float) -> None:
+    """Let the run train a little: the workers' logs show them serving."""
+    deadline = time.monotonic() + 60
+    while not (out / "logs" / "stage3.log").exists() or "serving" not in (
+            out / "logs" / "stage3.log").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(seconds)
+
+
+def test_finished_run_leaves_nothing(mnist_dir: Path, tmp_path: Path) -> None:
+    """A run that ends stops its embedded Redis, broker and workers and exits 0."""
+    proc = start_train(mnist_dir, tmp_path, "--train-limit", "1024", "--epochs", "1")
+    kids = descendants_until(proc, 5)
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 0, err
+    assert '"test_accuracy"' in out
+    assert_all_gone(kids)
+
+
+def test_interrupted_run_leaves_nothing(mnist_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the middle of training stops every child process and the driver exits non-zero."""
+    proc = start_train(mnist_dir, tmp_path, "--epochs", "20")
+    kids = descendants_until(proc, 5)
+    wait_running(tmp_path, proc, 2.0)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert_all_gone(kids)
+
+
+def test_killed_driver_takes_its_children(mnist_dir: Path, tmp_path: Path) -> None:
+    """Even a driver killed with SIGKILL leaves no broker, worker or Redis behind."""
+    proc = start_train(mnist_dir, tmp_path, "--epochs", "20")
+    kids = descendants_until(proc, 5)
+    wait_running(tmp_path, proc, 1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert_all_gone(kids)
+
+
+def test_crashed_worker_is_reported(mnist_dir: Path, tmp_path: Path) -> None:
+    """A worker killed with SIGKILL is named by the driver, which exits non-zero and cleans up."""
+    proc = start_train(mnist_dir, tmp_path, "--epochs", "20", "--no-restart")
+    kids = descendants_until(proc, 5)
+    wait_running(tmp_path, proc, 1.0)
+    victim = next(k for k in kids if "--stage" in k.cmdline() and
+                  k.cmdline()[k.cmdline().index("--stage") + 1] == "2")
+    victim.kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "stage 2" in err
+    assert_all_gone(kids)

@@ -1,0 +1,167 @@
+"""Metric records of a run: JSON lines in OUT/metrics.jsonl and a capped Redis stream.
+
+Record kinds (every record also has ``kind`` and ``t``, unix seconds):
+
+    start  run_id, runner, stages, config: the run's settings (labels the run in reports)
+    iter   iteration (batches fed so far), epoch, wall_s, samples, samples_per_s (since the last
+           iter record), train_loss, inflight (batches fed but not finished by every stage), and
+           per stage (keys "1".."S"): lag (batches fed but not yet finished by that stage: its
+           queue depth), staleness (iterations a stage had updated past `it` when the true
+           gradient of `it` arrived), grad_loss (M's L2 loss), input_loss (I's L2 loss)
+    eval   iteration, epoch, wall_s, test_loss, test_accuracy (every --eval-every iterations)
+    epoch  the summary's history row (test loss/accuracy, per-stage grad_loss/input_loss) plus
+           samples and samples_per_s since the start
+    stage  one per stage at each epoch's end: lag_mean/lag_max, staleness_mean/staleness_max,
+           grad_loss, input_loss over the epoch
+
+Stages report their numbers in their DONE messages; the driver (or the in-process trainer) is the
+only writer, so one file and one stream hold the whole run in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import redis
+
+from zdni import keys
+from zdni.config import RunConfig
+
+log = logging.getLogger("zdni.metrics")
+
+EVERY = 10  # iterations per iter record: ~47 per MNIST epoch, enough for smooth curves
+CLOSE_UP = 200  # every iteration is recorded up to here: the report's close-up of the start
+STREAM_MAXLEN = 10_000  # Redis keeps about this many records per run (approximate trimming)
+STAGE_FIELDS = ("lag", "staleness", "grad_loss", "input_loss")
+
+
+class MetricsWriter:
+    """Aggregates what the stages report and appends records to the file and the stream."""
+
+    def __init__(self, cfg: RunConfig, stages: int, out_dir: str | None = None,
+                 client: redis.Redis | None = None, runner: str = "zdni",
+                 every: int = EVERY) -> None:
+        self.stages = stages
+        self.every = every
+        self.client = client
+        self.stream = keys.metrics(cfg.run_id)
+        self.file = None
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            self.path = os.path.join(out_dir, "metrics.jsonl")
+            self.file = open(self.path, "w", buffering=1)  # line-buffered: survives a kill
+        self.window: dict[str, list[float]] = defaultdict(list)  # since the last iter record
+        self.epoch_acc: dict[str, list[float]] = defaultdict(list)  # since the last epoch record
+        self.last_samples = 0
+        self.last_wall = 0.0
+        self.record("start", run_id=cfg.run_id, runner=runner, stages=stages,
+                    config=json.loads(cfg.to_json()))
+
+    # -- what the stages report -----------------------------------------------------------
+    def observe(self, stage: int, metrics: dict[str, Any]) -> None:
+        """Take one stage event's numbers (a DONE message's meta or an Outcome's metrics)."""
+        for name, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            key = "train_loss" if name == "loss" else f"{name}:{stage}"
+            self.window[key].append(float(value))
+            self.epoch_acc[key].append(float(value))
+
+    # -- records --------------------------------------------------------------------------
+    def iteration(self, iteration: int, epoch: int, samples: int, wall_s: float,
+                  inflight: int | None = None, lag: dict[int, int] | None = None) -> None:
+        """After `iteration` batches: an iter record every `every` (every one up to CLOSE_UP)."""
+        for s, value in (lag or {}).items():
+            self.epoch_acc[f"lag:{s}"].append(float(value))
+        if iteration > CLOSE_UP and iteration % self.every:
+            return
+        span = wall_s - self.last_wall
+        fields: dict[str, Any] = {
+            "iteration": iteration, "epoch": epoch, "wall_s": round(wall_s, 3), "samples": samples,
+            "samples_per_s": round((samples - self.last_samples) / span, 1) if span > 0 else None,
+            "train_loss": _mean(self.window.get("train_loss", [])),
+        }
+        if inflight is not None:
+            fields["inflight"] = inflight
+        if lag is not None:
+            fields["lag"] = {str(s): v for s, v in sorted(lag.items())}
+        for name in STAGE_FIELDS[1:]:
+            fields[name] = self._window_means(name)
+        self.record("iter", **fields)
+        self.window.clear()
+        self.last_samples, self.last_wall = samples, wall_s
+
+    def eval(self, iteration: int, epoch: int, wall_s: float, test_loss: float,
+             test_accuracy: float) -> tuple[float, float]:
+        """A test evaluation within an epoch; returns (test_loss, test_accuracy)."""
+        self.record("eval", iteration=iteration, epoch=epoch, wall_s=round(wall_s, 3),
+                    test_loss=test_loss, test_accuracy=test_accuracy)
+        return test_loss, test_accuracy
+
+    def epoch(self, row: dict[str, Any], samples: int) -> None:
+        """The epoch's history row, then one stage record per stage."""
+        wall = row.get("wall_s") or 0.0
+        self.record("epoch", **row, samples=samples,
+                    samples_per_s=round(samples / wall, 1) if wall > 0 else None)
+        for s in range(1, self.stages + 1):
+            fields: dict[str, Any] = {"stage": s, "epoch": row["epoch"],
+                                      "iteration": row["iterations"]}
+            for name in STAGE_FIELDS:
+                values = self.epoch_acc.get(f"{name}:{s}", [])
+                if name in ("lag", "staleness"):
+                    fields[f"{name}_mean"] = _mean(values)
+                    fields[f"{name}_max"] = max(values) if values else None
+                else:
+                    fields[name] = _mean(values)
+            self.record("stage", **fields)
+        self.epoch_acc.clear()
+
+    def record(self, kind: str, **fields: Any) -> None:
+        """Append one record to the file and the stream; a Redis error only disables the stream."""
+        line = json.dumps({"kind": kind, "t": round(time.time(), 3), **fields})
+        if self.file is not None:
+            self.file.write(line + "\n")
+        if self.client is not None:
+            try:
+                self.client.xadd(self.stream, {"kind": kind, "json": line},
+                                 maxlen=STREAM_MAXLEN, approximate=True)
+            except redis.RedisError as exc:
+                log.warning("[driver] metrics stream disabled: %s", exc)
+                self.client = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _window_means(self, name: str) -> dict[str, float]:
+        """Per stage ("1".."S") the mean of `name` since the last iter record, where reported."""
+        values = {s: self.window.get(f"{name}:{s}") for s in range(1, self.stages + 1)}
+        return {str(s): sum(v) / len(v) for s, v in values.items() if v}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a torn last line, from a killed run, is skipped)."""
+    records = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def read_stream(client: redis.Redis, run: str, count: int = STREAM_MAXLEN) -> list[dict[str, Any]]:
+    """The records still in a run's Redis stream, oldest first."""
+    entries: Any = client.xrange(keys.metrics(run), count=count)
+    return [json.loads(fields[b"json"]) for _, fields in entries]
