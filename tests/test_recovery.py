@@ -1,0 +1,72 @@
+"""A worker killed with SIGKILL mid-run is marked failed, restarted, resumes from its backup,
+and the run still finishes with an undisturbed run's accuracy and counts that add up."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from zdni import keys
+from zdni.config import RunConfig
+from zdni.driver import train_distributed
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def config(mnist_dir: Path, run_id: str) -> RunConfig:
+    return RunConfig(run_id=run_id, data_dir=str(mnist_dir), mode="sg", conditioned=True,
+                     epochs=2, train_limit=8192, test_limit=2000, checkpoint_every=20,
+                     heartbeat_s=0.5).validate()
+
+
+def kill_stage_when(client: redis.Redis, run: str, stage: int, iteration: int,
+                    record: dict[str, object]) -> None:
+    """Watch the stage's heartbeat; once past `iteration`, SIGKILL its worker."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        it = client.hget(keys.heartbeat(run, stage), "iteration")
+        if it is not None and int(it) >= iteration:
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = proc.info["cmdline"] or []
+                if "worker" in cmd and run in cmd and cmd[cmd.index("--stage") + 1] == str(stage):
+                    proc.kill()
+                    record["killed_at"] = time.time()
+                    record["iteration"] = int(it)
+                    return
+        time.sleep(0.05)
+
+
+def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
+                                redis_client: redis.Redis) -> None:
+    """SIGKILL of stage 2: failed within two intervals, restarted, resumed, same accuracy."""
+    calm = train_distributed(config(mnist_dir, "calm"), quiet=True, redis_url=redis_url)
+    cfg = config(mnist_dir, "crash")
+    events: list[dict[str, object]] = []
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(keys.events(cfg.run_id))
+    record: dict[str, object] = {}
+    killer = threading.Thread(target=kill_stage_when,
+                              args=(redis_client, cfg.run_id, 2, 40, record), daemon=True)
+    killer.start()
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
+    killer.join(1)
+    while (m := pubsub.get_message(timeout=0.1)) is not None:
+        if m["type"] == "message":
+            events.append(json.loads(m["data"]))
+    assert "killed_at" in record, "the worker was never killed"
+    failed = [e for e in events if e["stage"] == 2 and e["state"] == "failed"]
+    assert failed, f"no failure published: {events}"
+    assert failed[0]["time"] - record["killed_at"] <= 2 * cfg.heartbeat_s + 0.6  # two checks
+    assert any(e["stage"] == 2 and e["state"] == "alive" and e["time"] > failed[0]["time"]
+               for e in events), "stage 2 never came back"
+    tally = summary["tally"]
+    assert tally["restarts"] == 1
+    assert tally["fed"] == summary["iterations"] == calm["iterations"] + tally["replayed"]
+    assert tally["replayed"] == tally["dropped:stage_failed"] >= 1
+    stage2 = summary["counts"]["stage:2"]
+    assert stage2["resumed"] == 1  # the restarted worker loaded its backup
+    assert abs(summary["test_accuracy"] - calm["test_accuracy"]) <= 0.01
