@@ -221,8 +221,9 @@ class Worker:
         op = msg.meta.get("op")
         if op == "stop":
             self.stopping = True
-        elif op == "checkpoint":
-            self._save(self.iteration)
+        elif op == "checkpoint":  # meta "at": save under that label (a snapshot), else now
+            at = msg.meta.get("at")
+            self._save(at if isinstance(at, int) and at >= 0 else self.iteration)
         elif op == "rollback":
             target = msg.meta.get("to")
             found = checkpoint.load(self.redis, self.run, self.index, int(target)) if isinstance(
@@ -232,6 +233,7 @@ class Worker:
             checkpoint.restore_stage(self.stage, *found)
             self.iteration = int(found[1]["it"])
             self.finished.clear()
+            self.redis.hset(keys.heartbeat(self.run, self.index), "rolled_back_to", self.iteration)
             log.warning("%s rolled back to iteration %d", self.who, self.iteration)
         elif op != "ping":
             raise InputError("value", f"unknown control op {op!r}")

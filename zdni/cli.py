@@ -354,7 +354,7 @@ def _suites() -> list[str]:
 @click.option("--out", "out_dir", default=None,
               help="Output directory [default: runs/experiments/NAME].")
 @click.option("--inproc", is_flag=True, help="Run the in-process reference trainer instead.")
-@click.option("--quick", is_flag=True, help="Tiny runs (1024 samples, 1 epoch, 1 seed): a check.")
+@click.option("--quick", is_flag=True, help="Tiny runs (512 samples, 1 epoch, 1 seed): a check.")
 @click.option("--quiet", is_flag=True, help="No progress bar; plain log lines only.")
 @click.option("--target", type=float, default=None,
               help="Test accuracy of the report's time-to-target column [default: the suite's].")
@@ -379,6 +379,64 @@ def experiment(name: str, epochs: int | None, seeds: str | None, data_dir: str |
                              target))
     except ExperimentError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True,
+              envvar="ZDNI_REDIS_URL")
+@click.option("--run", "run_id", default=None, help="Run id [default: the current run].")
+@click.option("--watch", is_flag=True, help="Refresh every heartbeat interval until Ctrl-C.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@clean_errors
+def status(redis_url: str, run_id: str | None, watch: bool, as_json: bool) -> None:
+    """Show a run's progress and each stage's state, heartbeat age, utilization and drops."""
+    import time
+
+    from zdni.redisserver import connect
+    from zdni.status import collect, latest_run, render
+
+    client = connect(redis_url)
+    run_id = run_id or latest_run(client)
+    if run_id is None:
+        raise click.ClickException(f"no run in Redis at {redis_url}")
+    while True:
+        try:
+            info = collect(client, run_id)
+        except KeyError as exc:
+            raise click.ClickException(str(exc.args[0])) from None
+        if as_json:
+            click.echo(json.dumps(info))
+        else:
+            if watch:
+                click.clear()
+            click.echo(render(info))
+        if not watch:
+            return
+        time.sleep(1.0)
+
+
+@main.command()
+@click.option("--redis-url", required=True, envvar="ZDNI_REDIS_URL")
+@broker_option
+@click.option("--run", "run_id", default=None, help="Run id [default: the current run].")
+@click.option("--to", "to_iter", type=int, required=True,
+              help="Iteration to go back to (the newest common backup at or before it).")
+@clean_errors
+def rollback(redis_url: str, broker: str, run_id: str | None, to_iter: int) -> None:
+    """Bring every stage of a run back to the same backed-up iteration."""
+    from zdni.redisserver import connect
+    from zdni.rollback import RollbackError, rollback_run
+    from zdni.status import latest_run
+
+    client = connect(redis_url)
+    run_id = run_id or latest_run(client)
+    if run_id is None:
+        raise click.ClickException(f"no run in Redis at {redis_url}")
+    try:
+        chosen = rollback_run(client, broker, run_id, to_iter)
+    except RollbackError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"run {run_id}: every stage rolled back to iteration {chosen}")
 
 
 def new_run_id(cfg: RunConfig) -> str:
