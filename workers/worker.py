@@ -66,6 +66,11 @@ class Worker:
         self.finished: OrderedDict[int, None] = OrderedDict()
         self.iteration = -1
         self.stopping = False
+        # How far from its own progress a legitimate iteration can be: the window in flight,
+        # the ring, and the iterations a restarted worker's backup may lag behind the driver.
+        self.horizon = 4 * self.cfg.max_inflight + self.cfg.ring_size + self.cfg.checkpoint_every
+        fed = self.redis.hget(keys.state(self.run), "fed")  # where the driver is, for a restart
+        self.driver_fed = int(fed) if fed is not None else 0
         self.resume()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -132,6 +137,9 @@ class Worker:
             self._drop(exc.reason, str(exc))
         except StageError as exc:
             self._drop("unmatched", str(exc))
+        except Exception as exc:  # a message no check foresaw: keep serving, say so loudly
+            log.exception("%s dropped a message that raised %r", self.who, exc)
+            self.counts["dropped:internal"] += 1
 
     def _drop(self, reason: str, text: str) -> None:
         self.counts[f"dropped:{reason}"] += 1
@@ -141,6 +149,11 @@ class Worker:
         kind, it, t = msg.kind, msg.it, msg.tensors
         if kind in (protocol.BATCH, protocol.ACT) and it in self.finished:
             raise InputError("duplicate", f"iteration {it} was already trained")
+        if kind in (protocol.BATCH, protocol.ACT, protocol.GRAD) and not (
+                self.iteration - self.horizon <= it
+                <= max(self.iteration, self.driver_fed) + self.horizon):
+            raise InputError("window", f"iteration {it} is outside {self.iteration} +- "
+                                       f"{self.horizon}, the iterations this stage can be sent")
         if kind == protocol.BATCH:
             x = y = None
             if self.inbox.needs_x:
@@ -233,6 +246,8 @@ class Worker:
             checkpoint.restore_stage(self.stage, *found)
             self.iteration = int(found[1]["it"])
             self.finished.clear()
+            fed = self.redis.hget(keys.state(self.run), "fed")
+            self.driver_fed = int(fed) if fed is not None else self.driver_fed
             self.redis.hset(keys.heartbeat(self.run, self.index), "rolled_back_to", self.iteration)
             log.warning("%s rolled back to iteration %d", self.who, self.iteration)
         elif op != "ping":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections import Counter, defaultdict, deque
@@ -63,6 +64,7 @@ class Driver:
         self.fed = 0
         self.ready_s = 120.0  # seconds to wait for every stage's first beat
         self.next_health = 0.0
+        self.eval_expected: dict[int, int] = {}  # eval batch -> its size, until its result comes
         self.replay: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
         self.metrics = MetricsWriter(cfg, self.stages)  # records nowhere until replaced
 
@@ -73,7 +75,8 @@ class Driver:
         pipe.set(keys.current_run(), self.cfg.run_id)
         pipe.zadd(keys.runs(), {self.cfg.run_id: time.time()})
         pipe.hset(keys.state(self.cfg.run_id), mapping={"status": "starting", "stages": self.stages,
-                                                         "started": time.time()})
+                                                         "started": time.time(),
+                                                         "broker": self.broker})
         pipe.execute()
 
     def set_state(self, **fields: Any) -> None:
@@ -100,7 +103,8 @@ class Driver:
             log.error("[driver] dropped a message (%s): %s", exc.reason, exc)
             return
         if msg.kind == protocol.DONE and 1 <= msg.src <= self.stages:
-            self.stats.add(msg.src, {k: v for k, v in msg.meta.items() if isinstance(v, float)})
+            self.stats.add(msg.src, {k: v for k, v in msg.meta.items()
+                                     if isinstance(v, float) and math.isfinite(v)})
             self.metrics.observe(msg.src, msg.meta)
             if msg.meta.get("event") == "update" and msg.it in self.inflight:
                 self.last_done[msg.src] = max(self.last_done[msg.src], msg.it)
@@ -110,7 +114,13 @@ class Driver:
                     self.batches.pop(msg.it, None)
                     del self.updates[msg.it]
         elif msg.kind == protocol.EVAL_RESULT:
-            self.eval_results[msg.it] = msg.meta
+            problem = _eval_result_problem(msg.src, msg.it, msg.meta, self.stages, self.eval_expected)
+            if problem:
+                log.error("[driver] dropped an eval result: %s", problem)
+                self.tally["dropped:bad_eval_result"] += 1
+            else:
+                self.eval_results[msg.it] = msg.meta
+                del self.eval_expected[msg.it]
         else:
             log.error("[driver] dropped an unexpected %s message from %d", msg.kind, msg.src)
 
@@ -125,6 +135,7 @@ class Driver:
                 self.cluster.restart(name)
                 self.tally["restarts"] += 1
                 self._replay(sorted(self.inflight), f"{name}_failed")
+        self.redis.hset(keys.state(self.cfg.run_id), "fed", self.fed)  # a restarted worker's anchor
         health = {int(keys.text(k)): keys.text(v) for k, v in
                   self.redis.hgetall(keys.health(self.cfg.run_id)).items()}
         for stage in self.recovery.failed(dead, health, time.monotonic(), self.cfg.heartbeat_s):
@@ -260,12 +271,14 @@ class Driver:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
         """Forward the test set through the stages; (mean loss, accuracy)."""
         self.eval_results.clear()
+        self.eval_expected.clear()
         batch = self.cfg.eval_batch_size
         starts = list(range(0, len(x), batch))
         sent = 0
         while len(self.eval_results) < len(starts):
             while sent < len(starts) and sent - len(self.eval_results) < self.cfg.max_inflight:
                 a = starts[sent]
+                self.eval_expected[sent] = min(batch, len(x) - a)
                 self._send(protocol.EVAL, sent, 1, {"h": x[a : a + batch].contiguous(),
                                                     "y": y[a : a + batch].contiguous()},
                            {"epoch": epoch})
@@ -319,6 +332,22 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
         raise
     finally:
         client.close()
+
+
+def _eval_result_problem(src: int, it: int, meta: dict[str, Any], stages: int,
+                         expected: dict[int, int]) -> str | None:
+    """Why an eval result cannot be taken (pure), or None: it must answer an outstanding batch,
+    come from the last stage and hold a count and loss that batch can have."""
+    if src != stages:
+        return f"from endpoint {src}, not the last stage {stages}"
+    if it not in expected:
+        return f"batch {it} is not outstanding"
+    n, correct, loss = meta.get("n"), meta.get("correct"), meta.get("loss_sum")
+    if n != expected[it] or not isinstance(correct, int) or not 0 <= correct <= expected[it]:
+        return f"batch {it}: n={n!r} correct={correct!r}, expected n={expected[it]}"
+    if not isinstance(loss, float) or not math.isfinite(loss) or loss < 0:
+        return f"batch {it}: loss_sum {loss!r} is not a finite non-negative number"
+    return None
 
 
 def _with_replays(batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
