@@ -24,6 +24,7 @@ import zmq
 from zdni import codec, health, keys, protocol
 from zdni.config import ConfigError, RunConfig
 from zdni.redisserver import connect
+from zdni.security import Curve
 from zdni.transport import make_socket
 
 log = logging.getLogger("zdni.broker")
@@ -33,8 +34,9 @@ QUEUE_LIMIT = 4096  # messages waiting per endpoint; the window keeps real traff
 class Broker:
     """Routing loop and health monitor over real sockets and a real Redis."""
 
-    def __init__(self, bind: str, redis_url: str) -> None:
+    def __init__(self, bind: str, redis_url: str, curve: Curve | None = None) -> None:
         self.bind = bind
+        self.curve = curve
         self.redis = connect(redis_url)
         self.runs: dict[str, int] = {}  # run id -> stage count, read from the run's config
         self.liveness: dict[tuple[str, int], health.Liveness] = {}
@@ -57,11 +59,12 @@ class Broker:
 
     def serve(self) -> None:
         ctx = zmq.Context()
-        inbound = make_socket(ctx, zmq.PULL)
+        auth = self.curve.authenticator(ctx) if self.curve else None
+        inbound = make_socket(ctx, zmq.PULL, curve=self.curve)
         inbound.bind(self.bind)
         outs = []
         for endpoint in range(protocol.ENDPOINTS):
-            sock = make_socket(ctx, zmq.PUSH)
+            sock = make_socket(ctx, zmq.PUSH, curve=self.curve)
             sock.bind(protocol.outbound_address(self.bind, endpoint))
             outs.append(sock)
         queues: list[deque[list[Any]]] = [deque() for _ in outs]
@@ -100,6 +103,8 @@ class Broker:
                 self._flush_counts()
             for sock in [inbound, *outs]:
                 sock.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             log.info("[broker] stopped")
 
@@ -188,8 +193,12 @@ class Broker:
             self.redis.hset(keys.counters(run, "broker"), mapping=dict(self.counts))  # type: ignore[arg-type]
 
 
-def main(bind: str, redis_url: str) -> None:
+def main(bind: str, redis_url: str, curve_dir: str | None = None) -> None:
     """Entry point of `zdni broker`."""
     logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"), force=True,
                         format="%(asctime)s [broker] %(levelname)s %(message)s")
-    Broker(bind, redis_url).serve()
+    curve = Curve.broker(curve_dir) if curve_dir else None
+    if curve is None and not bind.startswith(("tcp://127.", "tcp://localhost", "ipc://")):
+        log.warning("[broker] %s is reachable from other hosts without encryption or "
+                    "authentication; use --curve-dir (see `zdni keys`)", bind)
+    Broker(bind, redis_url, curve).serve()

@@ -90,3 +90,19 @@ def test_crashed_worker_is_reported(mnist_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "stage 2" in err
     assert_all_gone(kids)
+
+
+def test_bad_input_fails_before_any_process_starts(tmp_path: Path) -> None:
+    """A missing data directory or a bad option is a one-line error, and nothing was started."""
+    for args, message in (
+        (["--data-dir", str(tmp_path / "nowhere")], "train-images-idx3-ubyte"),
+        (["--mode", "magic"], "Invalid value for '--mode'"),
+        (["--ring-size", "2", "--max-inflight", "4"], "must exceed max_inflight"),
+        (["--model", "seed-cnn", "--dataset", "mnist"], "use --dataset cifar10"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "zdni.cli", "train", "--out", str(tmp_path),
+                               *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert message in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "logs").exists(), "a process was started"  # made at first spawn

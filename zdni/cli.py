@@ -171,6 +171,25 @@ def redis_option(func: F) -> F:
                         help="Redis to use, e.g. redis://:PASSWORD@HOST:6379/0.")(func)
 
 
+def _curve_client(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Check the client keys now and hand them to every socket through ZDNI_CURVE_DIR."""
+    if not value:
+        return
+    from zdni.security import Curve, KeyError_
+
+    try:
+        Curve.client(value)
+    except KeyError_ as exc:
+        raise click.BadParameter(str(exc), param_hint="--curve-dir") from None
+    os.environ["ZDNI_CURVE_DIR"] = value
+
+
+def curve_option(func: F) -> F:
+    return click.option("--curve-dir", default=None, envvar="ZDNI_CURVE_DIR", expose_value=False,
+                        callback=_curve_client, help="Encrypt and authenticate with the client "
+                        "CURVE keys here (see `zdni keys`).")(func)
+
+
 def broker_option(func: F) -> F:
     return click.option("--broker", default="tcp://127.0.0.1:5555", show_default=True,
                         envvar="ZDNI_BROKER", help="The broker's inbound address.")(func)
@@ -214,7 +233,9 @@ def wait_for_redis(url: str, who: str, wait_s: float = REDIS_START_WAIT_S) -> No
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, envvar="ZDNI_BIND",
               help="Inbound address; the outbound sockets take the next ports.")
 @click.option("--redis-url", required=True, envvar="ZDNI_REDIS_URL")
-def broker(bind: str, redis_url: str) -> None:
+@click.option("--curve-dir", default=None, envvar="ZDNI_CURVE_DIR",
+              help="Encrypt and authenticate with the CURVE keys here (see `zdni keys`).")
+def broker(bind: str, redis_url: str, curve_dir: str | None) -> None:
     """Run the broker: route tensors between the driver and the stages; watch their health."""
     from broker.broker import main as broker_main
     from zdni.protocol import outbound_address
@@ -224,7 +245,14 @@ def broker(bind: str, redis_url: str) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--bind") from None
     wait_for_redis(redis_url, "[broker]")
-    broker_main(bind, redis_url)
+    from zdni.security import Curve, KeyError_
+
+    if curve_dir:
+        try:
+            Curve.broker(curve_dir)
+        except KeyError_ as exc:
+            raise click.BadParameter(str(exc), param_hint="--curve-dir") from None
+    broker_main(bind, redis_url, curve_dir)
 
 
 @main.command()
@@ -240,6 +268,7 @@ def broker(bind: str, redis_url: str) -> None:
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True,
               envvar="ZDNI_WORKER_WAIT",
               help="Without --run: seconds to wait for a driver to publish a run.")
+@curve_option
 def worker(stage: int, broker: str, redis_url: str, run_id: str | None, device: str,
            threads: int | None, checkpoint_dir: str | None, wait_s: float) -> None:
     """Run one stage's worker; the run's settings come from Redis."""
@@ -280,6 +309,7 @@ def synth(broker: str, redis_url: str, run_id: str, threads: int | None) -> None
 @click.option("--quiet", is_flag=True, help="No progress bar; plain log lines only.")
 @click.option("--wait", "wait_s", type=float, default=600.0, show_default=True,
               help="Seconds to wait for the workers to start.")
+@curve_option
 @clean_errors
 def run_cmd(broker: str, redis_url: str, out_dir: str | None, download: bool, quiet: bool,
             wait_s: float, **kwargs: Any) -> None:
@@ -296,6 +326,23 @@ def run_cmd(broker: str, redis_url: str, out_dir: str | None, download: bool, qu
                          out_dir=out_dir)
     write_summary(out_dir, summary)
     click.echo(summary_line(summary))
+
+
+@main.command()
+@click.argument("directory")
+def keys(directory: str) -> None:
+    """Create CURVE key pairs (broker and client) in DIRECTORY for encrypted multi-host runs.
+
+    Give the broker `--curve-dir` with broker.key_secret and client.key; give workers and the
+    driver `--curve-dir` (or ZDNI_CURVE_DIR) with client.key_secret and broker.key.
+    """
+    from zdni.security import KeyError_, create_keys
+
+    try:
+        for path in create_keys(directory):
+            click.echo(path)
+    except KeyError_ as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command("redis")
@@ -421,6 +468,7 @@ def status(redis_url: str, run_id: str | None, watch: bool, as_json: bool) -> No
 @click.option("--run", "run_id", default=None, help="Run id [default: the current run].")
 @click.option("--to", "to_iter", type=int, required=True,
               help="Iteration to go back to (the newest common backup at or before it).")
+@curve_option
 @clean_errors
 def rollback(redis_url: str, broker: str, run_id: str | None, to_iter: int) -> None:
     """Bring every stage of a run back to the same backed-up iteration."""

@@ -310,10 +310,17 @@ class Driver:
         return out
 
 
+def check_data(cfg: RunConfig, download: bool) -> None:
+    """Read the dataset now (it is cached for the run): missing files raise DataError early."""
+    load_dataset(cfg.dataset, cfg.data_dir, True, download, cfg.train_limit)
+    load_dataset(cfg.dataset, cfg.data_dir, False, download, cfg.test_limit)
+
+
 def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
                download: bool = False, ready_s: float = 600.0,
                out_dir: str | None = None) -> dict[str, Any]:
     """`zdni run`: drive workers and a broker started elsewhere (other hosts, honcho)."""
+    check_data(cfg, download)
     client = connect(redis_url)
     driver = Driver(cfg, client, broker, None, quiet)
     driver.metrics = MetricsWriter(cfg, driver.stages, out_dir, client)
@@ -414,6 +421,7 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
     """
     stages = stage_count(cfg)
     threads = threads or max(1, (os.cpu_count() or 1) // stages)
+    check_data(cfg, download)  # a bad data directory is an error before any process starts
     with local_redis(redis_url) as url:
         client = connect(url)
         base = free_port_range(protocol.ENDPOINTS + 1)

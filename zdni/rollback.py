@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import redis
@@ -10,6 +11,7 @@ import zmq
 from zdni import checkpoint, codec, keys, protocol
 from zdni.config import RunConfig
 from zdni.models import stage_count
+from zdni.security import Curve
 from zdni.transport import make_socket
 
 
@@ -37,7 +39,8 @@ def rollback_run(client: redis.Redis, broker: str, run: str, target: int,
     chosen = common_iteration(
         {s: checkpoint.iterations(client, run, s) for s in range(1, stages + 1)}, target)
     ctx = zmq.Context()
-    push = make_socket(ctx, zmq.PUSH)
+    keydir = os.environ.get("ZDNI_CURVE_DIR")
+    push = make_socket(ctx, zmq.PUSH, curve=Curve.client(keydir) if keydir else None)
     try:
         push.connect(broker)
         for stage in range(1, stages + 1):

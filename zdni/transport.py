@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import Any
 
 import zmq
 
 from zdni import codec, protocol
+from zdni.security import Curve
 
 log = logging.getLogger("zdni.transport")
 
 HWM = 1000  # messages queued per socket before sends block/fail: the window bounds real traffic
 
 
-def make_socket(ctx: zmq.Context, kind: int, hwm: int = HWM) -> zmq.Socket:
-    """A socket that never blocks shutdown and never queues without bound."""
+def make_socket(ctx: zmq.Context, kind: int, hwm: int = HWM, curve: Curve | None = None
+                ) -> zmq.Socket:
+    """A socket that never blocks shutdown, never queues without bound, reconnects with a
+    capped backoff (a restarted broker is found again), and is encrypted when given keys."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)  # ms: first retry
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # ms: the backoff doubles up to this cap
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + protocol.MAX_HEADER_BYTES)
@@ -28,11 +36,14 @@ def make_socket(ctx: zmq.Context, kind: int, hwm: int = HWM) -> zmq.Socket:
 class Endpoint:
     """An endpoint's two sockets: PUSH into the broker's inbound, PULL from its outbound."""
 
-    def __init__(self, ctx: zmq.Context, broker: str, endpoint: int) -> None:
+    def __init__(self, ctx: zmq.Context, broker: str, endpoint: int,
+                 curve: Curve | None = None) -> None:
         self.endpoint = endpoint
-        self.push = make_socket(ctx, zmq.PUSH)
+        if curve is None and os.environ.get("ZDNI_CURVE_DIR"):
+            curve = Curve.client(os.environ["ZDNI_CURVE_DIR"])
+        self.push = make_socket(ctx, zmq.PUSH, curve=curve)
         self.push.connect(broker)
-        self.pull = make_socket(ctx, zmq.PULL)
+        self.pull = make_socket(ctx, zmq.PULL, curve=curve)
         self.pull.connect(protocol.outbound_address(broker, endpoint))
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)

@@ -1,0 +1,121 @@
+"""Tests of zdni.buffer.RedisRing against a real Redis: slots, overwrites, restarts, corruption."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+import torch
+
+from zdni import keys
+from zdni.buffer import RedisRing
+
+N = 4
+
+
+def values(it: int) -> dict[str, torch.Tensor]:
+    """Distinct tensors for each iteration, in the dtypes a ring holds."""
+    g = torch.Generator().manual_seed(it)
+    return {
+        "h": torch.randn(3, 5, generator=g),
+        "g": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "y": torch.randint(0, 10, (3,), generator=g),
+    }
+
+
+def assert_values(got: dict[str, torch.Tensor] | None, it: int) -> None:
+    want = values(it)
+    assert got is not None, f"iteration {it} not found"
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), (it, name)
+
+
+def slot_keys(client: redis.Redis, run: str = "r1", stage: int = 2) -> list[str]:
+    return sorted(keys.text(k) for k in client.scan_iter(match=keys.slot_pattern(run, stage)))
+
+
+def test_put_then_get(redis_client: redis.Redis) -> None:
+    """A stored iteration is found again by the same iteration only."""
+    ring = RedisRing(redis_client, "r1", 2, "out", N)
+    ring.put(3, values(3))
+    assert_values(ring.get(3), 3)
+    assert ring.get(3 + N) is None  # same slot, another iteration
+    assert ring.get(2) is None  # an empty slot
+    assert slot_keys(redis_client) == [keys.slot("r1", 2, "out", 3)]
+
+
+def test_overwritten_slot_returns_none(redis_client: redis.Redis) -> None:
+    """Writing iteration it+N replaces iteration it: the older one is gone, the newer found."""
+    ring = RedisRing(redis_client, "r1", 2, "out", N)
+    ring.put(1, values(1))
+    ring.put(1 + N, values(1 + N))
+    assert ring.get(1) is None
+    assert_values(ring.get(1 + N), 1 + N)
+    assert RedisRing(redis_client, "r1", 2, "out", N).get(1) is None  # in Redis too
+
+
+def test_only_n_slot_keys_exist(redis_client: redis.Redis) -> None:
+    """After 5N puts the ring holds exactly N slot keys in Redis, one per it % N."""
+    ring = RedisRing(redis_client, "r1", 2, "out", N)
+    for it in range(5 * N):
+        ring.put(it, values(it))
+    assert slot_keys(redis_client) == sorted(keys.slot("r1", 2, "out", i) for i in range(N))
+    assert len(ring.local) == N
+
+
+def test_rings_of_other_stages_and_kinds_are_apart(redis_client: redis.Redis) -> None:
+    """The 'in' and 'out' rings, other stages and other runs never share a slot."""
+    rings = [RedisRing(redis_client, run, stage, kind, N)
+             for run in ("r1", "r2") for stage in (1, 2) for kind in ("out", "in")]
+    for n, ring in enumerate(rings):
+        ring.put(0, values(n))
+    for n, ring in enumerate(rings):
+        fresh = RedisRing(redis_client, ring.run, ring.stage, ring.ring, N)
+        assert_values(fresh.get(0), n)
+    assert len(slot_keys(redis_client, "r1", 2)) == 2
+
+
+@pytest.mark.parametrize("size", [1, N, 32])
+def test_fresh_ring_reads_back_from_redis(redis_client: redis.Redis, size: int) -> None:
+    """A new ring with an empty mirror (a restarted worker) reads the last N iterations exactly."""
+    ring = RedisRing(redis_client, "r1", 2, "out", size)
+    total = 2 * size + 1
+    for it in range(total):
+        ring.put(it, values(it))
+    restarted = RedisRing(redis_client, "r1", 2, "out", size)
+    assert restarted.local == {}
+    for it in range(total):
+        if it >= total - size:
+            assert_values(restarted.get(it), it)
+        else:
+            assert restarted.get(it) is None
+    assert restarted.errors == 0
+
+
+def test_get_returns_writable_copies(redis_client: redis.Redis) -> None:
+    """Tensors read back from Redis are new, writable tensors on the CPU."""
+    RedisRing(redis_client, "r1", 2, "out", N).put(0, values(0))
+    got = RedisRing(redis_client, "r1", 2, "out", N).get(0)
+    assert got is not None
+    got["h"].add_(1.0)
+    assert torch.equal(got["h"], values(0)["h"] + 1.0)
+
+
+@pytest.mark.parametrize(
+    ("case", "field", "value"),
+    [
+        ("garbage meta", "__meta__", b"\xc1"),
+        ("garbage spec", "__spec__", b"\x00\x01"),
+        ("short tensor", "h", b"\x00" * 8),
+    ],
+)
+def test_corrupted_slot_returns_none_and_counts(redis_client: redis.Redis, case: str, field: str,
+                                                value: bytes) -> None:
+    """An unreadable slot in Redis reads as None and counts one error; it does not raise."""
+    RedisRing(redis_client, "r1", 2, "out", N).put(5, values(5))
+    redis_client.hset(keys.slot("r1", 2, "out", 5 % N), field, value)
+    restarted = RedisRing(redis_client, "r1", 2, "out", N)
+    assert restarted.get(5) is None
+    assert restarted.errors == 1
+    assert restarted.get(6) is None  # an empty slot is not an error
+    assert restarted.errors == 1

@@ -1,0 +1,246 @@
+"""Tests of zdni.inbox: what each stage needs, how an iteration's parts are joined, input checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from zdni.config import RunConfig
+from zdni.inbox import MAX_BATCH, Inbox, InputError, check_labels, check_tensor, stage_needs
+from zdni.trainer import build_pipeline
+
+X_SHAPE = (1, 28, 28)
+H_SHAPE = (256,)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; more only contend on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def x(batch: int = 4) -> torch.Tensor:
+    return torch.randn(batch, *X_SHAPE)
+
+
+def h(batch: int = 4) -> torch.Tensor:
+    return torch.randn(batch, *H_SHAPE)
+
+
+def y(batch: int = 4) -> torch.Tensor:
+    return torch.randint(0, 10, (batch,))
+
+
+# (mode, conditioned, stage, count, needs x, needs y)
+NEEDS = [
+    ("backprop", False, 1, 3, True, False),
+    ("backprop", False, 2, 3, False, False),
+    ("backprop", False, 3, 3, False, True),
+    ("backprop", False, 1, 1, True, True),
+    ("sg", False, 1, 3, True, False),
+    ("sg", False, 2, 3, False, False),
+    ("sg", False, 3, 3, False, True),
+    ("sg", True, 1, 3, True, True),  # cDNI: M of every non-last stage sees the labels
+    ("sg", True, 2, 3, False, True),
+    ("sg", True, 3, 3, False, True),
+    ("sg", False, 1, 1, True, True),
+    ("full", False, 1, 3, True, False),
+    ("full", False, 2, 3, True, False),  # I(x) needs the raw input at every later stage
+    ("full", False, 3, 3, True, True),
+    ("full", True, 1, 3, True, True),
+    ("full", True, 2, 3, True, True),
+    ("full", True, 3, 3, True, True),
+]
+
+
+@pytest.mark.parametrize(("mode", "conditioned", "index", "count", "nx", "ny"), NEEDS)
+def test_stage_needs(mode: str, conditioned: bool, index: int, count: int, nx: bool,
+                     ny: bool) -> None:
+    """What the driver must send each stage follows the written-out table."""
+    cfg = RunConfig(mode=mode, conditioned=conditioned)
+    assert stage_needs(cfg, index, count) == (nx, ny)
+
+
+@pytest.mark.parametrize(
+    ("mode", "conditioned"),
+    [("backprop", False), ("sg", False), ("sg", True), ("full", False), ("full", True)],
+)
+def test_stage_needs_agrees_with_stage(mode: str, conditioned: bool) -> None:
+    """The inbox's rule and the Stage's own needs_x/needs_y agree for every stage."""
+    stages = build_pipeline(RunConfig(mode=mode, conditioned=conditioned, stages=3))
+    for stage in stages:
+        assert stage_needs(stage.cfg, stage.index, len(stages)) == (stage.needs_x, stage.needs_y)
+
+
+def test_sg_middle_stage_fires_on_the_activation_alone() -> None:
+    """sg, unconditioned: a middle stage runs its input event as soon as the activation arrives."""
+    box = Inbox(RunConfig(mode="sg"), 2, 3)
+    assert box.add_act(7, h()) == ["input"]
+    assert box.peek(7).h is not None
+    box.take(7)
+    assert box.parts == {}
+
+
+def test_sg_first_stage_fires_on_the_batch() -> None:
+    """Stage 1's true input is the batch's x: the batch alone fires 'input'."""
+    box = Inbox(RunConfig(mode="sg"), 1, 3)
+    assert box.add_batch(0, x(), None) == ["input"]
+
+
+def test_batch_keeps_only_what_the_stage_needs() -> None:
+    """A batch's x or y that the stage does not need is not held."""
+    box = Inbox(RunConfig(mode="sg"), 1, 3)
+    box.add_batch(0, x(), y())
+    assert box.peek(0).x is not None and box.peek(0).y is None
+
+
+@pytest.mark.parametrize("order", ["act first", "batch first"])
+@pytest.mark.parametrize(("mode", "conditioned", "index"),
+                         [("sg", False, 3), ("sg", True, 2), ("backprop", False, 3)])
+def test_stage_needing_labels_fires_when_both_arrive(order: str, mode: str, conditioned: bool,
+                                                     index: int) -> None:
+    """A stage that needs y (last stage, or cDNI) fires 'input' once act and y are both in."""
+    box = Inbox(RunConfig(mode=mode, conditioned=conditioned), index, 3)
+    labels = y()
+    if order == "act first":
+        assert box.add_act(3, h()) == []
+        assert box.add_batch(3, None, labels) == ["input"]
+    else:
+        assert box.add_batch(3, None, labels) == []
+        assert box.add_act(3, h()) == ["input"]
+    assert box.peek(3).y is labels
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_full_mode_batch_then_act(conditioned: bool) -> None:
+    """full, stage 2: the batch fires 'batch'; 'input' waits for the activation."""
+    box = Inbox(RunConfig(mode="full", conditioned=conditioned), 2, 3)
+    assert box.add_batch(5, x(), y()) == ["batch"]
+    assert box.add_act(5, h()) == ["input"]
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_full_mode_act_then_batch(conditioned: bool) -> None:
+    """full, stage 2: an early activation waits; the batch then fires 'batch' before 'input'."""
+    box = Inbox(RunConfig(mode="full", conditioned=conditioned), 2, 3)
+    assert box.add_act(5, h()) == []
+    assert box.add_batch(5, x(), y()) == ["batch", "input"]
+
+
+def test_full_mode_never_fires_batch_twice() -> None:
+    """full, stage 2: a repeated batch of an iteration does not run the synthetic pass again."""
+    box = Inbox(RunConfig(mode="full"), 2, 3)
+    assert box.add_batch(1, x(), None) == ["batch"]
+    assert box.add_batch(1, x(), None) == []
+    assert box.add_act(1, h()) == ["input"]
+    assert box.peek(1).batch_done
+
+
+def test_full_mode_last_stage_needs_x_and_y() -> None:
+    """full, last stage: the batch needs both x and y before 'batch' fires."""
+    box = Inbox(RunConfig(mode="full"), 3, 3)
+    assert box.add_act(0, h()) == []
+    assert box.add_batch(0, x(), y()) == ["batch", "input"]
+
+
+def test_iterations_are_joined_separately() -> None:
+    """Parts of different iterations never complete each other."""
+    box = Inbox(RunConfig(mode="sg"), 3, 3)
+    assert box.add_act(1, h()) == []
+    assert box.add_batch(2, None, y()) == []
+    assert box.add_batch(1, None, y()) == ["input"]
+    assert box.add_act(2, h()) == ["input"]
+
+
+def test_flood_drops_the_oldest_iteration() -> None:
+    """Past `limit` held iterations, a new one evicts the oldest (lowest) iteration."""
+    box = Inbox(RunConfig(mode="sg"), 3, 3, limit=3)
+    for it in (10, 5, 20):
+        assert box.add_act(it, h()) == []
+    assert box.add_act(30, h()) == []
+    assert sorted(box.parts) == [10, 20, 30]
+    assert box.add_batch(20, None, y()) == ["input"]  # an existing iteration evicts nothing
+    assert sorted(box.parts) == [10, 20, 30]
+    box.add_batch(40, None, y())
+    assert sorted(box.parts) == [20, 30, 40]
+
+
+GOOD_X = torch.zeros(4, *X_SHAPE)
+
+# (name, tensor, batch, reason)
+BAD_TENSORS = [
+    ("missing", None, None, "missing"),
+    ("float64", torch.zeros(4, *X_SHAPE, dtype=torch.float64), None, "dtype"),
+    ("float16", torch.zeros(4, *X_SHAPE, dtype=torch.float16), None, "dtype"),
+    ("int64", torch.zeros(4, *X_SHAPE, dtype=torch.int64), None, "dtype"),
+    ("wrong width", torch.zeros(4, 1, 28, 27), None, "shape"),
+    ("flattened", torch.zeros(4, 784), None, "shape"),
+    ("no batch dim", torch.zeros(*X_SHAPE), None, "shape"),
+    ("extra dim", torch.zeros(4, 1, 1, 28, 28), None, "shape"),
+    ("batch 0", torch.zeros(0, *X_SHAPE), None, "shape"),
+    ("batch mismatch", torch.zeros(4, *X_SHAPE), 8, "shape"),
+]
+
+
+@pytest.mark.parametrize(("name", "t", "batch", "reason"), BAD_TENSORS,
+                         ids=[r[0] for r in BAD_TENSORS])
+def test_check_tensor_rejects(name: str, t: torch.Tensor | None, batch: int | None,
+                              reason: str) -> None:
+    """A tensor of the wrong dtype, shape or batch raises InputError with the expected reason."""
+    with pytest.raises(InputError) as err:
+        check_tensor("x", t, X_SHAPE, torch.float32, batch)
+    assert err.value.reason == reason
+    assert "x" in str(err.value)
+
+
+def test_check_tensor_accepts() -> None:
+    """A tensor that fits is returned as it is, with or without a batch to match."""
+    assert check_tensor("x", GOOD_X, X_SHAPE, torch.float32) is GOOD_X
+    assert check_tensor("x", GOOD_X, X_SHAPE, torch.float32, batch=4) is GOOD_X
+    one = torch.zeros(1, *H_SHAPE)
+    assert check_tensor("h", one, H_SHAPE, torch.float32) is one
+
+
+def test_check_tensor_rejects_a_batch_over_the_limit() -> None:
+    """A batch over MAX_BATCH samples is refused as hostile."""
+    with pytest.raises(InputError) as err:
+        check_tensor("y", torch.zeros(MAX_BATCH + 1, dtype=torch.int64), (), torch.int64)
+    assert err.value.reason == "shape"
+
+
+# (name, labels, batch, reason)
+BAD_LABELS = [
+    ("missing", None, None, "missing"),
+    ("ten", torch.tensor([0, 10]), None, "value"),
+    ("negative", torch.tensor([-1, 3]), None, "value"),
+    ("int32", torch.tensor([1, 2], dtype=torch.int32), None, "dtype"),
+    ("float", torch.tensor([1.0, 2.0]), None, "dtype"),
+    ("2-d", torch.tensor([[1], [2]]), None, "shape"),
+    ("scalar", torch.tensor(3), None, "shape"),
+    ("batch 0", torch.zeros(0, dtype=torch.int64), None, "shape"),
+    ("batch mismatch", torch.tensor([1, 2, 3]), 4, "shape"),
+]
+
+
+@pytest.mark.parametrize(("name", "labels", "batch", "reason"), BAD_LABELS,
+                         ids=[r[0] for r in BAD_LABELS])
+def test_check_labels_rejects(name: str, labels: torch.Tensor | None, batch: int | None,
+                              reason: str) -> None:
+    """Labels missing, not int64 (B,), of another batch or outside 0..9 raise InputError."""
+    with pytest.raises(InputError) as err:
+        check_labels(labels, batch)
+    assert err.value.reason == reason
+
+
+def test_check_labels_accepts_every_class() -> None:
+    """int64 labels covering 0..9 pass, with and without a batch to match."""
+    labels = torch.arange(10)
+    assert check_labels(labels) is labels
+    assert check_labels(labels, 10) is labels
