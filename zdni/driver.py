@@ -329,16 +329,24 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
     log.warning("[driver] run %s published; waiting for %d stage workers", cfg.run_id,
                 driver.stages)
     try:
-        summary = driver.train(download)
-        summary["counts"] = driver.counts()
-        driver.set_state(status="finished")
+        with marking_outcome(driver):
+            summary = driver.train(download)
+            summary["counts"] = driver.counts()
         return summary
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def marking_outcome(driver: Driver) -> Iterator[None]:
+    """Record in Redis whether the block finished the run or failed it."""
+    try:
+        yield
     except BaseException:
         with contextlib.suppress(Exception):
             driver.set_state(status="failed")
         raise
-    finally:
-        client.close()
+    driver.set_state(status="finished")
 
 
 def _eval_result_problem(src: int, it: int, meta: dict[str, Any], stages: int,
@@ -432,23 +440,19 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
         driver.metrics = MetricsWriter(cfg, driver.stages, out_dir, client)
         driver.publish()
         try:
-            cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])
-            if cfg.synth_placement == "remote" and cfg.needs_synth:
-                cluster.start("synth", ["synth", "--broker", broker, "--redis-url", url,
-                                        "--run", cfg.run_id, "--threads", str(threads)])
-            for s in range(1, stages + 1):
-                cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
-                                             "--redis-url", url, "--run", cfg.run_id,
-                                             "--threads", str(threads)])
-            summary = driver.train(download)
-            cluster.stop()  # the broker writes its final counters as it exits
-            summary["counts"] = driver.counts()
-            driver.set_state(status="finished")
+            with marking_outcome(driver):
+                cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])
+                if cfg.synth_placement == "remote" and cfg.needs_synth:
+                    cluster.start("synth", ["synth", "--broker", broker, "--redis-url", url,
+                                            "--run", cfg.run_id, "--threads", str(threads)])
+                for s in range(1, stages + 1):
+                    cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
+                                                 "--redis-url", url, "--run", cfg.run_id,
+                                                 "--threads", str(threads)])
+                summary = driver.train(download)
+                cluster.stop()  # the broker writes its final counters as it exits
+                summary["counts"] = driver.counts()
             return summary
-        except BaseException:
-            with contextlib.suppress(Exception):
-                driver.set_state(status="failed")
-            raise
         finally:
             cluster.stop()
             client.close()
