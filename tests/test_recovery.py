@@ -70,3 +70,21 @@ def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
     stage2 = summary["counts"]["stage:2"]
     assert stage2["resumed"] == 1  # the restarted worker loaded its backup
     assert abs(summary["test_accuracy"] - calm["test_accuracy"]) <= 0.01
+
+
+def test_recovery_rules_table() -> None:
+    """Batches are replayed only when a worker process is really gone, never on suspicion."""
+    from zdni.driver import Recovery
+
+    r = Recovery(restart=True)
+    pids = {1: "10", 2: "20"}
+    assert r.failed({}, {2: "failed"}, pids, 0.0, 1.0) == []  # a starved worker: no replay
+    assert r.failed({"stage 2": -9}, {}, pids, 1.0, 1.0) == []  # exited: wait for the monitor
+    assert r.failed({"stage 2": -9}, {2: "failed"}, pids, 1.5, 1.0) == [2]
+    assert r.failed({}, {2: "restarting"}, {1: "10", 2: "21"}, 2.0, 1.0) == []  # our restart
+    assert r.failed({"stage 1": -9}, {}, pids, 3.0, 1.0) == []
+    assert r.failed({"stage 1": -9}, {}, pids, 6.5, 1.0) == [1]  # monitor silent: 3 intervals
+    remote = Recovery(restart=False)
+    assert remote.failed({}, {}, {1: "10"}, 0.0, 1.0) == []
+    assert remote.failed({}, {1: "failed"}, {1: "10"}, 1.0, 1.0) == []
+    assert remote.failed({}, {1: "alive"}, {1: "11"}, 2.0, 1.0) == [1]  # restarted by hand

@@ -101,10 +101,14 @@ def config_from(kwargs: dict[str, Any]) -> RunConfig:
 
 
 def clean_errors(func: F) -> F:
-    """Turn expected errors into a one-line message and exit status 2, not a traceback."""
+    """Turn expected errors into a one-line message and exit status 2, not a traceback; make
+    SIGTERM unwind like Ctrl-C so that a driver's children and run state are cleaned up."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import signal
+
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         from zdni.data import DataError
         from zdni.driver import RunError
         from zdni.redisserver import RedisError
@@ -115,6 +119,10 @@ def clean_errors(func: F) -> F:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 @click.group()
@@ -411,8 +419,9 @@ def experiment(name: str, epochs: int | None, seeds: str | None, data_dir: str |
                target: float | None) -> None:
     """Run a named suite of trainings, then one report of them all; prints report.md's path.
 
-    seed-mnist: backprop, sg, cDNI, full and full with stage 1 frozen (fcn3, 3 stages, MNIST).
-    placement: synthesizers local versus remote (sg and full, cDNI).
+    \b
+    seed-mnist  backprop, sg, cDNI, full, full with stage 1 frozen (fcn3, 3 stages, MNIST)
+    placement   synthesizers local versus remote (sg and full, cDNI)
     """
     from zdni.experiment import ExperimentError, run_suite
 

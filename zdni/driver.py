@@ -138,7 +138,12 @@ class Driver:
         self.redis.hset(keys.state(self.cfg.run_id), "fed", self.fed)  # a restarted worker's anchor
         health = {int(keys.text(k)): keys.text(v) for k, v in
                   self.redis.hgetall(keys.health(self.cfg.run_id)).items()}
-        for stage in self.recovery.failed(dead, health, time.monotonic(), self.cfg.heartbeat_s):
+        pipe = self.redis.pipeline(transaction=False)
+        for s in range(1, self.stages + 1):
+            pipe.hget(keys.heartbeat(self.cfg.run_id, s), "pid")
+        pids = {s: keys.text(p) for s, p in zip(range(1, self.stages + 1), pipe.execute()) if p}
+        for stage in self.recovery.failed(dead, health, pids, time.monotonic(),
+                                          self.cfg.heartbeat_s):
             self._recover(stage, dead)
         if time.monotonic() - self.last_message > self.stall_s:
             behind = [s for s, it in self.last_done.items() if it < self.fed - 1]
@@ -376,36 +381,42 @@ def _with_replays(batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
 
 
 class Recovery:
-    """Decides when a failed stage is recovered: the pure part of the driver's failure handling.
+    """Decides when a stage has lost batches: the pure part of the driver's failure handling.
 
-    A local worker whose process exited is recovered once the broker's monitor marks it failed
-    (two missed checks), or after three intervals if the monitor is silent; a remote worker
-    (another host) once it is marked failed and then beats again.
+    The monitor's 'failed' is a suspicion (a starved worker can miss two beats); batches are
+    replayed only on evidence that the worker process is gone: a local worker whose process
+    exited (once the monitor has marked it failed, or after three intervals if it is silent),
+    or a worker of another host that beats again with a new pid, i.e. was restarted by hand.
     """
 
     def __init__(self, restart: bool) -> None:
         self.restart = restart
         self.exited_at: dict[int, float] = {}
-        self.handled: set[int] = set()  # failed stages already recovered, until alive again
+        self.pids: dict[int, str] = {}  # stage -> pid of its first known worker process
+        self.replaced: dict[int, str] = {}  # stage -> pid of the process we replaced
 
-    def failed(self, dead: dict[str, int], health: dict[int, str], now: float,
-               interval: float) -> list[int]:
+    def failed(self, dead: dict[str, int], health: dict[int, str], pids: dict[int, str],
+               now: float, interval: float) -> list[int]:
         out = []
         for name in dead:
             if name.startswith("stage "):
                 self.exited_at.setdefault(int(name.split()[1]), now)
-        for stage, state in health.items():
-            if state == "alive":
-                self.handled.discard(stage)
         for stage, since in list(self.exited_at.items()):
             if health.get(stage) == "failed" or now - since > 3 * interval:
                 out.append(stage)
                 del self.exited_at[stage]
-                self.handled.add(stage)
-        for stage, state in health.items():
-            if state == "failed" and stage not in self.handled and stage not in out:
-                out.append(stage)  # a worker of another host: replay now, it rejoins by itself
-                self.handled.add(stage)
+                self.replaced[stage] = self.pids.pop(stage, "")  # we restart it: a new pid comes
+        for stage, pid in pids.items():
+            if stage in self.replaced:
+                if pid != self.replaced[stage]:  # the replacement's first beat
+                    self.pids[stage] = pid
+                    del self.replaced[stage]
+                continue
+            known = self.pids.setdefault(stage, pid)
+            if pid != known:
+                self.pids[stage] = pid
+                if stage not in out and not dead:  # restarted elsewhere, not by us
+                    out.append(stage)
         return sorted(out)
 
 
