@@ -17,6 +17,7 @@ from zdni.config import ConfigError, RunConfig
         ({"run_id": "bad id!"}, "run_id"),
         ({"mode": "backprop", "conditioned": True}, "--conditioned needs"),
         ({"train_limit": 0}, "train_limit"),
+        ({"eval_every": -1}, "eval_every must be >= 0"),
     ],
 )
 def test_bad_settings_name_the_setting(changes: dict, message: str) -> None:

@@ -1,0 +1,59 @@
+"""Tests of `zdni experiment`: the suites' plans, a quick suite end to end, and failed runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from zdni.cli import main
+from zdni.experiment import finished, plan
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_seed_mnist_plan_compares_modes_with_the_same_model_seeds_and_epochs() -> None:
+    """seed-mnist runs its five variants on fcn3/MNIST, each with every seed and the same epochs."""
+    runs = plan("seed-mnist", seeds=(0, 1), epochs=5)
+    assert [name for name, _ in runs][:3] == ["backprop-s0", "backprop-s1", "sg-s0"]
+    assert len(runs) == 10
+    assert {(c.model, c.dataset, c.stages, c.epochs) for _, c in runs} == {("fcn3", "mnist", 3, 5)}
+    assert {(c.mode, c.conditioned, c.freeze_stage) for _, c in runs} == {
+        ("backprop", False, None), ("sg", False, None), ("sg", True, None), ("full", False, None),
+        ("full", False, 1)}
+    assert {c.synth_placement for _, c in plan("placement")} == {"local", "remote"}
+    assert all(c.train_limit == 512 and c.epochs == 1 for _, c in plan("placement", quick=True))
+
+
+def test_quick_inproc_suite_runs_end_to_end(mnist_dir: Path, tmp_path: Path) -> None:
+    """`zdni experiment seed-mnist --quick --inproc` trains every variant and reports them all."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["experiment", "seed-mnist", "--quick", "--inproc",
+                                           "--quiet", "--data-dir", str(mnist_dir),
+                                           "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "report" / "report.md").read_text()
+    for label in ("backprop, 1 in flight", "sg", "sg cDNI", "full", "full, stage 1 frozen"):
+        assert f"| {label}, in-process | 1 |" in table
+    assert (tmp_path / "report" / "loss_first200.png").stat().st_size > 10_000
+    run_dir = tmp_path / "runs" / "cdni-s0"
+    cfg = dict(plan("seed-mnist", quick=True, data_dir=str(mnist_dir)))["cdni-s0"]
+    assert finished(str(run_dir), cfg)  # a second invocation would keep this run
+    cfg.epochs = 2
+    assert not finished(str(run_dir), cfg)
+    assert json.loads((tmp_path / "suite.json").read_text())["quick"] is True
+
+
+def test_failed_runs_are_named_with_the_error_train_gives(tmp_path: Path) -> None:
+    """A suite whose runs fail exits 1 naming each run and the error `zdni train` would print."""
+    result = CliRunner().invoke(main, ["experiment", "placement", "--quick", "--inproc",
+                                       "--data-dir", str(tmp_path / "empty"),
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "4 of 4 runs failed" in result.output
+    assert "sg-cdni-remote-s0: MNIST files not found" in result.output

@@ -1,0 +1,161 @@
+"""`zdni experiment NAME`: named suites of trainings with the same model, seeds and epochs, and
+one report comparing them.
+
+Each run writes OUT/runs/VARIANT-sSEED/ (summary.json, metrics.jsonl, logs/); a run whose
+summary.json is already there is not run again, so an interrupted suite resumes where it stopped.
+The report goes to OUT/report/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from zdni.config import ConfigError, RunConfig
+
+log = logging.getLogger("zdni.experiment")
+
+
+class ExperimentError(RuntimeError):
+    """A suite is unknown, or some of its runs failed; the message names them and why."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Variants (name, settings) that each run once per seed, on top of shared settings."""
+
+    about: str
+    variants: list[tuple[str, dict[str, Any]]]
+    base: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1)
+    epochs: int = 5
+    target: float = 0.97  # accuracy of the report's time-to-target column
+
+
+MNIST = {"model": "fcn3", "dataset": "mnist", "stages": 3, "eval_every": 100}  # ~4.7 tests/epoch
+SUITES: dict[str, Suite] = {
+    "seed-mnist": Suite(
+        "The seed report's MNIST comparison: backprop, synthetic gradients (sg), cDNI, synthetic "
+        "input and gradient (full), and full with stage 1 left at its random weights.",
+        # backprop keeps one batch in flight: a stage cannot backpropagate through a graph whose
+        # weights a later update has changed (PyTorch raises), and that wait is what DNI removes
+        [("backprop", {"mode": "backprop", "max_inflight": 1}),
+         ("sg", {"mode": "sg"}),
+         ("cdni", {"mode": "sg", "conditioned": True}),
+         ("full", {"mode": "full"}),
+         ("full-frozen1", {"mode": "full", "freeze_stage": 1})],
+        MNIST),
+    "placement": Suite(
+        "Synthesizers M and I in the stage's worker (local) or in the synthesizer service "
+        "(remote): what the extra hops cost in time, and that accuracy does not change.",
+        [("sg-cdni-local", {"mode": "sg", "conditioned": True}),
+         ("sg-cdni-remote", {"mode": "sg", "conditioned": True, "synth_placement": "remote"}),
+         ("full-cdni-local", {"mode": "full", "conditioned": True}),
+         ("full-cdni-remote", {"mode": "full", "conditioned": True, "synth_placement": "remote"})],
+        MNIST, epochs=3),  # two seeds: the accuracy difference should be within their spread
+}
+# --quick: a handful of iterations per run, to check a suite end to end in seconds
+QUICK = {"train_limit": 512, "test_limit": 500, "eval_every": 2}
+
+
+def plan(name: str, seeds: tuple[int, ...] | None = None, epochs: int | None = None,
+         data_dir: str | None = None, quick: bool = False) -> list[tuple[str, RunConfig]]:
+    """The suite's runs as (directory name, validated config), seeds innermost."""
+    if name not in SUITES:
+        raise ExperimentError(f"no suite {name!r}; suites: {', '.join(sorted(SUITES))}")
+    suite = SUITES[name]
+    seeds = seeds or ((suite.seeds[0],) if quick else suite.seeds)
+    runs = []
+    for variant, settings in suite.variants:
+        for seed in seeds:
+            raw: dict[str, Any] = {**suite.base, **(QUICK if quick else {}), **settings,
+                                   "seed": seed, "epochs": epochs or (1 if quick else suite.epochs),
+                                   "run_id": f"{name}-{variant}-s{seed}"}
+            if data_dir:
+                raw["data_dir"] = data_dir
+            try:
+                cfg = RunConfig(**raw).validate()
+            except (ConfigError, TypeError) as exc:
+                raise ExperimentError(f"suite {name}, run {variant}: {exc}") from None
+            runs.append((f"{variant}-s{seed}", cfg))
+    return runs
+
+
+def run_suite(name: str, out_dir: str | None = None, seeds: tuple[int, ...] | None = None,
+              epochs: int | None = None, data_dir: str | None = None, inproc: bool = False,
+              quick: bool = False, quiet: bool = False, target: float | None = None) -> str:
+    """Run every training of the suite not run yet, then the report; returns report.md's path.
+
+    A failed run does not stop the others; the report covers the runs that finished and the
+    error names each failed run with its cause (the message `zdni train` would print).
+    """
+    from zdni.report import build_report
+
+    runs = plan(name, seeds, epochs, data_dir, quick)
+    out_dir = out_dir or os.path.join("runs", "experiments", name + ("-quick" if quick else ""))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "suite.json"), "w") as fh:
+        json.dump({"suite": name, "about": SUITES[name].about, "inproc": inproc, "quick": quick,
+                   "runs": {d: json.loads(c.to_json()) for d, c in runs}}, fh, indent=2)
+    started = time.monotonic()
+    done, failed = [], []
+    for i, (run_name, cfg) in enumerate(runs, 1):
+        run_dir = os.path.join(out_dir, "runs", run_name)
+        if finished(run_dir, cfg):
+            log.warning("[experiment] %s: already done, kept", run_name)
+            done.append(run_dir)
+            continue
+        log.warning("[experiment] run %d/%d: %s", i, len(runs), run_name)
+        try:
+            summary = train_one(cfg, run_dir, inproc, quiet)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, the suite goes on
+            log.error("[experiment] %s failed: %s", run_name, exc)
+            failed.append(f"{run_name}: {exc}")
+            continue
+        done.append(run_dir)
+        log.warning("[experiment] %s: test accuracy %.4f in %.0f s", run_name,
+                    summary["test_accuracy"], summary["wall_s"])
+    report = None
+    if done:
+        report = build_report(done, os.path.join(out_dir, "report"),
+                              target or SUITES[name].target, f"Experiment {name}")
+    log.warning("[experiment] %s: %d runs in %.0f s", name, len(done),
+                time.monotonic() - started)
+    if failed:
+        where = f"; report of the others: {report}" if report else ""
+        raise ExperimentError(f"{len(failed)} of {len(runs)} runs failed{where}\n  "
+                              + "\n  ".join(failed))
+    assert report is not None
+    return report
+
+
+def finished(run_dir: str, cfg: RunConfig) -> bool:
+    """Whether run_dir holds a finished run of these settings (the data directory aside)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as fh:
+            had = json.load(fh)["config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    want = json.loads(cfg.to_json())
+    return {**had, "data_dir": None} == {**want, "data_dir": None}
+
+
+def train_one(cfg: RunConfig, run_dir: str, inproc: bool, quiet: bool) -> dict[str, Any]:
+    """One training as `zdni train [--inproc] --out RUN_DIR` runs it; writes summary.json."""
+    from zdni.summary import write_summary
+
+    if inproc:
+        from zdni.trainer import train_inproc
+
+        summary = train_inproc(cfg, quiet=quiet, out_dir=run_dir)
+    else:
+        from zdni.driver import train_distributed
+
+        summary = train_distributed(cfg, quiet=quiet, out_dir=run_dir,
+                                    log_dir=os.path.join(run_dir, "logs"))
+    write_summary(run_dir, summary)
+    return summary

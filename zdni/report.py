@@ -1,0 +1,198 @@
+"""`zdni report`: plots and a markdown table comparing runs, from their metrics.jsonl files.
+
+Runs that differ only in their seed form one variant: its curves are the mean over seeds with
+the min-max spread shaded (zdni/plots.py), and the table gives mean +- standard deviation.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from zdni import plots
+from zdni.config import MODES, RunConfig
+from zdni.metrics import read_metrics
+
+NOT_VARIANT = ("seed", "run_id", "data_dir")  # settings that do not make a different variant
+INFLIGHT = RunConfig().max_inflight  # named in a variant's label only when it differs
+
+class ReportError(ValueError):
+    """A run directory cannot be read; the message names it."""
+
+
+@dataclass
+class Run:
+    """One run's records, split by kind."""
+
+    path: str
+    start: dict[str, Any]
+    records: list[dict[str, Any]]
+    label: str = ""
+
+    def kind(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["kind"] == name]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.start.get("config", {}))
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        cfg = {k: v for k, v in self.config.items() if k not in NOT_VARIANT}
+        return (self.start.get("runner"), *sorted((k, repr(v)) for k, v in cfg.items()))
+
+    def accuracy(self) -> list[tuple[int, float, float]]:
+        """(iteration, wall_s, test accuracy) of every eval and epoch record, in order."""
+        points = [(int(r.get("iterations", r.get("iteration", 0))), float(r["wall_s"]),
+                   float(r["test_accuracy"])) for r in self.records if r["kind"] in ("eval", "epoch")]
+        return sorted(points)
+
+
+@dataclass
+class Variant:
+    """Runs of the same settings but different seeds."""
+
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        seeds = ",".join(str(r.config.get("seed")) for r in self.runs)
+        return f"{self.label} (seeds {seeds})" if len(self.runs) > 1 else self.label
+
+
+def describe(config: dict[str, Any], runner: str | None) -> str:
+    """A short name of a run's mode and options, e.g. 'sg cDNI' or 'full, stage 1 frozen'."""
+    name = config.get("mode", "?") + (" cDNI" if config.get("conditioned") else "")
+    extras = []
+    if config.get("freeze_stage"):
+        extras.append(f"stage {config['freeze_stage']} frozen")
+    if config.get("synth_placement") == "remote":
+        extras.append("remote synthesizers")
+    if config.get("synth_hidden"):
+        extras.append(f"M/I {config['synth_hidden']} hidden")
+    if config.get("max_inflight", INFLIGHT) != INFLIGHT:
+        extras.append(f"{config['max_inflight']} in flight")
+    if runner == "inproc":
+        extras.append("in-process")
+    return ", ".join([name, *extras])
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Each path is a run directory, or a directory whose subdirectories are runs."""
+    runs = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            runs.append(load_run(path))
+            continue
+        children = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(
+            path) else []
+        found = [load_run(c) for c in children if os.path.isfile(os.path.join(c, "metrics.jsonl"))]
+        if not found:
+            raise ReportError(f"{path}: no metrics.jsonl here or in its subdirectories")
+        runs.extend(found)
+    return runs
+
+
+def load_run(path: str) -> Run:
+    records = read_metrics(os.path.join(path, "metrics.jsonl"))
+    starts = [r for r in records if r.get("kind") == "start"]
+    if not starts:
+        raise ReportError(f"{path}/metrics.jsonl has no 'start' record")
+    if not any(r["kind"] == "epoch" for r in records):
+        raise ReportError(f"{path}/metrics.jsonl has no finished epoch")
+    return Run(path, starts[0], records)
+
+
+def order(variant: Variant) -> tuple[int, bool, int, str]:
+    """backprop, then sg, then full; unconditioned first; then by frozen stage and label."""
+    cfg = variant.runs[0].config
+    mode = MODES.index(cfg["mode"]) if cfg.get("mode") in MODES else len(MODES)
+    return mode, bool(cfg.get("conditioned")), cfg.get("freeze_stage") or 0, variant.label
+
+
+def group(runs: list[Run]) -> list[Variant]:
+    """Variants in a fixed order; labels made unique by naming the settings that differ."""
+    by_key: dict[tuple[Any, ...], Variant] = {}
+    for run in runs:
+        label = describe(run.config, run.start.get("runner"))
+        by_key.setdefault(run.key, Variant(label)).runs.append(run)
+    variants = sorted(by_key.values(), key=order)  # the same colours in every report
+    for v in variants:
+        twins = [w for w in variants if w.label == v.label]
+        if len(twins) > 1:
+            cfgs = [w.runs[0].config for w in twins]
+            differ = sorted(k for k in cfgs[0] if k not in NOT_VARIANT
+                            and len({repr(c.get(k)) for c in cfgs}) > 1)
+            v.label += " (" + ", ".join(f"{k}={v.runs[0].config.get(k)}" for k in differ) + ")"
+    for v in variants:
+        for r in v.runs:
+            r.label = v.label
+    return variants
+
+
+
+# -- table --------------------------------------------------------------------------------------
+def run_numbers(run: Run, target: float) -> dict[str, Any]:
+    """Best and final accuracy, wall time, samples/s and time to the target accuracy."""
+    epochs = run.kind("epoch")
+    accs = [r["test_accuracy"] for r in epochs]
+    reached = [wall for _, wall, acc in run.accuracy() if acc >= target]
+    return {"best": max(accs), "final": accs[-1], "wall_s": epochs[-1]["wall_s"],
+            "sps": epochs[-1].get("samples_per_s"), "to_target": reached[0] if reached else None,
+            "epochs": len(epochs)}
+
+
+def fmt(values: list[Any], digits: int, scale: float = 1.0) -> str:
+    """'x' for one value, 'mean +- sd' for several, '-' for none."""
+    got = [scale * v for v in values if v is not None]
+    if not got:
+        return "-"
+    if len(values) == 1:
+        return f"{got[0]:.{digits}f}"
+    sd = statistics.stdev(got) if len(got) > 1 else 0.0
+    text = f"{statistics.fmean(got):.{digits}f} ± {sd:.{digits}f}"
+    return text if len(got) == len(values) else f"{text} ({len(got)}/{len(values)})"
+
+
+def table(variants: list[Variant], target: float) -> str:
+    goal = f"time to {100 * target:g}% (s)"
+    head = ["variant", "runs", "best acc (%)", "final acc (%)", "wall (s)", "samples/s", goal]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for v in variants:
+        nums = [run_numbers(r, target) for r in v.runs]
+        col = {k: [n[k] for n in nums] for k in nums[0]}
+        lines.append(f"| {v.label} | {len(v.runs)} | {fmt(col['best'], 2, 100)} | "
+                     f"{fmt(col['final'], 2, 100)} | {fmt(col['wall_s'], 1)} | "
+                     f"{fmt(col['sps'], 0)} | {fmt(col['to_target'], 0)} |")
+    lines += ["", "| run | variant | seed | epochs | best acc (%) | final acc (%) | wall (s) | "
+              f"samples/s | {goal} |", "|" + " --- |" * 9]
+    for v in variants:
+        for r in v.runs:
+            n = run_numbers(r, target)
+            lines.append(f"| {os.path.basename(r.path.rstrip('/'))} | {v.label} | "
+                         f"{r.config.get('seed')} | {n['epochs']} | {fmt([n['best']], 2, 100)} | "
+                         f"{fmt([n['final']], 2, 100)} | {fmt([n['wall_s']], 1)} | "
+                         f"{fmt([n['sps']], 0)} | {fmt([n['to_target']], 0)} |")
+    return "\n".join(lines)
+
+
+def build_report(paths: list[str], out_dir: str, target: float = 0.97,
+                 title: str = "zdni runs") -> str:
+    """Write the plots and OUT/report.md for the runs under `paths`; returns report.md's path."""
+    runs = find_runs(paths)
+    variants = group(runs)
+    os.makedirs(out_dir, exist_ok=True)
+    drawn = plots.draw_all(variants, runs, out_dir)
+    text = [f"# {title}", "", f"{len(runs)} runs, {len(variants)} variants; {plots.context(runs)}. "
+            "Accuracy is on the test set; ± is the standard deviation over seeds; wall time and "
+            "samples/s include evaluation. Iteration curves put what the stages reported at "
+            "the number of batches fed when it arrived (up to max-inflight later).", "",
+            table(variants, target), ""]
+    text += [f"![{p[:-4]}]({p})" for p in drawn]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(text) + "\n")
+    return path
