@@ -72,6 +72,16 @@ def test_backprop_through_broker_equals_single_process_pytorch(
             torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {s} {name}")
 
 
+def test_backprop_runs_one_batch_at_a_time(mnist_dir: Path, redis_url: str) -> None:
+    """Backprop asked for 4 in flight runs 1 (update locking) and completes with nothing dropped."""
+    cfg = small_config(mnist_dir, "bp-window", mode="backprop", max_inflight=4, ring_size=8)
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    assert summary["max_inflight"] == 1
+    assert summary["iterations"] == 10
+    for s in (1, 2, 3):
+        assert not any(k.startswith("dropped") for k in summary["counts"][f"stage:{s}"])
+
+
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_sg_through_broker_equals_inprocess_reference(
     mnist_dir: Path, redis_url: str, redis_client: redis.Redis, conditioned: bool

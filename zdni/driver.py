@@ -51,6 +51,12 @@ class Driver:
         self.quiet = quiet
         self.stall_s = stall_s
         self.stages = stage_count(cfg)
+        # Backprop is update-locked: batch t+1 needs the weights batch t's backward updates, so
+        # exact backprop has one batch in flight; that lock is what synthetic gradients remove.
+        self.window = 1 if cfg.mode == "backprop" else cfg.max_inflight
+        if self.window < cfg.max_inflight:
+            log.warning("[driver] backprop mode: one batch in flight (update locking), not %d",
+                        cfg.max_inflight)
         self.needs = {i: stage_needs(cfg, i, self.stages) for i in range(1, self.stages + 1)}
         self.updates: dict[int, set[int]] = defaultdict(set)  # iteration -> stages done with it
         self.inflight: set[int] = set()
@@ -224,7 +230,7 @@ class Driver:
             self.stats = EpochStats()
             batches = feeder.iter_epoch(epoch)
             for xb, yb in _with_replays(batches, self.replay):
-                while len(self.inflight) >= cfg.max_inflight:
+                while len(self.inflight) >= self.window:
                     self.pump()
                 self.feed(self.fed, xb, yb)
                 samples += len(xb)
@@ -243,7 +249,7 @@ class Driver:
                     _, accuracy = self.metrics.eval(self.fed, epoch + 1,
                                                     time.monotonic() - start, *result)
             while self.inflight or self.replay:
-                while self.replay and len(self.inflight) < cfg.max_inflight:
+                while self.replay and len(self.inflight) < self.window:
                     self.feed(self.fed, *self.replay.popleft())
                 self.pump()
             test_loss, accuracy = self.evaluate(x_test, y_test, epoch)
@@ -255,7 +261,7 @@ class Driver:
         progress.close()
         wall = time.monotonic() - start
         return build_summary(cfg, self.stages, history, self.fed, samples, wall, runner="zdni",
-                             extra={"max_inflight": cfg.max_inflight, "ring_size": cfg.ring_size,
+                             extra={"max_inflight": self.window, "ring_size": cfg.ring_size,
                                     "tally": dict(self.tally)})
 
     def feed(self, it: int, x: torch.Tensor, y: torch.Tensor) -> None:
