@@ -18,9 +18,11 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def config(mnist_dir: Path, run_id: str) -> RunConfig:
+    # One batch in flight makes the calm run deterministic, so the accuracy difference below
+    # is what the crash itself cost, not the noise of asynchronous message order.
     return RunConfig(run_id=run_id, data_dir=str(mnist_dir), mode="sg", conditioned=True,
-                     epochs=2, train_limit=8192, test_limit=2000, checkpoint_every=20,
-                     heartbeat_s=0.5).validate()
+                     epochs=2, train_limit=12288, test_limit=2000, checkpoint_every=10,
+                     heartbeat_s=0.5, max_inflight=1).validate()
 
 
 def kill_stage_when(client: redis.Redis, run: str, stage: int, iteration: int,
@@ -50,7 +52,7 @@ def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
     pubsub.subscribe(keys.events(cfg.run_id))
     record: dict[str, object] = {}
     killer = threading.Thread(target=kill_stage_when,
-                              args=(redis_client, cfg.run_id, 2, 40, record), daemon=True)
+                              args=(redis_client, cfg.run_id, 2, 60, record), daemon=True)
     killer.start()
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
     killer.join(1)

@@ -50,7 +50,10 @@ def secure_broker(tmp_path: Path, redis_url: str, redis_client: redis.Redis
     proc = subprocess.Popen([sys.executable, "-m", "zdni.cli", "broker", "--bind", addr,
                              "--redis-url", redis_url, "--curve-dir", str(tmp_path)])
     try:
-        time.sleep(1.5)  # the broker imports torch before binding
+        client = Curve.client(str(tmp_path))
+        deadline = time.monotonic() + 60  # the broker imports torch before binding: wait for it
+        while not exchange(addr, client, client):
+            assert proc.poll() is None and time.monotonic() < deadline, "broker never answered"
         yield addr, tmp_path
     finally:
         proc.terminate()
