@@ -70,3 +70,22 @@ def mnist_dir(repo_root: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"MNIST not found at {path} (put the IDX files there to run this test)")
     return path
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Torch computes with one thread in this process, as the workers of these tests do.
+
+    Tiny models run fastest on one thread, and comparing with workers needs the same float
+    reduction order: a Linear bias right before BatchNorm has a true gradient of exactly zero,
+    and Adam turns its +-1e-9 rounding noise into +-lr steps, so two thread counts drift apart
+    by whole learning-rate steps within a few iterations.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

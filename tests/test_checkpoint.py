@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,9 @@ from zdni.config import RunConfig
 from zdni.stage import Stage
 from zdni.trainer import build_pipeline, run_iteration
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = RunConfig(mode="sg", stages=3, conditioned=True)
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; more only contend on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def batches(n: int, seed: int = 0) -> list[Batch]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -13,17 +11,6 @@ from zdni.trainer import build_pipeline
 
 X_SHAPE = (1, 28, 28)
 H_SHAPE = (256,)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; more only contend on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def x(batch: int = 4) -> torch.Tensor:

@@ -15,21 +15,7 @@ from zdni.driver import train_distributed
 from zdni.models import build_stages
 from zdni.trainer import build_pipeline, run_iteration
 
-pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Workers and reference both compute with one thread.
-
-    Equality needs the same float reduction order: a Linear bias right before BatchNorm has a
-    true gradient of exactly zero, and Adam turns its +-1e-9 rounding noise into +-lr steps, so
-    two thread counts drift apart by whole learning-rate steps within a few iterations.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
 
 def small_config(mnist_dir: Path, run_id: str, **changes: object) -> RunConfig:
