@@ -7,7 +7,7 @@ import redis
 import torch
 
 from zdni import keys
-from zdni.buffer import RedisRing
+from zdni.buffer import RedisRing, RingWriter
 
 N = 4
 
@@ -119,3 +119,31 @@ def test_corrupted_slot_returns_none_and_counts(redis_client: redis.Redis, case:
     assert restarted.errors == 1
     assert restarted.get(6) is None  # an empty slot is not an error
     assert restarted.errors == 1
+
+
+def test_writer_puts_reach_redis_in_order_after_flush(redis_client: redis.Redis) -> None:
+    """Through a RingWriter, slots reach Redis once flushed; later writes to a slot win."""
+    with RingWriter(redis_client, depth=2) as writer:
+        ring = RedisRing(redis_client, "r1", 2, "out", N, writer)
+        for it in range(3 * N):
+            ring.put(it, values(it))
+            assert_values(ring.get(it), it)  # read from memory at once, written or not
+        writer.flush()
+        restarted = RedisRing(redis_client, "r1", 2, "out", N)
+        for it in range(2 * N, 3 * N):
+            assert_values(restarted.get(it), it)
+    assert not writer.thread.is_alive() and writer.errors == 0
+    assert slot_keys(redis_client) == sorted(keys.slot("r1", 2, "out", i) for i in range(N))
+
+
+def test_writer_close_writes_what_was_handed_over(redis_client: redis.Redis) -> None:
+    """close() returns only after every queued slot is in Redis, and a bad slot is counted."""
+    writer = RingWriter(redis_client)
+    ring = RedisRing(redis_client, "r1", 2, "out", N, writer)
+    for _ in range(3):  # the bad slot alone, or in one round trip with a good one
+        ring.put(0, {"bad": torch.zeros(2, dtype=torch.complex64)})  # encode_state refuses it
+        ring.put(1, values(1))
+    writer.close()
+    assert writer.errors == 3
+    assert_values(RedisRing(redis_client, "r1", 2, "out", N).get(1), 1)
+    assert slot_keys(redis_client) == [keys.slot("r1", 2, "out", 1)]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import zmq
 
 from zdni import checkpoint, codec, keys, protocol
-from zdni.buffer import RedisRing
+from zdni.buffer import RedisRing, RingWriter
 from zdni.codec import DecodeError, Message
 from zdni.config import RunConfig
 from zdni.health import beat
@@ -54,8 +54,11 @@ class Worker:
         if not 1 <= stage <= len(modules):
             raise SystemExit(f"{self.who} run {self.run} has stages 1..{len(modules)}")
         self.shapes = stage_shapes(modules, INPUT_SHAPES[self.cfg.dataset])
-        rings = {name: RedisRing(self.redis, self.run, stage, name, self.cfg.ring_size)
-                 for name in ("out", "in")}
+        # Ring slots go to Redis from a thread: the stage reads its own slots from memory and
+        # needs Redis only after a restart, so it need not wait for the write.
+        self.writer = RingWriter(self.redis, depth=self.cfg.ring_size)
+        rings = {name: RedisRing(self.redis, self.run, stage, name, self.cfg.ring_size,
+                                 self.writer) for name in ("out", "in")}
         synth = RemoteSynth(self._rpc, self.cfg, stage) if self.cfg.synth_placement == "remote" \
             and self.cfg.needs_synth else None
         self.stage = Stage(self.cfg, stage, modules[stage - 1], self.shapes, rings, device, synth)
@@ -114,6 +117,7 @@ class Worker:
                 if frames is not None:
                     self.handle(frames)
         finally:
+            self.writer.close()
             self._save(self.iteration)
             self._beat("stopped")
             self.net.close()
@@ -128,8 +132,10 @@ class Worker:
     def handle(self, frames: list[Any]) -> None:
         """Decode, check and apply one message; a bad one is logged, counted and dropped."""
         self.counts["received"] += 1
+        start = time.perf_counter()
         try:
             msg = codec.decode(frames, expect_run=self.run)
+            self.counts["decode_us"] += int((time.perf_counter() - start) * 1e6)
             if msg.dst != self.index:
                 raise InputError("endpoint", f"message for endpoint {msg.dst} reached stage {self.index}")
             self.dispatch(msg)
@@ -140,6 +146,8 @@ class Worker:
         except Exception as exc:  # a message no check foresaw: keep serving, say so loudly
             log.exception("%s dropped a message that raised %r", self.who, exc)
             self.counts["dropped:internal"] += 1
+        finally:  # busy / wall is the stage's utilization (scripts/bench_pipeline.py)
+            self.counts["busy_us"] += int((time.perf_counter() - start) * 1e6)
 
     def _drop(self, reason: str, text: str) -> None:
         self.counts[f"dropped:{reason}"] += 1
@@ -280,7 +288,9 @@ class Worker:
 
     def _send(self, kind: str, it: int, dst: int, tensors: dict[str, torch.Tensor],
               meta: dict[str, Any] | None = None) -> None:
+        start = time.perf_counter()
         self.net.send(Message(kind, self.run, it, self.index, dst, tensors, meta or {}))
+        self.counts["send_us"] += int((time.perf_counter() - start) * 1e6)
 
     def _save(self, it: int) -> None:
         if it >= 0:
