@@ -77,7 +77,10 @@ def hostile(rng: random.Random, far: int) -> tuple[str, list]:
 def flood(client: redis.Redis, count: int, report: dict) -> None:
     """Wait for the run, then send `count` hostile messages to its broker."""
     deadline = time.monotonic() + 120
-    while client.hget(keys.state(RUN), "status") != b"running":
+    # Iteration 0 must be trained everywhere before its forged replay goes out (pick 14): the
+    # driver feeds 1 only then, with one batch in flight. A forged part of an iteration still
+    # in flight is another test's (test_a_forged_part_that_blocks_an_iteration_is_fed_again).
+    while int(client.hget(keys.state(RUN), "fed") or 0) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     broker = keys.text(client.hget(keys.state(RUN), "broker"))
@@ -95,8 +98,8 @@ def flood(client: redis.Redis, count: int, report: dict) -> None:
             assert push.poll(10_000, zmq.POLLOUT)
             push.send_multipart(frames, copy=False)
             sent[where] += 1
-            if i % 500 == 0:
-                time.sleep(0.02)  # a steady flood, not one burst
+            if i % 100 == 0:  # a steady flood (about 5,000/s at most), not one burst that
+                time.sleep(0.02)  # overflows the broker's bounded queue on a slow machine
         report["sent"] = sent
         time.sleep(1.0)  # let the queued tail reach the broker before the socket closes
         report["rss_after"] = {p.pid: p.memory_info().rss for p in procs if p.is_running()}
@@ -135,3 +138,39 @@ def test_flood_of_hostile_messages_changes_nothing(mnist_dir: Path, redis_url: s
     for pid, before in report["rss_before"].items():
         grew = report["rss_after"].get(pid, before) - before
         assert grew < 64 * 2**20, f"process {pid} grew by {grew / 2**20:.0f} MiB"
+
+
+def test_a_forged_part_that_blocks_an_iteration_is_fed_again(mnist_dir: Path, redis_url: str,
+                                                             redis_client: redis.Redis) -> None:
+    """A forged activation of a batch size no batch has reaches the last stage before iteration
+    100 does: the genuine labels and activation are then refused (shape, duplicate) and the
+    iteration never finishes. The driver feeds that batch again after resend_s; the run ends."""
+    run = "forged-part"
+    cfg = RunConfig(run_id=run, data_dir=str(mnist_dir), mode="sg", epochs=2, train_limit=8192,
+                    test_limit=1000, heartbeat_s=0.5, resend_s=3.0, max_inflight=1).validate()
+
+    def forge() -> None:
+        deadline = time.monotonic() + 120
+        while redis_client.hget(keys.state(run), "status") != b"running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ctx = zmq.Context()
+        push = make_socket(ctx, zmq.PUSH)
+        push.connect(keys.text(redis_client.hget(keys.state(run), "broker")))
+        push.send_multipart(msg(protocol.ACT, 100, 2, 3, run=run, h=torch.randn(8, 256)))
+        time.sleep(0.5)
+        push.close(0)
+        ctx.term()
+
+    forger = threading.Thread(target=forge, daemon=True)
+    forger.start()
+    start = time.monotonic()
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
+    forger.join(10)
+    assert summary["tally"]["dropped:lost"] == 1
+    assert summary["tally"]["replayed"] == 1
+    assert summary["iterations"] == 2 * 64 + 1  # every batch, and the lost one once more
+    stage3 = summary["counts"]["stage:3"]
+    assert stage3["dropped:shape"] == 1 and stage3["dropped:duplicate"] == 1
+    assert summary["test_accuracy"] > 0.85
+    assert time.monotonic() - start < 60

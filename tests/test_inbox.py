@@ -122,12 +122,37 @@ def test_full_mode_act_then_batch(conditioned: bool) -> None:
 
 
 def test_full_mode_never_fires_batch_twice() -> None:
-    """full, stage 2: a repeated batch of an iteration does not run the synthetic pass again."""
+    """full, stage 2: a repeated batch of an iteration is refused; the synthetic pass ran once."""
     box = Inbox(RunConfig(mode="full"), 2, 3)
     assert box.add_batch(1, x(), None) == ["batch"]
-    assert box.add_batch(1, x(), None) == []
+    with pytest.raises(InputError) as err:
+        box.add_batch(1, x(), None)
+    assert err.value.reason == "duplicate"
     assert box.add_act(1, h()) == ["input"]
     assert box.peek(1).batch_done
+
+
+@pytest.mark.parametrize("order", ["act first", "batch first"])
+def test_first_part_wins_over_a_forged_or_repeated_one(order: str) -> None:
+    """A second activation, or parts of another batch size, are refused and evict nothing:
+    the genuine parts that came first still join (a forged message cannot stall an iteration)."""
+    box = Inbox(RunConfig(mode="sg", conditioned=True), 2, 3)
+    genuine_h, labels = h(), y()
+    if order == "act first":
+        assert box.add_act(4, genuine_h) == []
+        for forged in (lambda: box.add_act(4, h()), lambda: box.add_batch(4, None, y()[:1])):
+            with pytest.raises(InputError) as err:
+                forged()
+            assert err.value.reason in ("duplicate", "shape")
+        assert box.add_batch(4, None, labels) == ["input"]
+    else:
+        assert box.add_batch(4, None, labels) == []
+        for forged in (lambda: box.add_batch(4, None, y()), lambda: box.add_act(4, h()[:1])):
+            with pytest.raises(InputError) as err:
+                forged()
+            assert err.value.reason in ("duplicate", "shape")
+        assert box.add_act(4, genuine_h) == ["input"]
+    assert box.peek(4).h is genuine_h and box.peek(4).y is labels
 
 
 def test_full_mode_last_stage_needs_x_and_y() -> None:

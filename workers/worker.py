@@ -195,11 +195,7 @@ class Worker:
                 self._apply(it, self.stage.train_batch(it, parts.x, parts.y))
                 continue
             true_input = parts.x if self.index == 1 else parts.h
-            assert true_input is not None
-            if parts.y is not None and true_input.shape[0] != parts.y.shape[0]:
-                self.inbox.take(it)
-                raise InputError("shape", f"iteration {it}: {true_input.shape[0]} inputs but"
-                                          f" {parts.y.shape[0]} labels")
+            assert true_input is not None  # the inbox joined parts of one batch size
             self.inbox.take(it)
             self._apply(it, self.stage.train_input(it, true_input, parts.y))
 

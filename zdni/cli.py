@@ -75,6 +75,10 @@ def config_options(func: F) -> F:
                      envvar="ZDNI_SYNTH_PLACEMENT"),
         click.option("--heartbeat", "heartbeat_s", type=float, default=d.heartbeat_s,
                      show_default=True, envvar="ZDNI_HEARTBEAT", help="Seconds between beats."),
+        click.option("--resend-after", "resend_s", type=float, default=d.resend_s,
+                     show_default=True, envvar="ZDNI_RESEND_AFTER",
+                     help="Seconds an unfinished batch waits before it is fed again (a lost"
+                          " message)."),
         click.option("--checkpoint-every", type=int, default=d.checkpoint_every,
                      show_default=True, envvar="ZDNI_CHECKPOINT_EVERY"),
         click.option("--eval-every", type=int, default=d.eval_every, show_default=True,

@@ -53,6 +53,7 @@ class RunConfig:
     test_limit: int | None = None  # use only the first n test samples
     synth_placement: str = "local"  # local: M and I live in the stage's worker; remote: a service
     heartbeat_s: float = 1.0  # worker heartbeat and monitor check interval, seconds
+    resend_s: float = 30.0  # an iteration or eval batch unfinished this long is fed again
     checkpoint_every: int = 200  # iterations between parameter backups; 0 = only at stop
     eval_every: int = 0  # iterations between extra test evaluations, for finer curves; 0 = off
     run_id: str = ""  # filled in by the driver when empty
@@ -67,10 +68,14 @@ class RunConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "max_inflight", "ring_size"):
             _positive(name, getattr(self, name))
         _positive("stages", self.stages)
-        for name in ("lr", "synth_lr", "heartbeat_s"):
+        for name in ("lr", "synth_lr", "heartbeat_s", "resend_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value > 0 and value < float("inf")):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if self.resend_s < 3 * self.heartbeat_s:
+            raise ConfigError(f"resend_s ({self.resend_s}) must be at least 3 heartbeats "
+                              f"({3 * self.heartbeat_s}): a dead worker is found by its heartbeat"
+                              f" first, and its batches replayed from there")
         if self.synth_hidden < 0 or self.synth_width < 1:
             raise ConfigError("synth_hidden must be >= 0 and synth_width >= 1")
         if self.checkpoint_every < 0:

@@ -38,6 +38,9 @@ class RunError(RuntimeError):
     """The run cannot go on: a stage died, stalled or never started. The message says which."""
 
 
+LOST_TRIES = 3  # lost iterations fed again in a row before the run is declared stuck
+
+
 class Driver:
     """Feeds one run and collects what the stages report."""
 
@@ -49,7 +52,6 @@ class Driver:
         self.broker = broker
         self.cluster = cluster
         self.quiet = quiet
-        self.stall_s = stall_s
         self.stages = stage_count(cfg)
         # Backprop is update-locked: batch t+1 needs the weights batch t's backward updates, so
         # exact backprop has one batch in flight; that lock is what synthetic gradients remove.
@@ -61,6 +63,12 @@ class Driver:
         self.updates: dict[int, set[int]] = defaultdict(set)  # iteration -> stages done with it
         self.inflight: set[int] = set()
         self.batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # in flight, for replay
+        self.fed_at: dict[int, float] = {}  # in flight: when it was fed
+        # An iteration (or eval batch) unfinished this long lost a message on the way (a full
+        # queue under a flood, a forged part): it is fed again. Far above any real step time.
+        self.lost_s = cfg.resend_s
+        self.lost_streak = 0  # feeds-again in a row with no iteration finished between them
+        self.stall_s = max(stall_s, 4 * self.lost_s)  # no message at all this long: give up
         self.recovery = Recovery(restart=True)
         self.tally: Counter[str] = Counter()  # fed, replayed, dropped:REASON, restarts
         self.last_done = dict.fromkeys(range(1, self.stages + 1), -1)
@@ -118,7 +126,9 @@ class Driver:
                 if len(self.updates[msg.it]) >= self.stages:
                     self.inflight.discard(msg.it)
                     self.batches.pop(msg.it, None)
+                    self.fed_at.pop(msg.it, None)
                     del self.updates[msg.it]
+                    self.lost_streak = 0
         elif msg.kind == protocol.EVAL_RESULT:
             problem = _eval_result_problem(msg.src, msg.it, msg.meta, self.stages, self.eval_expected)
             if problem:
@@ -151,6 +161,18 @@ class Driver:
         for stage in self.recovery.failed(dead, health, pids, time.monotonic(),
                                           self.cfg.heartbeat_s):
             self._recover(stage, dead)
+        lost = sorted(t for t in self.inflight if time.monotonic() - self.fed_at[t] > self.lost_s)
+        if lost:
+            behind = [s for s in range(1, self.stages + 1) if s not in self.updates.get(lost[0], ())]
+            self.lost_streak += 1
+            if self.lost_streak > LOST_TRIES:
+                raise RunError(f"stages {behind} finished no iteration in "
+                               f"{self.lost_streak * self.lost_s:.0f} s while receiving; "
+                               f"see their logs for the messages they dropped")
+            log.error("[driver] iterations %s unfinished after %.0f s (stages %s never reported"
+                      " them): a message was lost; feeding their batches again", lost,
+                      self.lost_s, behind)
+            self._replay(lost, "lost")
         if time.monotonic() - self.last_message > self.stall_s:
             behind = [s for s, it in self.last_done.items() if it < self.fed - 1]
             raise RunError(f"no message for {self.stall_s:.0f} s; stages behind: {behind}")
@@ -172,6 +194,7 @@ class Driver:
         for t in lost:
             self.inflight.discard(t)
             self.updates.pop(t, None)
+            self.fed_at.pop(t, None)
             self.replay.append(self.batches.pop(t))
             self.tally[f"dropped:{reason}"] += 1
             self.tally["replayed"] += 1
@@ -268,6 +291,7 @@ class Driver:
         """Send iteration `it`'s batch to every stage that needs part of it."""
         self.inflight.add(it)
         self.batches[it] = (x, y)
+        self.fed_at[it] = time.monotonic()
         self.tally["fed"] += 1
         for stage, (needs_x, needs_y) in self.needs.items():
             tensors = {}
@@ -285,16 +309,26 @@ class Driver:
         self.eval_expected.clear()
         batch = self.cfg.eval_batch_size
         starts = list(range(0, len(x), batch))
+        sent_at: dict[int, float] = {}
+
+        def send(b: int) -> None:
+            a = starts[b]
+            self.eval_expected[b] = min(batch, len(x) - a)
+            sent_at[b] = time.monotonic()
+            self._send(protocol.EVAL, b, 1, {"h": x[a : a + batch].contiguous(),
+                                             "y": y[a : a + batch].contiguous()}, {"epoch": epoch})
+
         sent = 0
         while len(self.eval_results) < len(starts):
             while sent < len(starts) and sent - len(self.eval_results) < self.cfg.max_inflight:
-                a = starts[sent]
-                self.eval_expected[sent] = min(batch, len(x) - a)
-                self._send(protocol.EVAL, sent, 1, {"h": x[a : a + batch].contiguous(),
-                                                    "y": y[a : a + batch].contiguous()},
-                           {"epoch": epoch})
+                send(sent)
                 sent += 1
             self.pump()
+            for b in [b for b in self.eval_expected if time.monotonic() - sent_at[b] > self.lost_s]:
+                log.error("[driver] eval batch %d unanswered after %.0f s: sending it again",
+                          b, self.lost_s)
+                self.tally["resent:eval"] += 1
+                send(b)  # evaluation changes no state: sending it again is safe
         loss = sum(r["loss_sum"] for r in self.eval_results.values()) / len(x)
         correct = sum(r["correct"] for r in self.eval_results.values())
         return loss, correct / len(x)

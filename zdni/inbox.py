@@ -81,16 +81,39 @@ class Inbox:
         self.full_later = self.cfg.mode == "full" and self.index > 1
 
     def add_batch(self, it: int, x: torch.Tensor | None, y: torch.Tensor | None) -> list[str]:
-        """Record the driver's batch; returns the events now ready ('batch', 'input')."""
+        """Record the driver's batch; returns the events now ready ('batch', 'input').
+
+        The first message of each part wins: a second batch of a held iteration, or one whose
+        size disagrees with the activation already held, raises InputError and changes nothing,
+        so a forged or repeated message cannot evict the parts that came first.
+        """
+        x = x if self.needs_x else None
+        y = y if self.needs_y else None
+        held = self.parts.get(it)
+        if held is not None:
+            if held.x is not None or held.y is not None:
+                raise InputError("duplicate", f"iteration {it}: its batch is already held")
+            new = x if x is not None else y
+            self._agree(it, "batch", new, held.h)
         p = self._parts(it)
-        p.x = x if self.needs_x else None
-        p.y = y if self.needs_y else None
+        p.x, p.y = x, y
         return self._ready(it)
 
     def add_act(self, it: int, h: torch.Tensor) -> list[str]:
-        """Record the true input from upstream; returns the events now ready."""
+        """Record the true input from upstream; returns the events now ready (first one wins)."""
+        held = self.parts.get(it)
+        if held is not None:
+            if held.h is not None:
+                raise InputError("duplicate", f"iteration {it}: its activation is already held")
+            self._agree(it, "activation", h, held.x if held.x is not None else held.y)
         self._parts(it).h = h
         return self._ready(it)
+
+    @staticmethod
+    def _agree(it: int, what: str, new: torch.Tensor | None, held: torch.Tensor | None) -> None:
+        if new is not None and held is not None and new.shape[0] != held.shape[0]:
+            raise InputError("shape", f"iteration {it}: the {what} has {new.shape[0]} samples,"
+                                      f" the parts already held have {held.shape[0]}")
 
     def take(self, it: int) -> Parts:
         """The parts of a finished iteration, forgotten here."""
