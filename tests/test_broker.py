@@ -184,12 +184,12 @@ BAD: list[tuple[str, Callable[[random.Random, int], list[bytes]]]] = [
     ("header", lambda r, it: [b""]),
     ("header", lambda r, it: [msgpack.packb([1, "act", "r1"])]),  # not a map
     ("header", lambda r, it: _drop_key(_act(it), "it")),
-    ("header", lambda r, it: [msgpack.packb({"v": 1}), b"\x00" * 8]),
+    ("header", lambda r, it: [msgpack.packb({"v": protocol.PROTOCOL_VERSION}), b"\x00" * 8]),
     ("size", lambda r, it: (lambda f: [f[0], f[1][: -r.randint(1, 64)]])(_act(it))),  # truncated
     ("size", lambda r, it: (lambda f: [f[0], f[1] + b"\x00\x00\x00\x00"])(_act(it))),
     ("frames", lambda r, it: _act(it)[:1]),  # the tensor frame is missing
     ("frames", lambda r, it: [*_act(it), b"extra"]),
-    ("version", lambda r, it: _reheader(_act(it), v=2)),
+    ("version", lambda r, it: _reheader(_act(it), v=1)),
     ("version", lambda r, it: _reheader(_act(it), v=0)),
     ("version", lambda r, it: _reheader(_act(it), v="1")),
     ("kind", lambda r, it: _reheader(_act(it), kind="bogus")),

@@ -149,7 +149,7 @@ def test_encode_copies_non_contiguous_once() -> None:
 
 def header(**fields: Any) -> dict[str, Any]:
     """The header of a valid act message with one float32 [2, 3] tensor, fields overridden."""
-    h: dict[str, Any] = {"v": 1, "kind": "act", "run": "r", "it": 0, "src": 1, "dst": 2,
+    h: dict[str, Any] = {"v": 2, "kind": "act", "run": "r", "it": 0, "src": 1, "dst": 2,
                          "tensors": [["h", "float32", [2, 3]]], "meta": {}}  # fmt: skip
     h.update(fields)
     return h
@@ -184,7 +184,7 @@ REJECTIONS: list[tuple[str, Callable[[], Any], str]] = [
     ("int map key", lambda: [msgpack.packb({1: 2}), F24], "header"),
     ("missing key", lambda: frames_of(without("meta"), F24), "header"),
     ("extra key", lambda: frames_of(header(extra=1), F24), "header"),
-    ("wrong version", lambda: frames_of(header(v=2), F24), "version"),
+    ("wrong version", lambda: frames_of(header(v=1), F24), "version"),
     ("bool version", lambda: frames_of(header(v=True), F24), "version"),
     ("unknown kind", lambda: frames_of(header(kind="evil"), F24), "kind"),
     ("bad run id", lambda: frames_of(header(run="a/b"), F24), "run"),

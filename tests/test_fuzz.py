@@ -19,6 +19,8 @@ from zdni.transport import make_socket
 
 pytestmark = pytest.mark.timeout(300)
 RUN = "fuzzed"
+EPOCHS = 4
+FLOOD = 8000
 
 
 def msg(kind: str, it: int, src: int, dst: int, run: str = RUN, **tensors: torch.Tensor) -> list:
@@ -26,7 +28,7 @@ def msg(kind: str, it: int, src: int, dst: int, run: str = RUN, **tensors: torch
 
 
 def header_with(**changes: object) -> bytes:
-    header = {"v": 1, "kind": "act", "run": RUN, "it": 1, "src": 1, "dst": 2,
+    header = {"v": 2, "kind": "act", "run": RUN, "it": 1, "src": 1, "dst": 2,
               "tensors": [], "meta": {}}
     header.update(changes)
     return msgpack.packb(header)
@@ -42,7 +44,7 @@ def hostile(rng: random.Random, far: int) -> tuple[str, list]:
         frames = msg(protocol.ACT, far, 1, 2, h=h)
         return "broker", [frames[0], bytes(frames[1])[: rng.randrange(0, 8 * 256 * 4)]]
     if pick == 2:
-        return "broker", [header_with(v=2)]
+        return "broker", [header_with(v=1)]  # the protocol before labels rode along
     if pick == 3:
         return "broker", [header_with(kind="exec")]
     if pick == 4:
@@ -74,6 +76,11 @@ def hostile(rng: random.Random, far: int) -> tuple[str, list]:
                                                 {}, {"n": 5, "correct": 10**6, "loss_sum": -1.0}))
 
 
+def _broker_drops(client: redis.Redis) -> int:
+    counts = client.hgetall(keys.counters(RUN, "broker"))
+    return sum(int(v) for k, v in counts.items() if k.startswith(b"dropped:"))
+
+
 def flood(client: redis.Redis, count: int, report: dict) -> None:
     """Wait for the run, then send `count` hostile messages to its broker."""
     deadline = time.monotonic() + 120
@@ -100,8 +107,16 @@ def flood(client: redis.Redis, count: int, report: dict) -> None:
             sent[where] += 1
             if i % 100 == 0:  # a steady flood (about 5,000/s at most), not one burst that
                 time.sleep(0.02)  # overflows the broker's bounded queue on a slow machine
+        # The last message is one the broker drops: once its drop is counted, the broker has
+        # read the whole flood, so every message meant for a worker is queued ahead of the
+        # driver's 'stop' if the last epoch has not ended yet (the driver stops after it).
+        push.send_multipart([header_with(v=1)])
+        sent["broker"] += 1
+        while _broker_drops(client) < sent["broker"]:
+            assert time.monotonic() < deadline + 120, "the broker never counted the whole flood"
+            time.sleep(0.05)
+        report["epoch_when_delivered"] = int(client.hget(keys.state(RUN), "epoch") or 0)
         report["sent"] = sent
-        time.sleep(1.0)  # let the queued tail reach the broker before the socket closes
         report["rss_after"] = {p.pid: p.memory_info().rss for p in procs if p.is_running()}
     finally:
         push.close(0)
@@ -110,22 +125,23 @@ def flood(client: redis.Redis, count: int, report: dict) -> None:
 
 def test_flood_of_hostile_messages_changes_nothing(mnist_dir: Path, redis_url: str,
                                                    redis_client: redis.Redis) -> None:
-    """12,000 malformed or hostile messages are dropped where expected; training and memory hold.
+    """8,000 malformed or hostile messages are dropped where expected; training and memory hold.
 
     With one batch in flight a run is deterministic, so the flooded run must end with exactly
     the calm run's accuracy: a single hostile message that changed any state would show.
     """
-    base = dict(data_dir=str(mnist_dir), mode="sg", conditioned=True, epochs=3,
+    base = dict(data_dir=str(mnist_dir), mode="sg", conditioned=True, epochs=EPOCHS,
                 train_limit=8192, test_limit=2000, heartbeat_s=0.5, max_inflight=1)
     calm = train_distributed(RunConfig(run_id="calm", **base).validate(), quiet=True,
                              redis_url=redis_url)
     report: dict = {}
-    attacker = threading.Thread(target=flood, args=(redis_client, 12_000, report), daemon=True)
+    attacker = threading.Thread(target=flood, args=(redis_client, FLOOD, report), daemon=True)
     attacker.start()
     summary = train_distributed(RunConfig(run_id=RUN, **base).validate(), quiet=True,
                                 redis_url=redis_url)
     attacker.join(60)
-    assert "sent" in report, "the flood did not finish during the run"
+    assert "sent" in report, "the flood did not finish"
+    assert report["epoch_when_delivered"] < EPOCHS, "the run ended before the flood was delivered"
     counts = summary["counts"]
     dropped = {who: sum(v for k, v in c.items() if k.startswith("dropped:"))
                for who, c in counts.items()}
@@ -142,11 +158,13 @@ def test_flood_of_hostile_messages_changes_nothing(mnist_dir: Path, redis_url: s
 
 def test_a_forged_part_that_blocks_an_iteration_is_fed_again(mnist_dir: Path, redis_url: str,
                                                              redis_client: redis.Redis) -> None:
-    """A forged activation of a batch size no batch has reaches the last stage before iteration
-    100 does: the genuine labels and activation are then refused (shape, duplicate) and the
-    iteration never finishes. The driver feeds that batch again after resend_s; the run ends."""
+    """Full mode, where the last stage joins the driver's batch with the activation: a forged
+    activation of a batch size no batch has reaches it before iteration 100 does, so the genuine
+    batch and activation are refused (shape, duplicate) and the iteration never finishes. The
+    driver feeds that batch again after resend_s; the run ends."""
     run = "forged-part"
-    cfg = RunConfig(run_id=run, data_dir=str(mnist_dir), mode="sg", epochs=2, train_limit=8192,
+    cfg = RunConfig(run_id=run, data_dir=str(mnist_dir), mode="full", conditioned=True,
+                    epochs=2, train_limit=8192,
                     test_limit=1000, heartbeat_s=0.5, resend_s=3.0, max_inflight=1).validate()
 
     def forge() -> None:
@@ -172,5 +190,5 @@ def test_a_forged_part_that_blocks_an_iteration_is_fed_again(mnist_dir: Path, re
     assert summary["iterations"] == 2 * 64 + 1  # every batch, and the lost one once more
     stage3 = summary["counts"]["stage:3"]
     assert stage3["dropped:shape"] == 1 and stage3["dropped:duplicate"] == 1
-    assert summary["test_accuracy"] > 0.85
+    assert summary["test_accuracy"] > 0.7
     assert time.monotonic() - start < 60

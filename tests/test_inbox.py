@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from zdni.config import RunConfig
-from zdni.inbox import MAX_BATCH, Inbox, InputError, check_labels, check_tensor, stage_needs
+from zdni.inbox import (
+    MAX_BATCH,
+    Inbox,
+    InputError,
+    batch_parts,
+    check_labels,
+    check_tensor,
+    stage_needs,
+)
 from zdni.trainer import build_pipeline
 
 X_SHAPE = (1, 28, 28)
@@ -50,9 +58,19 @@ NEEDS = [
 @pytest.mark.parametrize(("mode", "conditioned", "index", "count", "nx", "ny"), NEEDS)
 def test_stage_needs(mode: str, conditioned: bool, index: int, count: int, nx: bool,
                      ny: bool) -> None:
-    """What the driver must send each stage follows the written-out table."""
+    """What each stage trains on follows the written-out table."""
     cfg = RunConfig(mode=mode, conditioned=conditioned)
     assert stage_needs(cfg, index, count) == (nx, ny)
+
+
+@pytest.mark.parametrize(("mode", "conditioned", "index", "count", "nx", "ny"), NEEDS)
+def test_batch_parts(mode: str, conditioned: bool, index: int, count: int, nx: bool,
+                     ny: bool) -> None:
+    """The driver's BATCH: outside full mode, (x, y) to stage 1 only (y rides on with the
+    activations); in full mode, what each stage trains on."""
+    cfg = RunConfig(mode=mode, conditioned=conditioned)
+    want = (nx, ny) if mode == "full" else ((True, True) if index == 1 else (False, False))
+    assert batch_parts(cfg, index, count) == want
 
 
 @pytest.mark.parametrize(
@@ -69,7 +87,7 @@ def test_stage_needs_agrees_with_stage(mode: str, conditioned: bool) -> None:
 def test_sg_middle_stage_fires_on_the_activation_alone() -> None:
     """sg, unconditioned: a middle stage runs its input event as soon as the activation arrives."""
     box = Inbox(RunConfig(mode="sg"), 2, 3)
-    assert box.add_act(7, h()) == ["input"]
+    assert box.add_act(7, h(), y()) == ["input"]
     assert box.peek(7).h is not None
     box.take(7)
     assert box.parts == {}
@@ -78,30 +96,33 @@ def test_sg_middle_stage_fires_on_the_activation_alone() -> None:
 def test_sg_first_stage_fires_on_the_batch() -> None:
     """Stage 1's true input is the batch's x: the batch alone fires 'input'."""
     box = Inbox(RunConfig(mode="sg"), 1, 3)
-    assert box.add_batch(0, x(), None) == ["input"]
+    assert box.add_batch(0, x(), y()) == ["input"]
+    assert box.peek(0).y is not None  # stage 1 sends the labels on with its activation
 
 
 def test_batch_keeps_only_what_the_stage_needs() -> None:
     """A batch's x or y that the stage does not need is not held."""
-    box = Inbox(RunConfig(mode="sg"), 1, 3)
+    box = Inbox(RunConfig(mode="full"), 1, 3)
     box.add_batch(0, x(), y())
     assert box.peek(0).x is not None and box.peek(0).y is None
 
 
-@pytest.mark.parametrize("order", ["act first", "batch first"])
 @pytest.mark.parametrize(("mode", "conditioned", "index"),
-                         [("sg", False, 3), ("sg", True, 2), ("backprop", False, 3)])
-def test_stage_needing_labels_fires_when_both_arrive(order: str, mode: str, conditioned: bool,
-                                                     index: int) -> None:
-    """A stage that needs y (last stage, or cDNI) fires 'input' once act and y are both in."""
+                         [("sg", False, 3), ("sg", True, 2), ("backprop", False, 3),
+                          ("backprop", False, 2)])
+def test_later_stages_take_the_labels_with_the_activation(mode: str, conditioned: bool,
+                                                          index: int) -> None:
+    """Outside full mode an activation (h, y) alone fires 'input'; one without y, or a BATCH,
+    is refused: the labels come from upstream, with the activation."""
     box = Inbox(RunConfig(mode=mode, conditioned=conditioned), index, 3)
+    with pytest.raises(InputError) as err:
+        box.add_batch(3, None, y())
+    assert err.value.reason == "kind"
+    with pytest.raises(InputError) as err:
+        box.add_act(3, h())
+    assert err.value.reason == "missing"
     labels = y()
-    if order == "act first":
-        assert box.add_act(3, h()) == []
-        assert box.add_batch(3, None, labels) == ["input"]
-    else:
-        assert box.add_batch(3, None, labels) == []
-        assert box.add_act(3, h()) == ["input"]
+    assert box.add_act(3, h(), labels) == ["input"]
     assert box.peek(3).y is labels
 
 
@@ -136,18 +157,18 @@ def test_full_mode_never_fires_batch_twice() -> None:
 def test_first_part_wins_over_a_forged_or_repeated_one(order: str) -> None:
     """A second activation, or parts of another batch size, are refused and evict nothing:
     the genuine parts that came first still join (a forged message cannot stall an iteration)."""
-    box = Inbox(RunConfig(mode="sg", conditioned=True), 2, 3)
+    box = Inbox(RunConfig(mode="full", conditioned=True), 2, 3)
     genuine_h, labels = h(), y()
     if order == "act first":
         assert box.add_act(4, genuine_h) == []
-        for forged in (lambda: box.add_act(4, h()), lambda: box.add_batch(4, None, y()[:1])):
+        for forged in (lambda: box.add_act(4, h()), lambda: box.add_batch(4, x(1), y(1))):
             with pytest.raises(InputError) as err:
                 forged()
             assert err.value.reason in ("duplicate", "shape")
-        assert box.add_batch(4, None, labels) == ["input"]
+        assert box.add_batch(4, x(), labels) == ["batch", "input"]
     else:
-        assert box.add_batch(4, None, labels) == []
-        for forged in (lambda: box.add_batch(4, None, y()), lambda: box.add_act(4, h()[:1])):
+        assert box.add_batch(4, x(), labels) == ["batch"]
+        for forged in (lambda: box.add_batch(4, x(), y()), lambda: box.add_act(4, h()[:1])):
             with pytest.raises(InputError) as err:
                 forged()
             assert err.value.reason in ("duplicate", "shape")
@@ -164,23 +185,23 @@ def test_full_mode_last_stage_needs_x_and_y() -> None:
 
 def test_iterations_are_joined_separately() -> None:
     """Parts of different iterations never complete each other."""
-    box = Inbox(RunConfig(mode="sg"), 3, 3)
+    box = Inbox(RunConfig(mode="full"), 3, 3)
     assert box.add_act(1, h()) == []
-    assert box.add_batch(2, None, y()) == []
-    assert box.add_batch(1, None, y()) == ["input"]
+    assert box.add_batch(2, x(), y()) == ["batch"]
+    assert box.add_batch(1, x(), y()) == ["batch", "input"]
     assert box.add_act(2, h()) == ["input"]
 
 
 def test_flood_drops_the_oldest_iteration() -> None:
     """Past `limit` held iterations, a new one evicts the oldest (lowest) iteration."""
-    box = Inbox(RunConfig(mode="sg"), 3, 3, limit=3)
+    box = Inbox(RunConfig(mode="full"), 3, 3, limit=3)
     for it in (10, 5, 20):
         assert box.add_act(it, h()) == []
     assert box.add_act(30, h()) == []
     assert sorted(box.parts) == [10, 20, 30]
-    assert box.add_batch(20, None, y()) == ["input"]  # an existing iteration evicts nothing
+    assert box.add_batch(20, x(), y()) == ["batch", "input"]  # an existing one evicts nothing
     assert sorted(box.parts) == [10, 20, 30]
-    box.add_batch(40, None, y())
+    box.add_batch(40, x(), y())
     assert sorted(box.parts) == [20, 30, 40]
 
 

@@ -18,7 +18,7 @@ from zdni.buffer import RedisRing, RingWriter
 from zdni.codec import DecodeError, Message
 from zdni.config import RunConfig
 from zdni.health import beat
-from zdni.inbox import Inbox, InputError, check_labels, check_tensor
+from zdni.inbox import Inbox, InputError, check_labels, check_tensor, labels_ride
 from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
 from zdni.redisserver import connect
 from zdni.stage import Outcome, Stage, StageError
@@ -65,6 +65,10 @@ class Worker:
         self.backlog: deque[list[Any]] = deque()
         self.count = len(modules)
         self.inbox = Inbox(self.cfg, stage, self.count)
+        self.carry_labels = labels_ride(self.cfg) and stage < self.count
+        # Synthesizer losses wait for the next 'update' DONE instead of a message of their own.
+        self.held: dict[str, Any] = {}
+        self.held_it = -1
         self.counts: Counter[str] = Counter()
         self.finished: OrderedDict[int, None] = OrderedDict()
         self.iteration = -1
@@ -171,18 +175,21 @@ class Worker:
             self._run_events(it, self.inbox.add_batch(it, x, y))
         elif kind == protocol.ACT:
             h = check_tensor("h", t.get("h"), self.shapes[self.index - 1], torch.float32)
-            self._run_events(it, self.inbox.add_act(it, h))
+            y = check_labels(t.get("y"), h.shape[0]) if self.inbox.act_labels else None
+            self._run_events(it, self.inbox.add_act(it, h, y))
         elif kind == protocol.GRAD:
             g = check_tensor("g", t.get("g"), self.shapes[self.index], torch.float32)
             self._apply(it, self.stage.train_grad(it, g))
             self.counts["grads"] += 1
         elif kind == protocol.EVAL:
+            self._flush_held()
             self._evaluate(msg)
         elif kind == protocol.SYNTH_REP:
             metrics = {k: float(v) for k, v in msg.meta.items() if k.endswith("_loss")}
             if metrics:  # the losses of a training request sent without waiting
                 self._apply(it, Outcome(metrics=metrics))
         elif kind == protocol.CONTROL:
+            self._flush_held()
             self._control(msg)
         else:
             raise InputError("kind", f"stage workers do not take {kind!r} messages")
@@ -197,12 +204,17 @@ class Worker:
             true_input = parts.x if self.index == 1 else parts.h
             assert true_input is not None  # the inbox joined parts of one batch size
             self.inbox.take(it)
-            self._apply(it, self.stage.train_input(it, true_input, parts.y))
+            y = parts.y if self.stage.needs_y else None
+            self._apply(it, self.stage.train_input(it, true_input, y), labels=parts.y)
 
-    def _apply(self, it: int, out: Outcome) -> None:
-        """Send what an event produced: the activation on, the gradient back, 'done' to the driver."""
+    def _apply(self, it: int, out: Outcome, labels: torch.Tensor | None = None) -> None:
+        """Send what an event produced: the activation on (with the labels when they ride along,
+        zdni.inbox), the gradient back, 'done' to the driver."""
         if out.h_out is not None:
-            self._send(protocol.ACT, it, self.index + 1, {"h": out.h_out})
+            tensors = {"h": out.h_out}
+            if labels is not None and self.carry_labels:
+                tensors["y"] = labels
+            self._send(protocol.ACT, it, self.index + 1, tensors)
         if out.d_in is not None and self.index > 1:
             self._send(protocol.GRAD, it, self.index - 1, {"g": out.d_in})
         if out.done:
@@ -214,12 +226,27 @@ class Worker:
             every = self.cfg.checkpoint_every
             if every and it > 0 and it % every == 0:
                 self._save(it)
-        if out.done or out.metrics:
-            meta: dict[str, Any] = {k: float(v) for k, v in out.metrics.items()}
-            meta["event"] = "update" if out.done else "synth"
-            if "grad_loss" in meta:  # M trained on iteration it's true gradient: how late it came
-                meta["staleness"] = float(self.iteration - it)
-            self._send(protocol.DONE, it, protocol.DRIVER, {}, meta)
+        metrics: dict[str, Any] = {k: float(v) for k, v in out.metrics.items()}
+        if out.done:  # the synthesizers' losses held since the last update ride along
+            if metrics.keys() & self.held.keys():
+                self._flush_held()
+            self._send(protocol.DONE, it, protocol.DRIVER, {},
+                       {**self.held, **metrics, "event": "update"})
+            self.held.clear()
+        elif metrics:  # a synthesizer trained (M on a true gradient, I on a true input)
+            if "grad_loss" in metrics:  # how late iteration it's true gradient came
+                metrics["staleness"] = float(self.iteration - it)
+            if metrics.keys() & self.held.keys():
+                self._flush_held()
+            self.held.update(metrics)
+            self.held_it = it
+
+    def _flush_held(self) -> None:
+        """Report held synthesizer losses in a DONE of their own (before evaluating or stopping)."""
+        if self.held:
+            self._send(protocol.DONE, self.held_it, protocol.DRIVER, {},
+                       {**self.held, "event": "synth"})
+            self.held.clear()
 
     def _evaluate(self, msg: Message) -> None:
         h = check_tensor("h", msg.tensors.get("h"), self.shapes[self.index - 1], torch.float32)

@@ -22,7 +22,7 @@ import zmq
 from zdni import codec, keys, protocol
 from zdni.config import RunConfig
 from zdni.data import BatchFeeder, load_dataset
-from zdni.inbox import stage_needs
+from zdni.inbox import batch_parts
 from zdni.launcher import Cluster
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
@@ -59,7 +59,7 @@ class Driver:
         if self.window < cfg.max_inflight:
             log.warning("[driver] backprop mode: one batch in flight (update locking), not %d",
                         cfg.max_inflight)
-        self.needs = {i: stage_needs(cfg, i, self.stages) for i in range(1, self.stages + 1)}
+        self.needs = {i: batch_parts(cfg, i, self.stages) for i in range(1, self.stages + 1)}
         self.updates: dict[int, set[int]] = defaultdict(set)  # iteration -> stages done with it
         self.inflight: set[int] = set()
         self.batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # in flight, for replay

@@ -1,8 +1,11 @@
 """A worker's inbox: checks each arriving tensor against the stage and joins the parts of an iteration.
 
-A stage may need several messages for one iteration (the activation from upstream, the batch
-from the driver); they arrive in any order. The inbox keeps the parts until an event can run and
-hands back events in the order they may run. It is pure: no sockets, no Redis.
+What travels where (backprop and sg): the driver sends one BATCH (x, y) to stage 1 only; each
+activation carries the labels on with it (h, y), so a later stage needs one message per
+iteration. In full mode every later stage needs x for I(x) at once, before its activation, so
+the driver sends each stage its BATCH and activations carry h alone. A stage may then need
+several messages for one iteration; they arrive in any order. The inbox keeps the parts until an
+event can run and hands back events in the order they may run. It is pure: no sockets, no Redis.
 """
 
 from __future__ import annotations
@@ -26,12 +29,24 @@ class InputError(ValueError):
 
 
 def stage_needs(cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
-    """(needs x, needs y): what the driver must send stage `index` of `count` each iteration."""
+    """(needs x, needs y): what stage `index` of `count` trains on each iteration."""
     full_later = cfg.mode == "full" and index > 1
     needs_x = index == 1 or full_later
     has_synth = (cfg.needs_synth and index < count) or full_later
     needs_y = index == count or (cfg.conditioned and has_synth)
     return needs_x, needs_y
+
+
+def labels_ride(cfg: RunConfig) -> bool:
+    """Whether activations carry the labels (h, y): every mode but full (module docstring)."""
+    return cfg.mode != "full"
+
+
+def batch_parts(cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
+    """(x, y): what the driver's BATCH to stage `index` holds; (False, False) = no BATCH."""
+    if not labels_ride(cfg):
+        return stage_needs(cfg, index, count)
+    return (True, True) if index == 1 else (False, False)  # stage 1 sends y on with its h
 
 
 def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
@@ -77,7 +92,10 @@ class Inbox:
     parts: dict[int, Parts] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.needs_x, self.needs_y = stage_needs(self.cfg, self.index, self.count)
+        self.needs_x, self.needs_y = batch_parts(self.cfg, self.index, self.count)
+        self.takes_batch = self.needs_x or self.needs_y
+        # Labels that come with the activation (h, y): every later stage outside full mode.
+        self.act_labels = labels_ride(self.cfg) and self.index > 1
         self.full_later = self.cfg.mode == "full" and self.index > 1
 
     def add_batch(self, it: int, x: torch.Tensor | None, y: torch.Tensor | None) -> list[str]:
@@ -87,6 +105,9 @@ class Inbox:
         size disagrees with the activation already held, raises InputError and changes nothing,
         so a forged or repeated message cannot evict the parts that came first.
         """
+        if not self.takes_batch:
+            raise InputError("kind", f"stage {self.index} takes no batch in mode {self.cfg.mode}:"
+                                     " its labels come with the activation")
         x = x if self.needs_x else None
         y = y if self.needs_y else None
         held = self.parts.get(it)
@@ -99,14 +120,20 @@ class Inbox:
         p.x, p.y = x, y
         return self._ready(it)
 
-    def add_act(self, it: int, h: torch.Tensor) -> list[str]:
-        """Record the true input from upstream; returns the events now ready (first one wins)."""
+    def add_act(self, it: int, h: torch.Tensor, y: torch.Tensor | None = None) -> list[str]:
+        """Record the true input from upstream, with its labels when they ride with it (checked
+        by the caller to match h); returns the events now ready (the first activation wins)."""
+        if self.act_labels and y is None:
+            raise InputError("missing", f"stage {self.index}: an activation must carry its labels y")
         held = self.parts.get(it)
         if held is not None:
             if held.h is not None:
                 raise InputError("duplicate", f"iteration {it}: its activation is already held")
             self._agree(it, "activation", h, held.x if held.x is not None else held.y)
-        self._parts(it).h = h
+        p = self._parts(it)
+        p.h = h
+        if self.act_labels:
+            p.y = y
         return self._ready(it)
 
     @staticmethod
@@ -129,9 +156,11 @@ class Inbox:
 
     def _ready(self, it: int) -> list[str]:
         p = self.parts[it]
-        have_batch = (p.x is not None or not self.needs_x) and (p.y is not None or not self.needs_y)
-        if self.needs_x or self.needs_y:
-            have_batch = have_batch and (p.x is not None or p.y is not None)
+        if self.takes_batch:
+            have_batch = (p.x is not None or not self.needs_x) and (
+                p.y is not None or not self.needs_y) and (p.x is not None or p.y is not None)
+        else:
+            have_batch = True
         events = []
         if self.full_later and have_batch and not p.batch_done:
             p.batch_done = True

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: activations carry their labels (h, y) outside full mode
 
 # Endpoints. Stages are numbered from 1, as the user numbers them.
 DRIVER = 0
@@ -36,10 +36,11 @@ SYNTH = MAX_STAGES + 1  # the remote synthesizer service (--synth-placement remo
 ENDPOINTS = MAX_STAGES + 2  # the broker binds one outbound socket per endpoint
 
 # Message kinds.
-BATCH = "batch"  # driver -> stage: input x and/or labels y of training iteration `it`
-ACT = "act"  # stage i -> stage i+1: the true activation h_i (the true input of stage i+1)
+BATCH = "batch"  # driver -> stage: x and/or y of iteration `it` (stage 1 only, but in full mode)
+ACT = "act"  # stage i -> stage i+1: the true activation h_i, and y but in full mode (zdni.inbox)
 GRAD = "grad"  # stage i -> stage i-1: dL/dh_{i-1}, the true (or bootstrapped) gradient
-DONE = "done"  # stage -> driver: the stage finished its update for `it`; meta holds losses
+DONE = "done"  # stage -> driver: the stage finished its update for `it`; meta holds its losses
+#                and those of synthesizer training held since its last DONE (meta "event")
 EVAL = "eval"  # driver -> stage / stage -> stage: a forward-only evaluation batch
 EVAL_RESULT = "eval_result"  # last stage -> driver: loss sum and correct count of a batch
 CONTROL = "control"  # driver -> stage: meta["op"] in CONTROL_OPS

@@ -227,12 +227,12 @@ class Stage:
 
     @property
     def needs_x(self) -> bool:
-        """Whether the driver must send this stage the raw input x each iteration."""
+        """Whether this stage trains on the raw input x each iteration."""
         return stage_needs(self.cfg, self.index, self.count)[0]
 
     @property
     def needs_y(self) -> bool:
-        """Whether the driver must send this stage the labels y each iteration."""
+        """Whether this stage trains on the labels y each iteration."""
         return stage_needs(self.cfg, self.index, self.count)[1]
 
     def _step(self) -> None:
