@@ -141,3 +141,17 @@ def test_buffers_stay_bounded_however_long_the_run(
     # 'out' rings of stages 1-2 and 'in' rings of stages 2-3, N slots each
     assert count_a == count_b == 4 * 8
     assert abs(bytes_b - bytes_a) <= 0.02 * bytes_a
+
+
+def test_messages_per_iteration_and_a_generated_run_id(mnist_dir: Path, redis_url: str) -> None:
+    """A library call without a run id gets one. Each cDNI iteration of 3 stages costs the broker
+    8 messages: 1 BATCH (to stage 1 only: the labels ride with the activations), 2 ACT, 2 GRAD
+    and 3 DONE (M's losses ride in the next DONE, not their own). Evaluation adds 4 per test
+    batch (3 hops and the result), the end 3 CONTROL stops and the 2 M losses still held."""
+    cfg = small_config(mnist_dir, "", mode="sg", conditioned=True)
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    assert summary["run_id"].startswith("sg-c-fcn3-")
+    broker = summary["counts"]["broker"]
+    assert broker["received"] == 10 * 8 + 4 * 1 + 3 + 2
+    assert broker["forwarded"] == broker["received"]
+    assert summary["history"][0]["grad_loss"].keys() == {"1", "2"}  # M's losses arrived

@@ -11,7 +11,15 @@ from typing import Any
 
 import click
 
-from zdni.config import MODELS, MODES, OPTIMIZERS, PLACEMENTS, ConfigError, RunConfig
+from zdni.config import (
+    MODELS,
+    MODES,
+    OPTIMIZERS,
+    PLACEMENTS,
+    ConfigError,
+    RunConfig,
+    new_run_id,
+)
 
 F = Callable[..., Any]
 
@@ -400,14 +408,6 @@ def experiment(name: str, epochs: int | None, seeds: str | None, data_dir: str |
                              target))
     except ExperimentError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def new_run_id(cfg: RunConfig) -> str:
-    """A readable, unique run id: mode, model and a timestamp."""
-    import time
-
-    tag = cfg.mode + ("-c" if cfg.conditioned else "")
-    return f"{tag}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"
 
 
 from zdni import admin  # noqa: E402,F401 - registers status, rollback, keys and redis on `main`

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,3 +146,9 @@ def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 def _positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def new_run_id(cfg: RunConfig) -> str:
+    """A readable, unique run id: mode, model, a timestamp and the process id."""
+    tag = cfg.mode + ("-c" if cfg.conditioned else "")
+    return f"{tag}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"

@@ -20,7 +20,7 @@ import torch
 import zmq
 
 from zdni import codec, keys, protocol
-from zdni.config import RunConfig
+from zdni.config import RunConfig, new_run_id
 from zdni.data import BatchFeeder, load_dataset
 from zdni.inbox import batch_parts
 from zdni.launcher import Cluster
@@ -47,6 +47,8 @@ class Driver:
     def __init__(self, cfg: RunConfig, client: redis.Redis, broker: str,
                  cluster: Cluster | None = None, quiet: bool = False,
                  stall_s: float = 120.0) -> None:
+        if not cfg.run_id:  # the library's callers get an id as the CLI's do
+            cfg.run_id = new_run_id(cfg)
         self.cfg = cfg
         self.redis = client
         self.broker = broker
