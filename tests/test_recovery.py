@@ -10,9 +10,10 @@ import psutil
 import pytest
 import redis
 
-from zdni import keys
+from zdni import checkpoint, keys
 from zdni.config import RunConfig
 from zdni.driver import train_distributed
+from zdni.protocol import SYNTH
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,6 +73,45 @@ def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
     stage2 = summary["counts"]["stage:2"]
     assert stage2["resumed"] == 1  # the restarted worker loaded its backup
     assert abs(summary["test_accuracy"] - calm["test_accuracy"]) <= 0.01
+
+
+def kill_synth_when(client: redis.Redis, run: str, iteration: int,
+                    record: dict[str, object]) -> None:
+    """Once stage 1 is past `iteration` and the service has a backup, SIGKILL the service."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        it = client.hget(keys.heartbeat(run, 1), "iteration")
+        if it is not None and int(it) >= iteration and checkpoint.iterations(client, run, SYNTH):
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = proc.info["cmdline"] or []
+                if "synth" in cmd and run in cmd:
+                    proc.kill()
+                    record["backup"] = checkpoint.iterations(client, run, SYNTH)[-1]
+                    return
+        time.sleep(0.05)
+
+
+def test_killed_synthesizer_service_resumes_from_its_backup(
+        mnist_dir: Path, redis_url: str, redis_client: redis.Redis) -> None:
+    """--synth-placement remote, SIGKILL of the service mid-run: the driver restarts it, it loads
+    its latest backup of every M (resumed), the stage waiting on it asks again, the run ends."""
+    cfg = RunConfig(run_id="synth-crash", data_dir=str(mnist_dir), mode="sg", conditioned=True,
+                    synth_placement="remote", epochs=1, train_limit=12288, test_limit=2000,
+                    checkpoint_every=10, heartbeat_s=0.5, max_inflight=1).validate()
+    record: dict[str, object] = {}
+    killer = threading.Thread(target=kill_synth_when,
+                              args=(redis_client, cfg.run_id, 40, record), daemon=True)
+    killer.start()
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
+    killer.join(1)
+    assert "backup" in record, "the service was never killed"
+    assert summary["tally"]["restarts"] == 1
+    synth = redis_client.hgetall(keys.counters(cfg.run_id, f"stage:{SYNTH}"))
+    assert synth[b"resumed"] == b"1"
+    assert summary["iterations"] == 96 + summary["tally"]["replayed"]
+    assert summary["test_accuracy"] > 0.7  # one short epoch: it trained on
+    # the final backup (at stop) is newer than the one the restarted service loaded
+    assert checkpoint.iterations(redis_client, cfg.run_id, SYNTH)[-1] > record["backup"]
 
 
 def test_recovery_rules_table() -> None:

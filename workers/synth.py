@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from zdni import codec, keys, protocol
+from zdni import checkpoint, codec, keys, protocol
 from zdni.buffer import RedisRing
 from zdni.codec import DecodeError
 from zdni.config import RunConfig
@@ -37,6 +37,15 @@ def serve(broker: str, redis_url: str, run: str) -> None:
     service = SynthService(cfg, shapes, lambda stage, name: RedisRing(
         client, run, stage, name, cfg.ring_size))
     counts: Counter[str] = Counter()
+    trained = -1  # the newest iteration a synthesizer trained on
+    found = checkpoint.load(client, run, protocol.SYNTH)
+    if found is not None:  # a restarted service: resume from its latest backup
+        service.restore(*found)
+        trained = int(found[1]["it"])
+        counts["resumed"] += 1
+        log.warning("[synth] resumed from the backup of iteration %d", trained)
+    every = cfg.checkpoint_every
+    next_save = (trained // every + 1) * every if every else 0
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     ctx = zmq.Context()
@@ -58,11 +67,19 @@ def serve(broker: str, redis_url: str, run: str) -> None:
                     raise InputError("kind", f"the synthesizer takes synth_req, not {msg.kind!r}")
                 net.send(service.handle(msg))
                 counts["answered"] += 1
+                if msg.meta.get("op") in ("train_grad", "train_input"):
+                    trained = max(trained, msg.it)
+                    if every and trained >= next_save:
+                        checkpoint.save_state(client, run, protocol.SYNTH, trained,
+                                              *service.state(trained))
+                        next_save = (trained // every + 1) * every
             except (DecodeError, InputError) as exc:
                 _drop(counts, exc.reason, str(exc))
             except StageError as exc:
                 _drop(counts, "unmatched", str(exc))
     finally:
+        if trained >= 0:
+            checkpoint.save_state(client, run, protocol.SYNTH, trained, *service.state(trained))
         beat(client, run, protocol.SYNTH, "stopped", -1, counts, "cpu", cfg.heartbeat_s)
         net.close()
         ctx.term()

@@ -28,6 +28,7 @@ from zdni.transport import Endpoint
 log = logging.getLogger("zdni.worker")
 RECENT = 4096  # iterations remembered as finished, to drop replays
 RPC_TIMEOUT_S = 60.0  # a synthesizer service silent this long is an error, not a hang
+RPC_RESEND_S = 3.0  # unanswered this long, a request is sent again (a restarted service lost it)
 BACKLOG = 8192  # messages held while waiting for the synthesizer; the window keeps it small
 
 
@@ -291,10 +292,15 @@ class Worker:
         if not wait:
             return None
         deadline = time.monotonic() + RPC_TIMEOUT_S
+        resend = time.monotonic() + RPC_RESEND_S
         while (left := deadline - time.monotonic()) > 0:
-            frames = self.net.recv(int(left * 1000))
+            if time.monotonic() >= resend:  # answering twice is harmless: predictions only
+                self.counts["rpc_resent"] += 1
+                self._send(protocol.SYNTH_REQ, it, protocol.SYNTH, tensors, {"op": op, **meta})
+                resend = time.monotonic() + RPC_RESEND_S
+            frames = self.net.recv(int(min(left, max(resend - time.monotonic(), 0.01)) * 1000))
             if frames is None:
-                break
+                continue
             try:
                 header = codec.decode_header(frames)
             except DecodeError:

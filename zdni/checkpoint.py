@@ -1,5 +1,8 @@
 """Backups of a stage (module, synthesizers, optimizers) in Redis or files, and restoring them.
 
+The synthesizer service (--synth-placement remote) backs up every stage's M and I the same way,
+under its own endpoint number (zdni.protocol.SYNTH).
+
 A backup is a Redis hash in the codec's safe state format (no pickle): one field per tensor plus
 msgpack metadata. Backups of a stage are indexed by iteration in a sorted set, so "the latest"
 and "the one at iteration T" are single lookups. Large models may keep the hash in a file under
@@ -14,6 +17,7 @@ from typing import Any
 
 import redis
 import torch
+from torch import nn
 
 from zdni import keys
 from zdni.codec import decode_state, encode_state
@@ -38,29 +42,41 @@ def _optimizers(stage: Stage) -> dict[str, torch.optim.Optimizer]:
 
 def stage_state(stage: Stage, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor that defines the stage's training state, and the metadata beside them."""
+    return collect(_parts(stage), _optimizers(stage), iteration, stage.index)
+
+
+def collect(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+            iteration: int, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of named modules and optimizers, and the metadata beside them."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in _parts(stage).items():
+    for name, module in parts.items():
         for key, value in module.state_dict().items():
             tensors[f"{name}.{key}"] = value.detach().cpu()
     groups: dict[str, Any] = {}
-    for name, opt in _optimizers(stage).items():
+    for name, opt in optimizers.items():
         sd = opt.state_dict()
         for idx, entry in sd["state"].items():
             for key, value in entry.items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
                 tensors[f"opt.{name}.{idx}.{key}"] = t.detach().cpu()
         groups[name] = sd["param_groups"]
-    meta = {"it": iteration, "stage": stage.index, "param_groups": groups}
+    meta = {"it": iteration, "stage": index, "param_groups": groups}
     return tensors, meta
 
 
 def restore_stage(stage: Stage, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Load a backup into the stage, in place."""
-    for name, module in _parts(stage).items():
+    restore(_parts(stage), _optimizers(stage), tensors, meta)
+
+
+def restore(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+            tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load what `collect` gathered back into the same named modules and optimizers."""
+    for name, module in parts.items():
         prefix = f"{name}."
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(sd)
-    for name, opt in _optimizers(stage).items():
+    for name, opt in optimizers.items():
         state: dict[int, dict[str, torch.Tensor]] = {}
         prefix = f"opt.{name}."
         for key, value in tensors.items():
@@ -74,13 +90,20 @@ def save(client: redis.Redis, run: str, stage: Stage, iteration: int,
          directory: str | None = None) -> str:
     """Back up the stage at `iteration`; keep the newest KEEP backups. Returns the key."""
     tensors, meta = stage_state(stage, iteration)
+    return save_state(client, run, stage.index, iteration, tensors, meta, directory)
+
+
+def save_state(client: redis.Redis, run: str, endpoint: int, iteration: int,
+               tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               directory: str | None = None) -> str:
+    """Store a backup of `endpoint` (a stage, or the synthesizer service) at `iteration`."""
     fields = encode_state(tensors, meta)
-    key = keys.checkpoint(run, stage.index, iteration)
-    index = keys.checkpoints(run, stage.index)
+    key = keys.checkpoint(run, endpoint, iteration)
+    index = keys.checkpoints(run, endpoint)
     pipe = client.pipeline(transaction=True)
     if directory:
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"{run}-stage{stage.index}-{iteration}.zckpt")
+        path = os.path.join(directory, f"{run}-stage{endpoint}-{iteration}.zckpt")
         _write_file(path, fields)
         pipe.delete(key)
         pipe.hset(key, mapping={"__file__": path})
@@ -90,7 +113,7 @@ def save(client: redis.Redis, run: str, stage: Stage, iteration: int,
     pipe.zadd(index, {str(iteration): iteration})
     pipe.execute()
     for old in client.zrange(index, 0, -KEEP - 1):
-        old_key = keys.checkpoint(run, stage.index, int(keys.text(old)))
+        old_key = keys.checkpoint(run, endpoint, int(keys.text(old)))
         old_file = client.hget(old_key, "__file__")
         if old_file:  # a file backup leaves the disk with its key, or files pile up unbounded
             with contextlib.suppress(FileNotFoundError):

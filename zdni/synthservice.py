@@ -13,7 +13,8 @@ Requests are SYNTH_REQ messages from a stage with meta["op"]:
     train_input  tensor h          reply meta input_loss (I trained on the remembered x, y)
 
 The service holds one LocalSynth per stage, built from the same seeds as a stage's own, so both
-placements compute the same numbers.
+placements compute the same numbers. It backs them up (state / restore, stored by
+zdni.checkpoint under endpoint SYNTH) so that a restarted service resumes where it was.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
-from zdni import protocol
+from zdni import checkpoint, protocol
 from zdni.codec import Message
 from zdni.config import RunConfig
 from zdni.inbox import InputError, check_labels, check_tensor
@@ -92,6 +94,25 @@ class SynthService:
             if synth.M is not None or synth.I is not None:
                 self.synths[i] = synth
                 self.inputs[i] = make_ring(i, "synth-in")
+
+    def _named(self) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
+        parts: dict[str, nn.Module] = {}
+        opts: dict[str, torch.optim.Optimizer] = {}
+        for i, s in self.synths.items():
+            for name, module, opt in (("M", s.M, s.m_opt), ("I", s.I, s.i_opt)):
+                if module is not None:
+                    parts[f"s{i}{name}"] = module
+                if opt is not None:
+                    opts[f"s{i}{name}"] = opt
+        return parts, opts
+
+    def state(self, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every synthesizer's and optimizer's tensors, for a backup."""
+        return checkpoint.collect(*self._named(), iteration, protocol.SYNTH)
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Load a backup made by `state`, in place."""
+        checkpoint.restore(*self._named(), tensors, meta)
 
     def handle(self, msg: Message) -> Message:
         """Apply one request; returns the reply. Raises InputError for a bad request."""
