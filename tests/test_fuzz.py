@@ -20,7 +20,7 @@ from zdni.transport import make_socket
 pytestmark = pytest.mark.timeout(300)
 RUN = "fuzzed"
 EPOCHS = 4
-FLOOD = 8000
+FLOOD = 12_000  # the operations issue asks for at least 10,000
 
 
 def msg(kind: str, it: int, src: int, dst: int, run: str = RUN, **tensors: torch.Tensor) -> list:
@@ -116,6 +116,7 @@ def flood(client: redis.Redis, count: int, report: dict) -> None:
             assert time.monotonic() < deadline + 120, "the broker never counted the whole flood"
             time.sleep(0.05)
         report["epoch_when_delivered"] = int(client.hget(keys.state(RUN), "epoch") or 0)
+        report["fed_when_delivered"] = int(client.hget(keys.state(RUN), "fed") or 0)
         report["sent"] = sent
         report["rss_after"] = {p.pid: p.memory_info().rss for p in procs if p.is_running()}
     finally:
@@ -125,7 +126,7 @@ def flood(client: redis.Redis, count: int, report: dict) -> None:
 
 def test_flood_of_hostile_messages_changes_nothing(mnist_dir: Path, redis_url: str,
                                                    redis_client: redis.Redis) -> None:
-    """8,000 malformed or hostile messages are dropped where expected; training and memory hold.
+    """12,000 malformed or hostile messages are dropped where expected; training and memory hold.
 
     With one batch in flight a run is deterministic, so the flooded run must end with exactly
     the calm run's accuracy: a single hostile message that changed any state would show.
@@ -141,7 +142,10 @@ def test_flood_of_hostile_messages_changes_nothing(mnist_dir: Path, redis_url: s
                                 redis_url=redis_url)
     attacker.join(60)
     assert "sent" in report, "the flood did not finish"
-    assert report["epoch_when_delivered"] < EPOCHS, "the run ended before the flood was delivered"
+    # On one core the flood is in by iteration 53-65 of 256: a wide margin for a slow machine.
+    assert report["epoch_when_delivered"] < EPOCHS, (
+        f"the run ended before the flood was delivered (at iteration "
+        f"{report['fed_when_delivered']} of {summary['iterations']})")
     counts = summary["counts"]
     dropped = {who: sum(v for k, v in c.items() if k.startswith("dropped:"))
                for who, c in counts.items()}
