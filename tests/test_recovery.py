@@ -72,6 +72,9 @@ def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
     assert tally["replayed"] == tally["dropped:stage_failed"] >= 1
     stage2 = summary["counts"]["stage:2"]
     assert stage2["resumed"] == 1  # the restarted worker loaded its backup
+    # ... and went on counting from its predecessor's last beat (taken just before the kill),
+    # instead of from zero, which would give at most iterations - killed-at.
+    assert stage2["trained"] > summary["iterations"] - int(record["iteration"]) + 30
     assert abs(summary["test_accuracy"] - calm["test_accuracy"]) <= 0.01
 
 

@@ -70,7 +70,10 @@ class Worker:
         # Synthesizer losses wait for the next 'update' DONE instead of a message of their own.
         self.held: dict[str, Any] = {}
         self.held_it = -1
-        self.counts: Counter[str] = Counter()
+        # A restarted worker goes on counting from where its predecessor's last beat left off.
+        self.counts: Counter[str] = Counter({
+            keys.text(k): int(v) for k, v in self.redis.hgetall(
+                keys.counters(self.run, f"stage:{stage}")).items() if v.isdigit()})
         self.finished: OrderedDict[int, None] = OrderedDict()
         self.iteration = -1
         self.stopping = False
