@@ -49,9 +49,10 @@ class Worker:
         if raw is None:
             raise SystemExit(f"{self.who} run {self.run!r} has no config in Redis")
         self.cfg = RunConfig.from_json(raw)
-        if threads:
-            torch.set_num_threads(threads)
         modules = build_stages(self.cfg)
+        # Unless told, assume every stage shares this host (honcho, one machine): torch's default
+        # of a thread per core in each of K workers oversubscribes the cores (docs/BENCHMARKS.md).
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // len(modules)))
         if not 1 <= stage <= len(modules):
             raise SystemExit(f"{self.who} run {self.run} has stages 1..{len(modules)}")
         self.shapes = stage_shapes(modules, INPUT_SHAPES[self.cfg.dataset])

@@ -281,7 +281,9 @@ def broker(bind: str, redis_url: str, curve_dir: str | None) -> None:
 @click.option("--run", "run_id", default=None, help="Run id [default: the current run].")
 @click.option("--device", default="cpu", show_default=True, envvar="ZDNI_DEVICE",
               help="cpu or cuda:N.")
-@click.option("--threads", type=int, default=None, envvar="ZDNI_THREADS")
+@click.option("--threads", type=int, default=None, envvar="ZDNI_THREADS",
+              help="torch threads [default: cores / stages, as if every stage shared this host;"
+                   " a worker alone on its host may take all its cores].")
 @click.option("--checkpoint-dir", default=None, envvar="ZDNI_CHECKPOINT_DIR",
               help="Keep backups in files here instead of in Redis.")
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True,
