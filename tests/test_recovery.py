@@ -119,7 +119,7 @@ def test_killed_synthesizer_service_resumes_from_its_backup(
 
 def test_recovery_rules_table() -> None:
     """Batches are replayed only when a worker process is really gone, never on suspicion."""
-    from zdni.driver import Recovery
+    from zdni.recovery import Recovery
 
     r = Recovery(restart=True)
     pids = {1: "10", 2: "20"}
