@@ -1,8 +1,8 @@
 """The broker process: routes frames between driver and stages, and monitors worker health.
 
 One PULL socket takes every message in; one PUSH socket per endpoint sends it on (addresses in
-zdni.protocol.outbound_address). The broker reads only headers (zdni.codec.decode_header) and
-forwards the tensor frames untouched, without copying. It never stops reading: the driver's
+zdni.protocol.outbound_address). The broker reads only headers (zdni.header.decode_header) and
+forwards the tensor frames untouched, without copying; it never imports torch. It never stops reading: the driver's
 window bounds the messages in flight, and a message that cannot be sent waits in a bounded
 per-endpoint queue; past that bound it is dropped and counted, so a flood cannot grow memory
 and backpressure cannot deadlock the pipeline.
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections import Counter, deque
 from typing import Any
@@ -21,10 +19,13 @@ from typing import Any
 import redis
 import zmq
 
-from zdni import codec, health, keys, protocol
+from zdni import health, keys, protocol
 from zdni.config import ConfigError, RunConfig
+from zdni.header import decode_header
+from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
+from zdni.shell import Stopper, setup_logging
 from zdni.transport import make_socket
 
 log = logging.getLogger("zdni.broker")
@@ -41,20 +42,18 @@ class Broker:
         self.runs: dict[str, int] = {}  # run id -> stage count, read from the run's config
         self.liveness: dict[tuple[str, int], health.Liveness] = {}
         self.counts: Counter[str] = Counter()
-        self.stopping = False
 
     def stages_of(self, run: str) -> int:
-        """The run's stage count; raises codec.DecodeError('run') for a run Redis does not know."""
+        """The run's stage count, as its driver published it; raises MessageError('run') for a
+        run Redis does not know."""
         if run not in self.runs:
-            raw = self.redis.get(keys.config(run))
+            raw = self.redis.hget(keys.state(run), "stages")
             if raw is None:
-                raise codec.DecodeError("run", f"unknown run id {run!r}: no config in Redis")
-            try:
-                from zdni.models import stage_count
-
-                self.runs[run] = stage_count(RunConfig.from_json(raw))
-            except ConfigError as exc:
-                raise codec.DecodeError("run", f"run {run!r} has a bad config: {exc}") from None
+                raise MessageError("run", f"unknown run id {run!r}: no state in Redis")
+            stages = int(raw) if raw.isdigit() else 0
+            if not 1 <= stages <= protocol.MAX_STAGES:
+                raise MessageError("run", f"run {run!r} has a bad stage count {raw!r:.20}")
+            self.runs[run] = stages
         return self.runs[run]
 
     def serve(self) -> None:
@@ -68,14 +67,14 @@ class Broker:
             sock.bind(protocol.outbound_address(self.bind, endpoint))
             outs.append(sock)
         queues: list[deque[list[Any]]] = [deque() for _ in outs]
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        stopper = Stopper()
         log.info("[broker] listening on %s (outbound ports follow it)", self.bind)
         poller = zmq.Poller()
         poller.register(inbound, zmq.POLLIN)
         interval = 1.0
         next_check = time.monotonic() + interval
         try:
-            while not self.stopping:
+            while not stopper.stopping:
                 waiting = [e for e, q in enumerate(queues) if q]
                 for e in waiting:
                     poller.register(outs[e], zmq.POLLOUT)
@@ -108,20 +107,15 @@ class Broker:
             ctx.term()
             log.info("[broker] stopped")
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.stopping:
-            raise SystemExit(1)
-        self.stopping = True
-
     def forward(self, frames: list[Any], outs: list[zmq.Socket],
                 queues: list[deque[list[Any]]]) -> None:
         """Route one message, or log, count and drop it."""
         self.counts["received"] += 1
         try:
-            header = codec.decode_header(frames)
+            header = decode_header(frames)
             dst = protocol.route(header["kind"], header["src"], header["dst"],
                                  self.stages_of(header["run"]))
-        except codec.DecodeError as exc:
+        except MessageError as exc:
             self._drop(exc.reason, str(exc))
             return
         except ValueError as exc:
@@ -163,8 +157,12 @@ class Broker:
         raw = self.redis.get(keys.config(run))
         if raw is None:
             return 1.0
-        cfg = RunConfig.from_json(raw)
-        stages = self.stages_of(run)
+        try:
+            cfg = RunConfig.from_json(raw)
+            stages = self.stages_of(run)
+        except (ConfigError, MessageError) as exc:
+            log.error("[broker] run %s cannot be monitored: %s", run, exc)
+            return 1.0
         pipe = self.redis.pipeline(transaction=False)
         for stage in range(1, stages + 1):
             pipe.hmget(keys.heartbeat(run, stage), ["time", "status"])
@@ -193,11 +191,9 @@ class Broker:
             self.redis.hset(keys.counters(run, "broker"), mapping=dict(self.counts))  # type: ignore[arg-type]
 
 
-def main(bind: str, redis_url: str, curve_dir: str | None = None) -> None:
+def main(bind: str, redis_url: str, curve: Curve | None = None) -> None:
     """Entry point of `zdni broker`."""
-    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"), force=True,
-                        format="%(asctime)s [broker] %(levelname)s %(message)s")
-    curve = Curve.broker(curve_dir) if curve_dir else None
+    setup_logging("[broker]")
     if curve is None and not bind.startswith(("tcp://127.", "tcp://localhost", "ipc://")):
         log.warning("[broker] %s is reachable from other hosts without encryption or "
                     "authentication; use --curve-dir (see `zdni keys`)", bind)

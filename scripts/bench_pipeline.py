@@ -162,7 +162,7 @@ def run_inproc(args: argparse.Namespace, mode: str, conditioned: bool) -> dict[s
 
 def run_zdni(args: argparse.Namespace, mode: str, conditioned: bool, stages: int,
              redis_url: str) -> dict[str, Any]:
-    from zdni.driver import train_distributed
+    from zdni.cluster import train_distributed
 
     outer = time.monotonic()
     torch.set_num_threads(1)  # the driver only feeds batches; leave the cores to the workers

@@ -126,7 +126,7 @@ def peer(spec: dict[str, Any]) -> None:
             if msg.meta.get("stop"):
                 return
             tensors = {"g": msg.tensors["h"]} if msg.meta.get("echo") else {}
-            end.send(codec.Message(protocol.GRAD, RUN, msg.it, 2, 1, tensors))
+            end.send(codec.encode(codec.Message(protocol.GRAD, RUN, msg.it, 2, 1, tensors)))
     finally:
         end.close()
         ctx.term()
@@ -145,7 +145,7 @@ class Sender:
         if self.ring is not None:
             self.ring.put(self.it, {"h": t, "g": t})  # a sg stage stores h and M's g per step
         meta = {"echo": True} if echo else {"stop": True} if stop else {}
-        self.end.send(codec.Message(protocol.ACT, RUN, self.it, 1, 2, {"h": t}, meta))
+        self.end.send(codec.encode(codec.Message(protocol.ACT, RUN, self.it, 1, 2, {"h": t}, meta)))
         self.it += 1
 
     def _recv(self) -> codec.Message:
@@ -291,6 +291,7 @@ def start_broker(bind: str, url: str, log: Path) -> subprocess.Popen[bytes]:
     client = connect(url)
     cfg = RunConfig(run_id=RUN, model="fcn3", stages=2).validate()
     client.set(keys.config(RUN), cfg.to_json())
+    client.hset(keys.state(RUN), "stages", 2)
     client.set(keys.current_run(), RUN)  # so its health monitor runs, as in a real run
     client.close()
     with open(log, "ab") as out:

@@ -47,6 +47,7 @@ def main() -> None:
         server = EmbeddedRedis().start()
         client = connect(server.url)
         client.set(keys.config(RUN), RunConfig(run_id=RUN, model="fcn3", stages=2).to_json())
+        client.hset(keys.state(RUN), "stages", 2)
         client.set(keys.current_run(), RUN)
         bind = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
         prof = Path(tmp) / "broker.prof"

@@ -25,8 +25,8 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
 from zdni import protocol  # noqa: E402
+from zdni.cluster import run_remote  # noqa: E402
 from zdni.config import RunConfig  # noqa: E402
-from zdni.driver import run_remote  # noqa: E402
 from zdni.redisserver import EmbeddedRedis  # noqa: E402
 from zdni.transport import free_port_range  # noqa: E402
 

@@ -102,6 +102,7 @@ def stop(proc: subprocess.Popen[bytes]) -> int | None:
 def broker(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Running]:
     """A broker subprocess for run r1 (3 stages), stopped with SIGTERM and checked to exit 0."""
     redis_client.set(keys.config("r1"), RunConfig(run_id="r1", stages=3).to_json())
+    redis_client.hset(keys.state("r1"), "stages", 3)  # the broker reads the count from here
     redis_client.set(keys.current_run(), "r1")
     address = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
     log = tmp_path / "broker.log"

@@ -13,8 +13,8 @@ import redis
 import torch
 
 from zdni import checkpoint, keys
-from zdni.codec import DecodeError
 from zdni.config import RunConfig
+from zdni.protocol import MessageError
 from zdni.stage import Stage
 from zdni.trainer import build_pipeline, run_iteration
 
@@ -197,7 +197,7 @@ def _a_tensor_field(fields: dict[bytes, bytes]) -> bytes:
     return next(k for k in fields if k.startswith(b"stage."))
 
 
-# (case, how the backup hash is damaged, the DecodeError reason)
+# (case, how the backup hash is damaged, the MessageError reason)
 CORRUPTIONS: list[tuple[str, Callable[[redis.Redis, str, dict[bytes, bytes]], Any], str]] = [
     ("truncated tensor", lambda r, k, f: r.hset(k, _a_tensor_field(f), f[_a_tensor_field(f)][:-4]),
      "size"),
@@ -219,11 +219,11 @@ def test_corrupted_backup_raises_decode_error(
     redis_client: redis.Redis, trained: tuple[list[Stage], list[Batch]], case: str,
     damage: Callable[[redis.Redis, str, dict[bytes, bytes]], Any], reason: str,
 ) -> None:
-    """A damaged backup hash raises codec.DecodeError naming why, never a half-restored stage."""
+    """A damaged backup hash raises protocol.MessageError naming why, never a half-restored stage."""
     key = checkpoint.save(redis_client, "r1", trained[0][0], 2)
     fields: dict[bytes, bytes] = redis_client.hgetall(key)  # type: ignore[assignment]
     damage(redis_client, key, fields)
-    with pytest.raises(DecodeError) as err:
+    with pytest.raises(MessageError) as err:
         checkpoint.load(redis_client, "r1", 1, iteration=2)
     assert err.value.reason == reason
 
@@ -231,12 +231,12 @@ def test_corrupted_backup_raises_decode_error(
 def test_truncated_backup_file_raises_decode_error(
     redis_client: redis.Redis, trained: tuple[list[Stage], list[Batch]], tmp_path: Path
 ) -> None:
-    """A backup file cut short raises codec.DecodeError."""
+    """A backup file cut short raises protocol.MessageError."""
     key = checkpoint.save(redis_client, "r1", trained[0][0], 2, directory=str(tmp_path))
     path = Path(keys.text(redis_client.hget(key, "__file__")))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DecodeError):
+    with pytest.raises(MessageError):
         checkpoint.load(redis_client, "r1", 1, iteration=2)
 
 

@@ -13,8 +13,8 @@ import torch
 import zmq
 
 from zdni import codec, keys, protocol
+from zdni.cluster import train_distributed
 from zdni.config import RunConfig
-from zdni.driver import train_distributed
 from zdni.transport import make_socket
 
 pytestmark = pytest.mark.timeout(300)
@@ -186,7 +186,6 @@ def test_a_forged_part_that_blocks_an_iteration_is_fed_again(mnist_dir: Path, re
 
     forger = threading.Thread(target=forge, daemon=True)
     forger.start()
-    start = time.monotonic()
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
     forger.join(10)
     assert summary["tally"]["dropped:lost"] == 1
@@ -195,4 +194,3 @@ def test_a_forged_part_that_blocks_an_iteration_is_fed_again(mnist_dir: Path, re
     stage3 = summary["counts"]["stage:3"]
     assert stage3["dropped:shape"] == 1 and stage3["dropped:duplicate"] == 1
     assert summary["test_accuracy"] > 0.7
-    assert time.monotonic() - start < 60

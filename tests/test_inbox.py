@@ -9,12 +9,12 @@ from zdni.config import RunConfig
 from zdni.inbox import (
     MAX_BATCH,
     Inbox,
-    InputError,
     batch_parts,
     check_labels,
     check_tensor,
     stage_needs,
 )
+from zdni.protocol import MessageError
 from zdni.trainer import build_pipeline
 
 X_SHAPE = (1, 28, 28)
@@ -115,10 +115,10 @@ def test_later_stages_take_the_labels_with_the_activation(mode: str, conditioned
     """Outside full mode an activation (h, y) alone fires 'input'; one without y, or a BATCH,
     is refused: the labels come from upstream, with the activation."""
     box = Inbox(RunConfig(mode=mode, conditioned=conditioned), index, 3)
-    with pytest.raises(InputError) as err:
+    with pytest.raises(MessageError) as err:
         box.add_batch(3, None, y())
     assert err.value.reason == "kind"
-    with pytest.raises(InputError) as err:
+    with pytest.raises(MessageError) as err:
         box.add_act(3, h())
     assert err.value.reason == "missing"
     labels = y()
@@ -146,7 +146,7 @@ def test_full_mode_never_fires_batch_twice() -> None:
     """full, stage 2: a repeated batch of an iteration is refused; the synthetic pass ran once."""
     box = Inbox(RunConfig(mode="full"), 2, 3)
     assert box.add_batch(1, x(), None) == ["batch"]
-    with pytest.raises(InputError) as err:
+    with pytest.raises(MessageError) as err:
         box.add_batch(1, x(), None)
     assert err.value.reason == "duplicate"
     assert box.add_act(1, h()) == ["input"]
@@ -162,14 +162,14 @@ def test_first_part_wins_over_a_forged_or_repeated_one(order: str) -> None:
     if order == "act first":
         assert box.add_act(4, genuine_h) == []
         for forged in (lambda: box.add_act(4, h()), lambda: box.add_batch(4, x(1), y(1))):
-            with pytest.raises(InputError) as err:
+            with pytest.raises(MessageError) as err:
                 forged()
             assert err.value.reason in ("duplicate", "shape")
         assert box.add_batch(4, x(), labels) == ["batch", "input"]
     else:
         assert box.add_batch(4, x(), labels) == ["batch"]
         for forged in (lambda: box.add_batch(4, x(), y()), lambda: box.add_act(4, h()[:1])):
-            with pytest.raises(InputError) as err:
+            with pytest.raises(MessageError) as err:
                 forged()
             assert err.value.reason in ("duplicate", "shape")
         assert box.add_act(4, genuine_h) == ["input"]
@@ -226,8 +226,8 @@ BAD_TENSORS = [
                          ids=[r[0] for r in BAD_TENSORS])
 def test_check_tensor_rejects(name: str, t: torch.Tensor | None, batch: int | None,
                               reason: str) -> None:
-    """A tensor of the wrong dtype, shape or batch raises InputError with the expected reason."""
-    with pytest.raises(InputError) as err:
+    """A tensor of the wrong dtype, shape or batch raises MessageError with the expected reason."""
+    with pytest.raises(MessageError) as err:
         check_tensor("x", t, X_SHAPE, torch.float32, batch)
     assert err.value.reason == reason
     assert "x" in str(err.value)
@@ -243,7 +243,7 @@ def test_check_tensor_accepts() -> None:
 
 def test_check_tensor_rejects_a_batch_over_the_limit() -> None:
     """A batch over MAX_BATCH samples is refused as hostile."""
-    with pytest.raises(InputError) as err:
+    with pytest.raises(MessageError) as err:
         check_tensor("y", torch.zeros(MAX_BATCH + 1, dtype=torch.int64), (), torch.int64)
     assert err.value.reason == "shape"
 
@@ -266,8 +266,8 @@ BAD_LABELS = [
                          ids=[r[0] for r in BAD_LABELS])
 def test_check_labels_rejects(name: str, labels: torch.Tensor | None, batch: int | None,
                               reason: str) -> None:
-    """Labels missing, not int64 (B,), of another batch or outside 0..9 raise InputError."""
-    with pytest.raises(InputError) as err:
+    """Labels missing, not int64 (B,), of another batch or outside 0..9 raise MessageError."""
+    with pytest.raises(MessageError) as err:
         check_labels(labels, batch)
     assert err.value.reason == reason
 

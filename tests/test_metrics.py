@@ -7,12 +7,19 @@ import redis
 import torch
 
 from zdni import keys, metrics
+from zdni.cluster import train_distributed
 from zdni.config import RunConfig
-from zdni.driver import train_distributed
-from zdni.metrics import MetricsWriter, read_metrics, read_stream
+from zdni.metrics import MetricsWriter, read_metrics
 from zdni.trainer import train_inproc
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def read_stream(client: redis.Redis, run: str) -> list[dict]:
+    """The records still in a run's Redis stream, oldest first."""
+    import json
+
+    return [json.loads(fields[b"json"]) for _, fields in client.xrange(keys.metrics(run))]
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from zdni import checkpoint, keys
+from zdni.cluster import train_distributed
 from zdni.config import RunConfig
 from zdni.data import BatchFeeder, load_dataset
-from zdni.driver import train_distributed
 from zdni.models import build_stages
-from zdni.trainer import build_pipeline, run_iteration
+from zdni.trainer import build_pipeline, evaluate, run_iteration
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
@@ -106,13 +106,23 @@ def test_remote_synthesizers_equal_local_ones(
             torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {stage.index} {name}")
 
 
-def test_full_mode_runs_and_counts_add_up(mnist_dir: Path, redis_url: str) -> None:
-    """Full mode trains through the broker; every stage trained every fed batch, none dropped."""
+def test_full_mode_runs_and_counts_add_up(mnist_dir: Path, redis_url: str,
+                                          redis_client: redis.Redis) -> None:
+    """Full mode trains through the broker; every stage trained every fed batch, none dropped;
+    the accuracy the stages reported over the wire is that of the parameters they ended with."""
     cfg = small_config(mnist_dir, "full-run", mode="full", conditioned=True, max_inflight=4,
                        ring_size=8)
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     assert summary["iterations"] == 10
-    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    pipeline = build_pipeline(cfg)
+    for stage in pipeline:
+        found = checkpoint.load(redis_client, cfg.run_id, stage.index)
+        assert found is not None
+        checkpoint.restore_stage(stage, *found)
+    x, y = load_dataset(cfg.dataset, cfg.data_dir, False, limit=cfg.test_limit)
+    loss, accuracy = evaluate(pipeline, x, y, cfg.eval_batch_size)
+    assert summary["test_accuracy"] == accuracy
+    assert summary["history"][0]["test_loss"] == pytest.approx(loss, rel=1e-5)
     for s in (1, 2, 3):
         counts = summary["counts"][f"stage:{s}"]
         assert counts["trained"] == 10

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from zdni import checkpoint, keys
+from zdni.cluster import train_distributed
 from zdni.config import RunConfig
-from zdni.driver import train_distributed
 from zdni.protocol import SYNTH
 
 pytestmark = pytest.mark.timeout(300)

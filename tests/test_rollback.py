@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import zmq
 from click.testing import CliRunner
 
 from zdni import checkpoint, protocol
@@ -18,7 +17,7 @@ from zdni.driver import Driver
 from zdni.launcher import Cluster
 from zdni.redisserver import connect
 from zdni.rollback import RollbackError, common_iteration
-from zdni.transport import Endpoint, free_port_range
+from zdni.transport import free_port_range
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,28 +46,22 @@ def live_run(mnist_dir: Path, redis_url: str) -> Iterator[tuple[Driver, str, Clu
     client = connect(redis_url)
     broker = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
     cluster = Cluster()
-    driver = Driver(cfg, client, broker, cluster, quiet=True)
+    driver = Driver(cfg, client, broker, cluster=cluster)
     driver.publish()
     cluster.start("broker", ["broker", "--bind", broker, "--redis-url", redis_url])
     for s in (1, 2, 3):
         cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
                                      "--redis-url", redis_url, "--run", "rb", "--threads", "1"])
-    ctx = zmq.Context()
-    driver.net = Endpoint(ctx, broker, protocol.DRIVER)
     try:
-        driver.wait_ready()
-        x, y = load_dataset("mnist", str(mnist_dir), True, limit=64 * 31)
-        feeder = BatchFeeder(x, y, 64, 0)
-        for _, xb, yb in feeder.iter_epoch(0):
-            while len(driver.inflight) >= cfg.max_inflight:
-                driver.pump()
-            driver.feed(driver.fed, xb, yb)
-        while driver.inflight:
-            driver.pump()
-        yield driver, broker, cluster
+        with driver:
+            driver.wait_ready()
+            x, y = load_dataset("mnist", str(mnist_dir), True, limit=64 * 31)
+            feeder = BatchFeeder(x, y, 64, 0)
+            for _, xb, yb in feeder.iter_epoch(0):
+                driver.feed(xb, yb)  # waits while the window is full
+            driver.drain()
+            yield driver, broker, cluster
     finally:
-        driver.net.close()
-        ctx.term()
         cluster.stop()
         client.close()
 
@@ -76,7 +69,7 @@ def live_run(mnist_dir: Path, redis_url: str) -> Iterator[tuple[Driver, str, Clu
 def snapshot(driver: Driver, label: int) -> None:
     """Ask every stage to save its current state under `label`, and wait for it."""
     for s in (1, 2, 3):
-        driver._send(protocol.CONTROL, 0, s, {}, {"op": "checkpoint", "at": label})
+        driver.send(protocol.CONTROL, 0, s, {}, {"op": "checkpoint", "at": label})
     deadline = time.monotonic() + 20
     while any(label not in checkpoint.iterations(driver.redis, "rb", s) for s in (1, 2, 3)):
         assert time.monotonic() < deadline

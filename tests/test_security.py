@@ -46,6 +46,7 @@ def secure_broker(tmp_path: Path, redis_url: str, redis_client: redis.Redis
     """A real broker started with --curve-dir, serving a published 3-stage run."""
     create_keys(str(tmp_path))
     redis_client.set(keys.config("sec"), RunConfig(run_id="sec").to_json())
+    redis_client.hset(keys.state("sec"), "stages", 3)
     addr = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
     proc = subprocess.Popen([sys.executable, "-m", "zdni.cli", "broker", "--bind", addr,
                              "--redis-url", redis_url, "--curve-dir", str(tmp_path)])

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections import Counter
 from typing import Any
 
 import zmq
 
-from zdni import checkpoint, codec, keys, protocol
+from zdni import checkpoint, codec, protocol
 from zdni.buffer import RedisRing
-from zdni.codec import DecodeError
-from zdni.config import RunConfig
 from zdni.health import beat
-from zdni.inbox import InputError
 from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
+from zdni.protocol import MessageError
 from zdni.redisserver import connect
+from zdni.security import Curve
+from zdni.shell import Stopper, read_config, setup_logging
 from zdni.stage import StageError
 from zdni.synthservice import SynthService
 from zdni.transport import Endpoint
@@ -26,13 +24,10 @@ from zdni.transport import Endpoint
 log = logging.getLogger("zdni.synth")
 
 
-def serve(broker: str, redis_url: str, run: str) -> None:
+def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None) -> None:
     """Answer requests until SIGTERM; beat as endpoint SYNTH."""
     client = connect(redis_url)
-    raw = client.get(keys.config(run))
-    if raw is None:
-        raise SystemExit(f"[synth] run {run!r} has no config in Redis")
-    cfg = RunConfig.from_json(raw)
+    cfg = read_config(client, run, "[synth]")
     shapes = stage_shapes(build_stages(cfg), INPUT_SHAPES[cfg.dataset])
     service = SynthService(cfg, shapes, lambda stage, name: RedisRing(
         client, run, stage, name, cfg.ring_size))
@@ -46,14 +41,13 @@ def serve(broker: str, redis_url: str, run: str) -> None:
         log.warning("[synth] resumed from the backup of iteration %d", trained)
     every = cfg.checkpoint_every
     next_save = (trained // every + 1) * every if every else 0
-    stopping: list[int] = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    stopper = Stopper()
     ctx = zmq.Context()
-    net = Endpoint(ctx, broker, protocol.SYNTH)
+    net = Endpoint(ctx, broker, protocol.SYNTH, curve)
     log.info("[synth] serving run %s for stages %s", run, sorted(service.synths))
     next_beat = 0.0
     try:
-        while not stopping:
+        while not stopper.stopping:
             if time.monotonic() >= next_beat:
                 beat(client, run, protocol.SYNTH, "alive", -1, counts, "cpu", cfg.heartbeat_s)
                 next_beat = time.monotonic() + cfg.heartbeat_s
@@ -64,16 +58,16 @@ def serve(broker: str, redis_url: str, run: str) -> None:
             try:
                 msg = codec.decode(frames, expect_run=run)
                 if msg.kind != protocol.SYNTH_REQ:
-                    raise InputError("kind", f"the synthesizer takes synth_req, not {msg.kind!r}")
-                net.send(service.handle(msg))
+                    raise MessageError("kind", f"the synthesizer takes synth_req, not {msg.kind!r}")
+                net.send(codec.encode(service.handle(msg)))
                 counts["answered"] += 1
-                if msg.meta.get("op") in ("train_grad", "train_input"):
+                if msg.meta.get("op") in (protocol.SYNTH_TRAIN_GRAD, protocol.SYNTH_TRAIN_INPUT):
                     trained = max(trained, msg.it)
                     if every and trained >= next_save:
                         checkpoint.save_state(client, run, protocol.SYNTH, trained,
                                               *service.state(trained))
                         next_save = (trained // every + 1) * every
-            except (DecodeError, InputError) as exc:
+            except MessageError as exc:
                 _drop(counts, exc.reason, str(exc))
             except StageError as exc:
                 _drop(counts, "unmatched", str(exc))
@@ -90,8 +84,7 @@ def _drop(counts: Counter[str], reason: str, text: Any) -> None:
     log.error("[synth] dropped a request (%s): %s", reason, text)
 
 
-def main(broker: str, redis_url: str, run: str) -> None:
+def main(broker: str, redis_url: str, run: str, curve: Curve | None = None) -> None:
     """Entry point of `zdni synth`."""
-    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"), force=True,
-                        format="%(asctime)s [synth] %(levelname)s %(message)s")
-    serve(broker, redis_url, run)
+    setup_logging("[synth]")
+    serve(broker, redis_url, run, curve)

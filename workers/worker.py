@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import zmq
 
 from zdni import checkpoint, codec, keys, protocol
 from zdni.buffer import RedisRing, RingWriter
-from zdni.codec import DecodeError, Message
-from zdni.config import RunConfig
+from zdni.codec import Message
 from zdni.health import beat
-from zdni.inbox import Inbox, InputError, check_labels, check_tensor, labels_ride
+from zdni.inbox import Inbox, check_labels, check_tensor, labels_ride
+from zdni.loop import score
 from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
+from zdni.protocol import MessageError
 from zdni.redisserver import connect
+from zdni.security import Curve
+from zdni.shell import Stopper, read_config, setup_logging
 from zdni.stage import Outcome, Stage, StageError
 from zdni.synthservice import RemoteSynth
 from zdni.transport import Endpoint
@@ -37,18 +38,17 @@ class Worker:
 
     def __init__(self, stage: int, broker: str, redis_url: str, run: str | None = None,
                  device: str = "cpu", threads: int | None = None,
-                 checkpoint_dir: str | None = None, wait_s: float = 60.0) -> None:
+                 checkpoint_dir: str | None = None, wait_s: float = 60.0,
+                 curve: Curve | None = None) -> None:
         self.index = stage
         self.broker = broker
+        self.curve = curve
         self.device = device
         self.checkpoint_dir = checkpoint_dir
         self.who = f"[stage {stage}]"
         self.redis = connect(redis_url)
         self.run = run or self._wait_for_run(wait_s)
-        raw = self.redis.get(keys.config(self.run))
-        if raw is None:
-            raise SystemExit(f"{self.who} run {self.run!r} has no config in Redis")
-        self.cfg = RunConfig.from_json(raw)
+        self.cfg = read_config(self.redis, self.run, self.who)
         modules = build_stages(self.cfg)
         # Unless told, assume every stage shares this host (honcho, one machine): torch's default
         # of a thread per core in each of K workers oversubscribes the cores (docs/BENCHMARKS.md).
@@ -77,7 +77,7 @@ class Worker:
                 keys.counters(self.run, f"stage:{stage}")).items() if v.isdigit()})
         self.finished: OrderedDict[int, None] = OrderedDict()
         self.iteration = -1
-        self.stopping = False
+        self.stopper: Stopper | None = None
         # How far from its own progress a legitimate iteration can be: the window in flight,
         # the ring, and the iterations a restarted worker's backup may lag behind the driver.
         self.horizon = 4 * self.cfg.max_inflight + self.cfg.ring_size + self.cfg.checkpoint_every
@@ -110,13 +110,13 @@ class Worker:
     def serve(self) -> None:
         """Receive and apply messages until told to stop; always close sockets and beat 'stopped'."""
         ctx = zmq.Context()
-        self.net = Endpoint(ctx, self.broker, self.index)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.net = Endpoint(ctx, self.broker, self.index, self.curve)
+        self.stopper = stopper = Stopper()
         log.info("%s serving run %s: mode %s, %s", self.who, self.run, self.cfg.mode,
                  self.stage.module)
         next_beat = 0.0
         try:
-            while not self.stopping:
+            while not stopper.stopping:
                 now = time.monotonic()
                 if now >= next_beat:
                     self._beat("alive")
@@ -132,11 +132,6 @@ class Worker:
             self.net.close()
             ctx.term()
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.stopping:
-            raise SystemExit(1)  # a second SIGTERM: leave at once
-        self.stopping = True
-
     # -- messages -------------------------------------------------------------------------
     def handle(self, frames: list[Any]) -> None:
         """Decode, check and apply one message; a bad one is logged, counted and dropped."""
@@ -146,9 +141,9 @@ class Worker:
             msg = codec.decode(frames, expect_run=self.run)
             self.counts["decode_us"] += int((time.perf_counter() - start) * 1e6)
             if msg.dst != self.index:
-                raise InputError("endpoint", f"message for endpoint {msg.dst} reached stage {self.index}")
+                raise MessageError("endpoint", f"message for endpoint {msg.dst} reached stage {self.index}")
             self.dispatch(msg)
-        except (DecodeError, InputError) as exc:
+        except MessageError as exc:
             self._drop(exc.reason, str(exc))
         except StageError as exc:
             self._drop("unmatched", str(exc))
@@ -165,11 +160,11 @@ class Worker:
     def dispatch(self, msg: Message) -> None:
         kind, it, t = msg.kind, msg.it, msg.tensors
         if kind in (protocol.BATCH, protocol.ACT) and it in self.finished:
-            raise InputError("duplicate", f"iteration {it} was already trained")
+            raise MessageError("duplicate", f"iteration {it} was already trained")
         if kind in (protocol.BATCH, protocol.ACT, protocol.GRAD) and not (
                 self.iteration - self.horizon <= it
                 <= max(self.iteration, self.driver_fed) + self.horizon):
-            raise InputError("window", f"iteration {it} is outside {self.iteration} +- "
+            raise MessageError("window", f"iteration {it} is outside {self.iteration} +- "
                                        f"{self.horizon}, the iterations this stage can be sent")
         if kind == protocol.BATCH:
             x = y = None
@@ -197,7 +192,7 @@ class Worker:
             self._flush_held()
             self._control(msg)
         else:
-            raise InputError("kind", f"stage workers do not take {kind!r} messages")
+            raise MessageError("kind", f"stage workers do not take {kind!r} messages")
 
     def _run_events(self, it: int, events: list[str]) -> None:
         for event in events:
@@ -236,7 +231,7 @@ class Worker:
             if metrics.keys() & self.held.keys():
                 self._flush_held()
             self._send(protocol.DONE, it, protocol.DRIVER, {},
-                       {**self.held, **metrics, "event": "update"})
+                       {**self.held, **metrics, protocol.DONE_EVENT: protocol.EVENT_UPDATE})
             self.held.clear()
         elif metrics:  # a synthesizer trained (M on a true gradient, I on a true input)
             if "grad_loss" in metrics:  # how late iteration it's true gradient came
@@ -250,7 +245,7 @@ class Worker:
         """Report held synthesizer losses in a DONE of their own (before evaluating or stopping)."""
         if self.held:
             self._send(protocol.DONE, self.held_it, protocol.DRIVER, {},
-                       {**self.held, "event": "synth"})
+                       {**self.held, protocol.DONE_EVENT: protocol.EVENT_SYNTH})
             self.held.clear()
 
     def _evaluate(self, msg: Message) -> None:
@@ -261,24 +256,27 @@ class Worker:
             self._send(protocol.EVAL, msg.it, self.index + 1, {"h": out, "y": y}, msg.meta)
             return
         meta = dict(msg.meta)
-        meta["loss_sum"] = F.cross_entropy(out, y.to(out.device), reduction="sum").item()
-        meta["correct"] = int((out.argmax(1).cpu() == y).sum())
+        meta["loss_sum"], meta["correct"] = score(out, y)
         meta["n"] = int(y.shape[0])
         self._send(protocol.EVAL_RESULT, msg.it, protocol.DRIVER, {}, meta)
 
     def _control(self, msg: Message) -> None:
         op = msg.meta.get("op")
-        if op == "stop":
-            self.stopping = True
-        elif op == "checkpoint":  # meta "at": save under that label (a snapshot), else now
+        if op not in protocol.CONTROL_OPS:
+            raise MessageError("value", f"unknown control op {op!r:.40}; expected one of "
+                                        f"{sorted(protocol.CONTROL_OPS)}")
+        if op == protocol.OP_STOP:
+            if self.stopper is not None:
+                self.stopper.stop()
+        elif op == protocol.OP_CHECKPOINT:  # meta "at": save under that label (a snapshot), else now
             at = msg.meta.get("at")
             self._save(at if isinstance(at, int) and at >= 0 else self.iteration)
-        elif op == "rollback":
+        elif op == protocol.OP_ROLLBACK:
             target = msg.meta.get("to")
             found = checkpoint.load(self.redis, self.run, self.index, int(target)) if isinstance(
                 target, int) else None
             if found is None:
-                raise InputError("value", f"no backup of stage {self.index} at iteration {target}")
+                raise MessageError("value", f"no backup of stage {self.index} at iteration {target}")
             checkpoint.restore_stage(self.stage, *found)
             self.iteration = int(found[1]["it"])
             self.finished.clear()
@@ -286,8 +284,6 @@ class Worker:
             self.driver_fed = int(fed) if fed is not None else self.driver_fed
             self.redis.hset(keys.heartbeat(self.run, self.index), "rolled_back_to", self.iteration)
             log.warning("%s rolled back to iteration %d", self.who, self.iteration)
-        elif op != "ping":
-            raise InputError("value", f"unknown control op {op!r}")
 
     def _rpc(self, op: str, it: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
              wait: bool) -> Message | None:
@@ -307,7 +303,7 @@ class Worker:
                 continue
             try:
                 header = codec.decode_header(frames)
-            except DecodeError:
+            except MessageError:
                 header = {}
             if (header.get("kind") == protocol.SYNTH_REP and header.get("it") == it
                     and header.get("meta", {}).get("op") == op):
@@ -322,7 +318,8 @@ class Worker:
     def _send(self, kind: str, it: int, dst: int, tensors: dict[str, torch.Tensor],
               meta: dict[str, Any] | None = None) -> None:
         start = time.perf_counter()
-        self.net.send(Message(kind, self.run, it, self.index, dst, tensors, meta or {}))
+        self.net.send(codec.encode(Message(kind, self.run, it, self.index, dst, tensors,
+                                           meta or {})))
         self.counts["send_us"] += int((time.perf_counter() - start) * 1e6)
 
     def _save(self, it: int) -> None:
@@ -335,8 +332,8 @@ class Worker:
 
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
-         threads: int | None, checkpoint_dir: str | None, wait_s: float = 60.0) -> None:
+         threads: int | None, checkpoint_dir: str | None, wait_s: float = 60.0,
+         curve: Curve | None = None) -> None:
     """Entry point of `zdni worker`."""
-    logging.basicConfig(level=os.environ.get("ZDNI_LOG", "INFO"), force=True,
-                        format=f"%(asctime)s [stage {stage}] %(levelname)s %(message)s")
-    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s).serve()
+    setup_logging(f"[stage {stage}]")
+    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s, curve).serve()

@@ -1,4 +1,4 @@
-"""The iteration % N ring of true and synthetic values, held in Redis.
+"""The iteration % N ring of true and synthetic values: in process memory, or in Redis.
 
 Each stage has two rings: 'out' (its true output h, the synthetic gradient M gave for it and, with
 cDNI, the labels) and 'in' (full mode: the raw input x, labels and synthetic input I(x)). Slot
@@ -18,15 +18,41 @@ import logging
 import queue
 import threading
 from types import TracebackType
+from typing import Protocol
 
 import redis
+import torch
 
 from zdni import keys
-from zdni.codec import DecodeError, decode_state, encode_state
-from zdni.stage import Tensors
+from zdni.codec import decode_state, encode_state
+from zdni.protocol import MessageError
 
+Tensors = dict[str, torch.Tensor]
 log = logging.getLogger("zdni.buffer")
 WRITER_DEPTH = 64  # slots waiting for Redis; past it put() waits, so memory stays bounded
+
+
+class Ring(Protocol):
+    """The iteration % N buffer of one kind of value for one stage."""
+
+    def put(self, it: int, tensors: Tensors) -> None: ...
+
+    def get(self, it: int) -> Tensors | None: ...
+
+
+class MemoryRing:
+    """An iteration % N ring held in process memory (the in-process trainer's buffer)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots: dict[int, tuple[int, Tensors]] = {}
+
+    def put(self, it: int, tensors: Tensors) -> None:
+        self.slots[it % self.size] = (it, tensors)
+
+    def get(self, it: int) -> Tensors | None:
+        entry = self.slots.get(it % self.size)
+        return entry[1] if entry is not None and entry[0] == it else None
 
 
 class RingWriter:
@@ -139,7 +165,7 @@ class RedisRing:
             return None
         try:
             tensors, meta = decode_state(raw)
-        except DecodeError:
+        except MessageError:
             self.errors += 1
             return None
         return tensors if meta.get("it") == it else None

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from zdni.protocol import RUN_ID_RE
 
 MODES = ("backprop", "sg", "full")
 MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn")
@@ -97,7 +98,7 @@ class RunConfig:
                 raise ConfigError(f"model {self.model} is a CIFAR-10 network; use --dataset cifar10")
         elif self.dataset != "mnist":
             raise ConfigError(f"model {self.model} is an MNIST network; use --dataset mnist")
-        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.run_id):
+        if self.run_id and not RUN_ID_RE.fullmatch(self.run_id):
             raise ConfigError(
                 f"run_id {self.run_id!r} must be 1-64 letters, digits, '_', '.' or '-'"
             )

@@ -21,7 +21,8 @@ try:  # numpy 2 moved the module; the numpy 1 path still imports there but warns
 except ImportError:  # pragma: no cover - numpy 1
     from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
 
-DATASETS = ("mnist", "cifar10")
+from zdni.config import DATASETS
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

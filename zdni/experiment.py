@@ -153,7 +153,7 @@ def train_one(cfg: RunConfig, run_dir: str, inproc: bool, quiet: bool) -> dict[s
 
         summary = train_inproc(cfg, quiet=quiet, out_dir=run_dir)
     else:
-        from zdni.driver import train_distributed
+        from zdni.cluster import train_distributed
 
         summary = train_distributed(cfg, quiet=quiet, out_dir=run_dir,
                                     log_dir=os.path.join(run_dir, "logs"))

@@ -16,16 +16,9 @@ import torch
 
 from zdni.config import RunConfig
 from zdni.models import NUM_CLASSES
+from zdni.protocol import MessageError
 
 MAX_BATCH = 65536  # samples per message; a larger batch is refused as hostile
-
-
-class InputError(ValueError):
-    """A message's tensors do not fit the stage; the message says what was expected and what came."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def stage_needs(cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
@@ -51,17 +44,17 @@ def batch_parts(cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
 
 def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
                  batch: int | None = None) -> torch.Tensor:
-    """Return t if it is (B, *shape) of `dtype` with 1 <= B <= MAX_BATCH, else raise InputError."""
+    """Return t if it is (B, *shape) of `dtype` with 1 <= B <= MAX_BATCH, else raise MessageError."""
     if t is None:
-        raise InputError("missing", f"expected tensor {name!r}, it is missing")
+        raise MessageError("missing", f"expected tensor {name!r}, it is missing")
     if t.dtype != dtype:
-        raise InputError("dtype", f"{name}: expected dtype {dtype}, got {t.dtype}")
+        raise MessageError("dtype", f"{name}: expected dtype {dtype}, got {t.dtype}")
     if t.dim() != 1 + len(shape) or tuple(t.shape[1:]) != tuple(shape):
-        raise InputError("shape", f"{name}: expected shape (B, {', '.join(map(str, shape))}),"
+        raise MessageError("shape", f"{name}: expected shape (B, {', '.join(map(str, shape))}),"
                                   f" got {tuple(t.shape)}")
     if not 1 <= t.shape[0] <= MAX_BATCH or (batch is not None and t.shape[0] != batch):
         want = batch if batch is not None else f"1..{MAX_BATCH}"
-        raise InputError("shape", f"{name}: expected batch {want}, got {t.shape[0]}")
+        raise MessageError("shape", f"{name}: expected batch {want}, got {t.shape[0]}")
     return t
 
 
@@ -69,7 +62,7 @@ def check_labels(y: torch.Tensor | None, batch: int | None = None) -> torch.Tens
     """Labels: int64 (B,) within 0..9."""
     y = check_tensor("y", y, (), torch.int64, batch)
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
-        raise InputError("value", f"y: labels must be within 0..{NUM_CLASSES - 1}")
+        raise MessageError("value", f"y: labels must be within 0..{NUM_CLASSES - 1}")
     return y
 
 
@@ -102,18 +95,18 @@ class Inbox:
         """Record the driver's batch; returns the events now ready ('batch', 'input').
 
         The first message of each part wins: a second batch of a held iteration, or one whose
-        size disagrees with the activation already held, raises InputError and changes nothing,
+        size disagrees with the activation already held, raises MessageError and changes nothing,
         so a forged or repeated message cannot evict the parts that came first.
         """
         if not self.takes_batch:
-            raise InputError("kind", f"stage {self.index} takes no batch in mode {self.cfg.mode}:"
+            raise MessageError("kind", f"stage {self.index} takes no batch in mode {self.cfg.mode}:"
                                      " its labels come with the activation")
         x = x if self.needs_x else None
         y = y if self.needs_y else None
         held = self.parts.get(it)
         if held is not None:
             if held.x is not None or held.y is not None:
-                raise InputError("duplicate", f"iteration {it}: its batch is already held")
+                raise MessageError("duplicate", f"iteration {it}: its batch is already held")
             new = x if x is not None else y
             self._agree(it, "batch", new, held.h)
         p = self._parts(it)
@@ -124,11 +117,11 @@ class Inbox:
         """Record the true input from upstream, with its labels when they ride with it (checked
         by the caller to match h); returns the events now ready (the first activation wins)."""
         if self.act_labels and y is None:
-            raise InputError("missing", f"stage {self.index}: an activation must carry its labels y")
+            raise MessageError("missing", f"stage {self.index}: an activation must carry its labels y")
         held = self.parts.get(it)
         if held is not None:
             if held.h is not None:
-                raise InputError("duplicate", f"iteration {it}: its activation is already held")
+                raise MessageError("duplicate", f"iteration {it}: its activation is already held")
             self._agree(it, "activation", h, held.x if held.x is not None else held.y)
         p = self._parts(it)
         p.h = h
@@ -139,7 +132,7 @@ class Inbox:
     @staticmethod
     def _agree(it: int, what: str, new: torch.Tensor | None, held: torch.Tensor | None) -> None:
         if new is not None and held is not None and new.shape[0] != held.shape[0]:
-            raise InputError("shape", f"iteration {it}: the {what} has {new.shape[0]} samples,"
+            raise MessageError("shape", f"iteration {it}: the {what} has {new.shape[0]} samples,"
                                       f" the parts already held have {held.shape[0]}")
 
     def take(self, it: int) -> Parts:

@@ -33,8 +33,8 @@ class Cluster:
     log_dir: str | None = None
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        """Start `python -m zdni.cli ARGS` as `name`; its output goes to LOG_DIR/NAME.log."""
-        cmd = [sys.executable, "-m", "zdni.cli", *args]
+        """Start `python -m zdni ARGS` as `name`; its output goes to LOG_DIR/NAME.log."""
+        cmd = [sys.executable, "-m", "zdni", *args]
         out = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -59,6 +60,7 @@ class MetricsWriter:
         self.epoch_acc: dict[str, list[float]] = defaultdict(list)  # since the last epoch record
         self.last_samples = 0
         self.last_wall = 0.0
+        self.last_loss: float | None = None  # the newest training loss, for the progress bar
         self.record("start", run_id=cfg.run_id, runner=runner, stages=stages,
                     config=json.loads(cfg.to_json()))
 
@@ -66,11 +68,14 @@ class MetricsWriter:
     def observe(self, stage: int, metrics: dict[str, Any]) -> None:
         """Take one stage event's numbers (a DONE message's meta or an Outcome's metrics)."""
         for name, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+                    value):
                 continue
             key = "train_loss" if name == "loss" else f"{name}:{stage}"
             self.window[key].append(float(value))
             self.epoch_acc[key].append(float(value))
+            if name == "loss":
+                self.last_loss = float(value)
 
     # -- records --------------------------------------------------------------------------
     def iteration(self, iteration: int, epoch: int, samples: int, wall_s: float,
@@ -103,9 +108,19 @@ class MetricsWriter:
                     test_loss=test_loss, test_accuracy=test_accuracy)
         return test_loss, test_accuracy
 
-    def epoch(self, row: dict[str, Any], samples: int) -> None:
-        """The epoch's history row, then one stage record per stage."""
-        wall = row.get("wall_s") or 0.0
+    def epoch(self, epoch: int, test_loss: float, test_accuracy: float, wall_s: float,
+              iterations: int, samples: int) -> dict[str, Any]:
+        """Close an epoch: its history row (returned, and recorded), then one stage record per
+        stage; the training numbers are the means of what the stages reported in the epoch."""
+        per_stage = {name: {str(s): _mean(self.epoch_acc[f"{name}:{s}"])
+                            for s in range(1, self.stages + 1) if self.epoch_acc.get(f"{name}:{s}")}
+                     for name in ("grad_loss", "input_loss")}
+        row: dict[str, Any] = {
+            "epoch": epoch, "iterations": iterations,
+            "train_loss": _mean(self.epoch_acc.get("train_loss", [])),
+            "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "wall_s": round(wall_s, 3), **per_stage}
+        wall = round(wall_s, 3)
         self.record("epoch", **row, samples=samples,
                     samples_per_s=round(samples / wall, 1) if wall > 0 else None)
         for s in range(1, self.stages + 1):
@@ -120,6 +135,7 @@ class MetricsWriter:
                     fields[name] = _mean(values)
             self.record("stage", **fields)
         self.epoch_acc.clear()
+        return row
 
     def record(self, kind: str, **fields: Any) -> None:
         """Append one record to the file and the stream; a Redis error only disables the stream."""
@@ -159,9 +175,3 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return records
-
-
-def read_stream(client: redis.Redis, run: str, count: int = STREAM_MAXLEN) -> list[dict[str, Any]]:
-    """The records still in a run's Redis stream, oldest first."""
-    entries: Any = client.xrange(keys.metrics(run), count=count)
-    return [json.loads(fields[b"json"]) for _, fields in entries]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -14,8 +14,7 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-if TYPE_CHECKING:
-    from zdni.report import Run, Variant
+from zdni.runs import Run, Variant  # noqa: E402
 
 CLOSE_UP = 200  # iterations in the close-up plot
 SMOOTH = 5  # records in the moving average of the full-length loss curves

@@ -48,10 +48,39 @@ SYNTH_REQ = "synth_req"  # stage -> synthesizer service: predict / train (remote
 SYNTH_REP = "synth_rep"  # synthesizer service -> stage: the prediction
 KINDS = frozenset({BATCH, ACT, GRAD, DONE, EVAL, EVAL_RESULT, CONTROL, SYNTH_REQ, SYNTH_REP})
 
-CONTROL_OPS = frozenset({"stop", "checkpoint", "rollback", "ping"})
+# Control ops (driver -> stage, meta "op"): stop after a backup; checkpoint now (meta "at": save
+# under that label instead); rollback to the backup of iteration meta "to"; ping (no effect).
+OP_STOP, OP_CHECKPOINT, OP_ROLLBACK, OP_PING = "stop", "checkpoint", "rollback", "ping"
+CONTROL_OPS = frozenset({OP_STOP, OP_CHECKPOINT, OP_ROLLBACK, OP_PING})
+
+# Synthesizer ops (stage -> service, meta "op"; the reply echoes it): M's prediction for h
+# (meta "remember": keep h for training), M trained on a true gradient g, I's prediction for x,
+# I trained on the true input h. Predictions are answered; training requests too, with the loss.
+SYNTH_GRAD, SYNTH_TRAIN_GRAD = "grad", "train_grad"
+SYNTH_INPUT, SYNTH_TRAIN_INPUT = "input", "train_input"
+SYNTH_OPS = (SYNTH_GRAD, SYNTH_TRAIN_GRAD, SYNTH_INPUT, SYNTH_TRAIN_INPUT)
+
+# DONE's meta "event": the stage updated for `it` (and carries the synthesizer losses held since
+# its last update), or only synthesizer losses (sent before an evaluation or a stop).
+DONE_EVENT = "event"
+EVENT_UPDATE, EVENT_SYNTH = "update", "synth"
+
+# The meta fields of each kind (others are ignored; every value is checked where it is read).
+META: dict[str, tuple[str, ...]] = {
+    BATCH: (),
+    ACT: (),
+    GRAD: (),
+    DONE: (DONE_EVENT, "loss", "grad_loss", "input_loss", "staleness"),
+    EVAL: ("epoch",),
+    EVAL_RESULT: ("epoch", "loss_sum", "correct", "n"),
+    CONTROL: ("op", "at", "to"),
+    SYNTH_REQ: ("op", "remember"),
+    SYNTH_REP: ("op", "grad_loss", "input_loss"),
+}
 
 # Tensor dtypes that may cross the wire, by their wire name.
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8")
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
+          "uint8": 1}  # wire name -> bytes per element
 
 # Limits. A message over them is dropped with a logged error.
 MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; 64 KiB is generous
@@ -60,6 +89,19 @@ MAX_DIMS = 6
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # 256 MiB: a 4096x128x128 float32 activation is 256 MiB
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+class MessageError(ValueError):
+    """A message (or stored state) that must be dropped: malformed, hostile or unexpected.
+    `reason` is the short word counted as dropped:REASON; the text says what was expected and
+    what came."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[MessageError], tuple[str, str]]:
+        return (MessageError, (self.reason, str(self)))
 
 
 def outbound_address(broker: str, endpoint: int) -> str:

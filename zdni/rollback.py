@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import redis
@@ -30,22 +29,22 @@ def common_iteration(backups: dict[int, list[int]], target: int) -> int:
 
 
 def rollback_run(client: redis.Redis, broker: str, run: str, target: int,
-                 timeout_s: float = 30.0) -> int:
+                 timeout_s: float = 30.0, curve: Curve | None = None) -> int:
     """Send every stage a rollback to the chosen iteration and wait for their heartbeats to show it."""
     raw = client.get(keys.config(run))
     if raw is None:
         raise RollbackError(f"no run {run!r} in Redis")
-    stages = stage_count(RunConfig.from_json(raw))
+    stages = int(client.hget(keys.state(run), "stages") or 0) or stage_count(
+        RunConfig.from_json(raw))
     chosen = common_iteration(
         {s: checkpoint.iterations(client, run, s) for s in range(1, stages + 1)}, target)
     ctx = zmq.Context()
-    keydir = os.environ.get("ZDNI_CURVE_DIR")
-    push = make_socket(ctx, zmq.PUSH, curve=Curve.client(keydir) if keydir else None)
+    push = make_socket(ctx, zmq.PUSH, curve=curve)
     try:
         push.connect(broker)
         for stage in range(1, stages + 1):
             msg = codec.Message(protocol.CONTROL, run, chosen, protocol.DRIVER, stage, {},
-                                {"op": "rollback", "to": chosen})
+                                {"op": protocol.OP_ROLLBACK, "to": chosen})
             if not push.poll(int(timeout_s * 1000), zmq.POLLOUT):
                 raise RollbackError(f"broker {broker} did not take the rollback message")
             push.send_multipart(codec.encode(msg), copy=False)

@@ -4,45 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 from zdni.config import RunConfig
-
-
-@dataclass
-class EpochStats:
-    """Running sums of one epoch's training metrics, per stage where they are per stage."""
-
-    losses: list[float] = field(default_factory=list)
-    grad_loss: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
-    input_loss: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
-
-    def add(self, stage: int, metrics: dict[str, float]) -> None:
-        if "loss" in metrics:
-            self.losses.append(metrics["loss"])
-        if "grad_loss" in metrics:
-            self.grad_loss[stage].append(metrics["grad_loss"])
-        if "input_loss" in metrics:
-            self.input_loss[stage].append(metrics["input_loss"])
-
-    def row(self, epoch: int, test_loss: float, test_accuracy: float, wall_s: float,
-            iterations: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "iterations": iterations,
-            "train_loss": _mean(self.losses),
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "wall_s": round(wall_s, 3),
-            "grad_loss": {str(s): _mean(v) for s, v in sorted(self.grad_loss.items())},
-            "input_loss": {str(s): _mean(v) for s, v in sorted(self.input_loss.items())},
-        }
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def build_summary(

@@ -1,4 +1,5 @@
-"""The gradient synthesizer M (predicts dL/dh from h) and the input synthesizer I (predicts h from x).
+"""The gradient synthesizer M (predicts dL/dh from h), the input synthesizer I (predicts h from x),
+and LocalSynth, which holds a stage's M and I with their optimizers and training rules.
 
 Both may be conditioned on the one-hot label (cDNI): for flat tensors the label is appended as
 ten extra features, for images as ten extra constant channels. Both end in a layer whose weight
@@ -8,12 +9,15 @@ and bias start at zero, so training starts with zero synthetic gradients and zer
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zdni.models import NUM_CLASSES
+from zdni.buffer import MemoryRing, Ring
+from zdni.config import RunConfig
+from zdni.models import NUM_CLASSES, make_optimizer
 
 CONV_WIDTH_CAP = 128  # channels: a 1024-channel conv synthesizer would dwarf the stage it serves
 
@@ -110,3 +114,102 @@ class InputSynthesizer(nn.Module):
         inp = x if self.image else x.reshape(x.shape[0], -1)
         out = self.net(_with_label(inp, y if self.conditioned else None))
         return out.reshape(x.shape[0], *self.target_shape)
+
+
+class StageError(RuntimeError):
+    """An event cannot be applied (its partner is missing or was overwritten)."""
+
+
+def synthesizer_seed(cfg: RunConfig, index: int) -> int:
+    """The seed a stage's synthesizers are built from: same in every process, distinct per stage."""
+    return cfg.seed * 7919 + 104729 * index
+
+
+class Synth(Protocol):
+    """Where a stage gets its synthetic gradient and input, and sends their training targets."""
+
+    def predict_grad(self, it: int, h: torch.Tensor, y: torch.Tensor | None,
+                     remember: bool = True) -> torch.Tensor: ...
+
+    def train_grad(self, it: int, g: torch.Tensor) -> dict[str, float]: ...
+
+    def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor: ...
+
+    def train_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None,
+                    h: torch.Tensor) -> dict[str, float]: ...
+
+
+class LocalSynth:
+    """Stage `index`'s M and I with their optimizers, in this process (--synth-placement local).
+
+    predict_grad remembers (h, y, M's answer) in the 'out' ring so that train_grad can pair the
+    gradient that comes back later with the activation it belongs to.
+    """
+
+    def __init__(self, cfg: RunConfig, index: int, shapes: list[tuple[int, ...]],
+                 out_ring: Ring | None = None, device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.index = index
+        count = len(shapes) - 1
+        self.ring: Ring = out_ring or MemoryRing(cfg.ring_size)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(synthesizer_seed(cfg, index))
+        self.M: nn.Module | None = None
+        self.I: nn.Module | None = None  # noqa: E741
+        if cfg.needs_synth and index < count:
+            self.M = GradientSynthesizer(
+                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
+            ).to(device)
+        if cfg.mode == "full" and index > 1:
+            self.I = InputSynthesizer(
+                shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
+            ).to(device)
+        torch.random.set_rng_state(generator_state)
+        self.m_opt = make_optimizer(cfg, list(self.M.parameters()), cfg.synth_lr) if self.M else None
+        self.i_opt = make_optimizer(cfg, list(self.I.parameters()), cfg.synth_lr) if self.I else None
+
+    def _label(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return y if self.cfg.conditioned else None
+
+    def predict_grad(self, it: int, h: torch.Tensor, y: torch.Tensor | None,
+                     remember: bool = True) -> torch.Tensor:
+        if self.M is None:
+            raise StageError(f"stage {self.index} has no gradient synthesizer")
+        h = h.detach()
+        with torch.no_grad():
+            g = self.M(h, self._label(y))
+        if not remember:  # full mode's synthetic pass: no true gradient will come for this h
+            return g
+        stored = {"h": h, "g": g}
+        if y is not None and self.cfg.conditioned:
+            stored["y"] = y
+        self.ring.put(it, stored)
+        return g
+
+    def train_grad(self, it: int, g: torch.Tensor) -> dict[str, float]:
+        if self.M is None or self.m_opt is None:
+            raise StageError(f"stage {self.index} has no gradient synthesizer")
+        slot = self.ring.get(it)
+        if slot is None:
+            raise StageError(f"stage {self.index}: slot of iteration {it} was overwritten")
+        self.m_opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(self.M(slot["h"], slot.get("y")), g)
+        loss.backward()
+        self.m_opt.step()
+        return {"grad_loss": loss.item()}
+
+    def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.I is None:
+            raise StageError(f"stage {self.index} has no input synthesizer")
+        with torch.no_grad():
+            return self.I(x, self._label(y))
+
+    def train_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None,
+                    h: torch.Tensor) -> dict[str, float]:
+        if self.I is None or self.i_opt is None:
+            raise StageError(f"stage {self.index} has no input synthesizer")
+        self.i_opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(self.I(x, self._label(y)), h)
+        loss.backward()
+        self.i_opt.step()
+        return {"input_loss": loss.item()}

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from zdni import checkpoint, protocol
+from zdni.buffer import MemoryRing, Ring
 from zdni.codec import Message
 from zdni.config import RunConfig
-from zdni.inbox import InputError, check_labels, check_tensor
-from zdni.stage import LocalSynth, MemoryRing, Ring
+from zdni.inbox import check_labels, check_tensor
+from zdni.protocol import MessageError
+from zdni.synthesizer import LocalSynth
 
-OPS = ("grad", "train_grad", "input", "train_input")
 Call = Callable[[str, int, dict[str, torch.Tensor], dict[str, Any], bool], Message | None]
 
 
@@ -53,28 +54,28 @@ class RemoteSynth:
         t = reply.tensors.get(name) if reply is not None else None
         if t is None or tuple(t.shape) != like:
             got = None if t is None else tuple(t.shape)
-            raise InputError("shape", f"synthesizer answered {name} of shape {got}, expected {like}")
+            raise MessageError("shape", f"synthesizer answered {name} of shape {got}, expected {like}")
         return t
 
     def predict_grad(self, it: int, h: torch.Tensor, y: torch.Tensor | None,
                      remember: bool = True) -> torch.Tensor:
-        reply = self.call("grad", it, self._with_label({"h": h.cpu()}, y), {"remember": remember},
+        reply = self.call(protocol.SYNTH_GRAD, it, self._with_label({"h": h.cpu()}, y), {"remember": remember},
                           True)
         return self._answer(reply, "g", tuple(h.shape))
 
     def train_grad(self, it: int, g: torch.Tensor) -> dict[str, float]:
-        self.call("train_grad", it, {"g": g}, {}, False)
+        self.call(protocol.SYNTH_TRAIN_GRAD, it, {"g": g}, {}, False)
         return {}
 
     def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        reply = self.call("input", it, self._with_label({"x": x.cpu()}, y), {}, True)
+        reply = self.call(protocol.SYNTH_INPUT, it, self._with_label({"x": x.cpu()}, y), {}, True)
         if reply is None or "h" not in reply.tensors:
-            raise InputError("missing", "synthesizer answered no input h")
+            raise MessageError("missing", "synthesizer answered no input h")
         return reply.tensors["h"]
 
     def train_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None,
                     h: torch.Tensor) -> dict[str, float]:
-        self.call("train_input", it, {"h": h}, {}, False)
+        self.call(protocol.SYNTH_TRAIN_INPUT, it, {"h": h}, {}, False)
         return {}
 
 
@@ -115,25 +116,26 @@ class SynthService:
         checkpoint.restore(*self._named(), tensors, meta)
 
     def handle(self, msg: Message) -> Message:
-        """Apply one request; returns the reply. Raises InputError for a bad request."""
+        """Apply one request; returns the reply. Raises MessageError for a bad request."""
         op = msg.meta.get("op")
-        if op not in OPS:
-            raise InputError("value", f"unknown synthesizer op {op!r}; expected one of {OPS}")
+        if op not in protocol.SYNTH_OPS:
+            raise MessageError("value", f"unknown synthesizer op {op!r}; expected one of "
+                                        f"{protocol.SYNTH_OPS}")
         synth = self.synths.get(msg.src)
         if synth is None:
-            raise InputError("endpoint", f"stage {msg.src} has no synthesizers in this run")
+            raise MessageError("endpoint", f"stage {msg.src} has no synthesizers in this run")
         i, t = msg.src, msg.tensors
         y = check_labels(t["y"]) if "y" in t else None
         out: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"op": op}
-        if op == "grad":
+        if op == protocol.SYNTH_GRAD:
             h = check_tensor("h", t.get("h"), self.shapes[i], torch.float32,
                              y.shape[0] if y is not None else None)
             out["g"] = synth.predict_grad(msg.it, h, y, bool(msg.meta.get("remember", True)))
-        elif op == "train_grad":
+        elif op == protocol.SYNTH_TRAIN_GRAD:
             g = check_tensor("g", t.get("g"), self.shapes[i], torch.float32)
             meta.update(synth.train_grad(msg.it, g))
-        elif op == "input":
+        elif op == protocol.SYNTH_INPUT:
             x = check_tensor("x", t.get("x"), self.shapes[0], torch.float32,
                              y.shape[0] if y is not None else None)
             out["h"] = synth.predict_input(msg.it, x, y)
@@ -143,6 +145,6 @@ class SynthService:
             h = check_tensor("h", t.get("h"), self.shapes[i - 1], torch.float32)
             slot = self.inputs[i].get(msg.it)
             if slot is None:
-                raise InputError("unmatched", f"stage {i}: no input request of iteration {msg.it}")
+                raise MessageError("unmatched", f"stage {i}: no input request of iteration {msg.it}")
             meta.update(synth.train_input(msg.it, slot["x"], slot.get("y"), h))
         return Message(protocol.SYNTH_REP, msg.run, msg.it, protocol.SYNTH, i, out, meta)

@@ -1,21 +1,22 @@
-"""The in-process reference trainer: all stages in one process, events in the one-in-flight order."""
+"""The in-process runner: every stage in this process, events in the one-in-flight order.
+
+It is the reference the distributed runner (zdni/driver.py) is tested against: both are driven
+by the same loop (zdni/loop.py), so they differ only in how a batch reaches the stages.
+"""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from zdni.config import RunConfig
-from zdni.data import BatchFeeder, load_dataset
+from zdni.loop import load_data, score, train
 from zdni.metrics import MetricsWriter
-from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
-from zdni.progress import Progress
+from zdni.models import INPUT_SHAPES, build_stages, stage_count, stage_shapes
 from zdni.schedule import iteration_events
 from zdni.stage import Outcome, Stage
-from zdni.summary import EpochStats, build_summary
 
 
 def build_pipeline(cfg: RunConfig, device: str = "cpu") -> list[Stage]:
@@ -27,11 +28,12 @@ def build_pipeline(cfg: RunConfig, device: str = "cpu") -> list[Stage]:
 
 def run_iteration(
     stages: list[Stage], it: int, x: torch.Tensor, y: torch.Tensor, mode: str
-) -> dict[int, Outcome]:
-    """Apply one iteration's events in schedule order; returns each stage's 'done' outcome."""
+) -> list[tuple[int, Outcome]]:
+    """Apply one iteration's events in schedule order; returns (stage, outcome) of every event
+    that finished a stage's update or reported metrics (M or I trained), in that order."""
     acts: dict[int, torch.Tensor] = {0: x}
     grads: dict[int, torch.Tensor] = {}
-    done: dict[int, Outcome] = {}
+    reports: list[tuple[int, Outcome]] = []
     for kind, i in iteration_events(mode, len(stages)):
         stage = stages[i - 1]
         if kind == "batch":
@@ -44,11 +46,9 @@ def run_iteration(
             acts[i] = out.h_out
         if out.d_in is not None and i > 1:
             grads[i - 1] = out.d_in
-        if out.done:
-            done[i] = out
-        elif out.metrics:
-            done.setdefault(-i, out)  # metrics of non-final events (M training) are kept too
-    return done
+        if out.done or out.metrics:
+            reports.append((i, out))
+    return reports
 
 
 @torch.no_grad()
@@ -59,45 +59,63 @@ def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch: int) 
         h = x[start : start + batch]
         for stage in stages:
             h = stage.evaluate(h)
-        target = y[start : start + batch].to(h.device)
-        loss_sum += F.cross_entropy(h, target, reduction="sum").item()
-        correct += int((h.argmax(1) == target).sum())
+        batch_loss, batch_correct = score(h, y[start : start + batch])
+        loss_sum += batch_loss
+        correct += batch_correct
     return loss_sum / len(x), correct / len(x)
+
+
+class InprocRunner:
+    """The loop's runner with every stage here: a fed batch is finished when feed returns."""
+
+    name = "inproc"
+
+    def __init__(self, cfg: RunConfig, metrics: MetricsWriter, device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.pipeline = build_pipeline(cfg, device)
+        self.stages = len(self.pipeline)
+        self.label = f"inproc {cfg.mode}"
+        self.fed = 0
+
+    def replays(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(())
+
+    def feed(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        for stage, outcome in run_iteration(self.pipeline, self.fed, x, y, self.cfg.mode):
+            self.metrics.observe(stage, outcome.metrics)
+        self.fed += 1
+        return self.fed
+
+    def drain(self) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
+        return evaluate(self.pipeline, x, y, self.cfg.eval_batch_size)
+
+    def flight(self) -> tuple[int | None, dict[int, int] | None]:
+        return None, None
+
+    def progress(self) -> dict[str, Any]:
+        return {}
+
+    def epoch_end(self, epoch: int, accuracy: float) -> None:
+        pass
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {}
 
 
 def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
                  out_dir: str | None = None) -> dict[str, Any]:
     """Train with every stage in this process; returns the summary (metrics go to out_dir)."""
     cfg.validate()
-    x_train, y_train = load_dataset(cfg.dataset, cfg.data_dir, True, download, cfg.train_limit)
-    x_test, y_test = load_dataset(cfg.dataset, cfg.data_dir, False, download, cfg.test_limit)
-    stages = build_pipeline(cfg)
-    feeder = BatchFeeder(x_train, y_train, cfg.batch_size, cfg.seed)
-    total = feeder.batches_per_epoch * cfg.epochs
-    progress = Progress(total, f"inproc {cfg.mode}", quiet=quiet)
-    metrics = MetricsWriter(cfg, len(stages), out_dir, runner="inproc")
-    history: list[dict[str, Any]] = []
-    start = time.monotonic()
-    it = samples = 0
-    accuracy = None
-    for epoch in range(cfg.epochs):
-        stats = EpochStats()
-        for _, xb, yb in feeder.iter_epoch(epoch):
-            for i, outcome in run_iteration(stages, it, xb, yb, cfg.mode).items():
-                stats.add(abs(i), outcome.metrics)
-                metrics.observe(abs(i), outcome.metrics)
-            it += 1
-            samples += len(xb)
-            metrics.iteration(it, epoch + 1, samples, time.monotonic() - start)
-            if cfg.eval_every and it % cfg.eval_every == 0 and it % feeder.batches_per_epoch:
-                result = evaluate(stages, x_test, y_test, cfg.eval_batch_size)
-                _, accuracy = metrics.eval(it, epoch + 1, time.monotonic() - start, *result)
-            progress.update(it, epoch=epoch + 1, loss=stats.losses[-1] if stats.losses else None,
-                            acc=accuracy, sps=round(samples / (time.monotonic() - start)))
-        test_loss, accuracy = evaluate(stages, x_test, y_test, cfg.eval_batch_size)
-        history.append(stats.row(epoch + 1, test_loss, accuracy, time.monotonic() - start, it))
-        metrics.epoch(history[-1], samples)
-    progress.close()
-    metrics.close()
-    wall = time.monotonic() - start
-    return build_summary(cfg, len(stages), history, it, samples, wall, runner="inproc")
+    data = load_data(cfg, download)
+    metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, runner="inproc")
+    try:
+        return train(cfg, InprocRunner(cfg, metrics), data, metrics, quiet)
+    finally:
+        metrics.close()

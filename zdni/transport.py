@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import Any
 
 import zmq
 
-from zdni import codec, protocol
+from zdni import protocol
 from zdni.security import Curve
 
 log = logging.getLogger("zdni.transport")
@@ -39,8 +38,6 @@ class Endpoint:
     def __init__(self, ctx: zmq.Context, broker: str, endpoint: int,
                  curve: Curve | None = None) -> None:
         self.endpoint = endpoint
-        if curve is None and os.environ.get("ZDNI_CURVE_DIR"):
-            curve = Curve.client(os.environ["ZDNI_CURVE_DIR"])
         self.push = make_socket(ctx, zmq.PUSH, curve=curve)
         self.push.connect(broker)
         self.pull = make_socket(ctx, zmq.PULL, curve=curve)
@@ -48,11 +45,11 @@ class Endpoint:
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
 
-    def send(self, msg: codec.Message, timeout_ms: int = 10_000) -> None:
-        """Send without copying tensor bytes; raise TimeoutError if the broker cannot take it."""
-        frames = codec.encode(msg)
+    def send(self, frames: list[Any], timeout_ms: int = 10_000) -> None:
+        """Send one message's frames (zdni.codec.encode) without copying tensor bytes; raise
+        TimeoutError if the broker cannot take it."""
         if not self.push.poll(timeout_ms, zmq.POLLOUT):
-            raise TimeoutError(f"broker did not accept a {msg.kind} message in {timeout_ms} ms")
+            raise TimeoutError(f"the broker did not accept a message in {timeout_ms} ms")
         self.push.send_multipart(frames, copy=False)
 
     def recv(self, timeout_ms: int) -> list[Any] | None:

@@ -1,4 +1,4 @@
-"""The operations commands of `zdni`: status, rollback, keys and the embedded redis."""
+"""The operations commands of `zdni`: status, rollback and keys."""
 
 from __future__ import annotations
 
@@ -6,23 +6,32 @@ import json
 
 import click
 
-from zdni.cli import broker_option, clean_errors, curve_option, main
+from zdni.cli.group import main
+from zdni.cli.options import (
+    clean_errors,
+    curve_option,
+    option,
+    redis_option,
+    redis_url_or_default,
+    run_option,
+)
+from zdni.security import Curve
 
 
 @main.command()
-@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True,
-              envvar="ZDNI_REDIS_URL")
-@click.option("--run", "run_id", default=None, help="Run id [default: the current run].")
-@click.option("--watch", is_flag=True, help="Refresh every heartbeat interval until Ctrl-C.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@redis_option
+@run_option
+@option("--watch", is_flag=True, help="Refresh every heartbeat interval until Ctrl-C.")
+@option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @clean_errors
-def status(redis_url: str, run_id: str | None, watch: bool, as_json: bool) -> None:
+def status(redis_url: str | None, run_id: str | None, watch: bool, as_json: bool) -> None:
     """Show a run's progress and each stage's state, heartbeat age, utilization and drops."""
     import time
 
     from zdni.redisserver import connect
     from zdni.status import collect, latest_run, render
 
+    redis_url = redis_url_or_default(redis_url)
     client = connect(redis_url)
     run_id = run_id or latest_run(client)
     if run_id is None:
@@ -44,25 +53,35 @@ def status(redis_url: str, run_id: str | None, watch: bool, as_json: bool) -> No
 
 
 @main.command()
-@click.option("--redis-url", required=True, envvar="ZDNI_REDIS_URL")
-@broker_option
-@click.option("--run", "run_id", default=None, help="Run id [default: the current run].")
-@click.option("--to", "to_iter", type=int, required=True,
+@redis_option
+@option("--broker", default=None, envvar="ZDNI_BROKER",
+              help="The broker's inbound address [default: the one the run's driver published].")
+@run_option
+@option("--to", "to_iter", type=int, required=True,
               help="Iteration to go back to (the newest common backup at or before it).")
-@curve_option
+@curve_option()
 @clean_errors
-def rollback(redis_url: str, broker: str, run_id: str | None, to_iter: int) -> None:
+def rollback(redis_url: str | None, broker: str | None, run_id: str | None, to_iter: int,
+             curve: Curve | None) -> None:
     """Bring every stage of a run back to the same backed-up iteration."""
+    from zdni import keys
     from zdni.redisserver import connect
     from zdni.rollback import RollbackError, rollback_run
     from zdni.status import latest_run
 
+    redis_url = redis_url_or_default(redis_url)
     client = connect(redis_url)
     run_id = run_id or latest_run(client)
     if run_id is None:
         raise click.ClickException(f"no run in Redis at {redis_url}")
+    if broker is None:
+        published = client.hget(keys.state(run_id), "broker")
+        if published is None:
+            raise click.ClickException(f"run {run_id} has no broker address in Redis; "
+                                       f"give --broker")
+        broker = keys.text(published)
     try:
-        chosen = rollback_run(client, broker, run_id, to_iter)
+        chosen = rollback_run(client, broker, run_id, to_iter, curve=curve)
     except RollbackError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"run {run_id}: every stage rolled back to iteration {chosen}")
@@ -83,24 +102,3 @@ def keys(directory: str) -> None:
             click.echo(path)
     except KeyError_ as exc:
         raise click.ClickException(str(exc)) from None
-
-
-@main.command("redis")
-@click.option("--port", type=int, default=6379, show_default=True, envvar="ZDNI_REDIS_PORT")
-@click.option("--host", default="127.0.0.1", show_default=True)
-def redis_cmd(port: int, host: str) -> None:
-    """Run the embedded Redis server in the foreground (for honcho and laptops) until stopped."""
-    import signal
-    import time
-
-    from zdni.redisserver import EmbeddedRedis
-
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    with EmbeddedRedis(port=port, host=host) as server:
-        click.echo(f"[redis] serving {server.url} (pid {server.pid})", err=True)
-        try:
-            while not stop and server.pid:
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass

@@ -1,0 +1,5 @@
+"""`python -m zdni`: the `zdni` command."""
+
+from zdni.cli import main
+
+main()

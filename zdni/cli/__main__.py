@@ -1,0 +1,5 @@
+"""`python -m zdni.cli`: how zdni starts its own broker and worker processes."""
+
+from zdni.cli import main
+
+main()

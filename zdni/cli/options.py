@@ -1,0 +1,239 @@
+"""The options the `zdni` commands share, each declared once with its ZDNI_* variable, and the
+helpers every command uses (clean one-line errors, waiting for Redis, building the config)."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from zdni.config import (
+    DATASETS,
+    MODELS,
+    MODES,
+    OPTIMIZERS,
+    PLACEMENTS,
+    ConfigError,
+    RunConfig,
+)
+
+F = Callable[..., Any]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # where a hand-started process looks by default
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+REDIS_START_WAIT_S = 30.0  # processes started together (honcho) can be up before their Redis is
+
+
+def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """click.option that shows its environment variable in --help."""
+    if "envvar" in attrs:
+        attrs.setdefault("show_envvar", True)
+    return click.option(*decls, **attrs)
+
+
+def _stack(*options: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return apply
+
+
+def redis_option(func: F) -> F:
+    """--redis-url; `zdni train` starts an embedded Redis when it is not given."""
+    return option(
+        "--redis-url", default=None, envvar="ZDNI_REDIS_URL",
+        help=f"Redis, e.g. redis://:PASSWORD@HOST:6379/0 [default: {DEFAULT_REDIS_URL}; "
+             "`zdni train` starts an embedded one].")(func)
+
+
+def redis_url_or_default(url: str | None) -> str:
+    return url or DEFAULT_REDIS_URL
+
+
+def broker_option(func: F) -> F:
+    return option("--broker", default=DEFAULT_BROKER, show_default=True,
+                        envvar="ZDNI_BROKER", help="The broker's inbound address.")(func)
+
+
+def run_option(func: F) -> F:
+    return option("--run", "run_id", default=None, envvar="ZDNI_RUN",
+                        help="Run id [default: the current run].")(func)
+
+
+def threads_option(func: F) -> F:
+    return option("--threads", type=int, default=None, envvar="ZDNI_THREADS",
+                        help="torch threads [default: cores / stages, as if every stage shared "
+                             "this host; a process alone on its host may take all its cores]."
+                        )(func)
+
+
+def data_dir_option(func: F) -> F:
+    return option("--data-dir", default=None, envvar="ZDNI_DATA_DIR",
+                        help="Directory with the dataset files [default: ./data].")(func)
+
+
+def _curve(role: str) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    def load(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        """Check the keys now, so a bad directory is an error before anything starts."""
+        if not value:
+            return None
+        from zdni.security import Curve, KeyError_
+
+        try:
+            return Curve.broker(value) if role == "broker" else Curve.client(value)
+        except KeyError_ as exc:
+            raise click.BadParameter(str(exc), param_hint="--curve-dir") from None
+    return load
+
+
+def curve_option(role: str = "client") -> Callable[[F], F]:
+    """--curve-dir, passed to the command as `curve`: a zdni.security.Curve or None."""
+    return option("--curve-dir", "curve", default=None, envvar="ZDNI_CURVE_DIR",
+                        callback=_curve(role),
+                        help="Encrypt and authenticate with the CURVE keys here "
+                             "(see `zdni keys`).")
+
+
+output_options = _stack(
+    option("--out", "out_dir", default=None, help="Output directory [default: runs/RUN_ID]."),
+    option("--download", is_flag=True, help="Fetch missing data with torchvision."),
+    option("--quiet", is_flag=True, help="No progress bar; plain log lines only."),
+)
+
+
+def _cuts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of unit indices") from None
+
+
+_D = RunConfig()
+config_options = _stack(
+    option("--mode", type=click.Choice(MODES), default=_D.mode, show_default=True,
+                 envvar="ZDNI_MODE", help="backprop, sg (synthetic gradients) or full "
+                 "(synthetic input and gradient)."),
+    option("--model", type=click.Choice(MODELS), default=_D.model, show_default=True,
+                 envvar="ZDNI_MODEL"),
+    option("--dataset", type=click.Choice(DATASETS), default=None,
+                 envvar="ZDNI_DATASET", help="Defaults to the model's dataset."),
+    data_dir_option,
+    option("--stages", type=int, default=_D.stages, show_default=True, envvar="ZDNI_STAGES"),
+    option("--cuts", callback=_cuts, default=None, envvar="ZDNI_CUTS",
+                 help="Explicit cut points, unit indices where stages 2.. start, e.g. 1,3."),
+    option("--epochs", type=int, default=_D.epochs, show_default=True, envvar="ZDNI_EPOCHS"),
+    option("--batch-size", type=int, default=_D.batch_size, show_default=True,
+                 envvar="ZDNI_BATCH_SIZE"),
+    option("--lr", type=float, default=_D.lr, show_default=True, envvar="ZDNI_LR"),
+    option("--synth-lr", type=float, default=_D.synth_lr, show_default=True,
+                 envvar="ZDNI_SYNTH_LR"),
+    option("--optimizer", type=click.Choice(OPTIMIZERS), default=_D.optimizer,
+                 show_default=True, envvar="ZDNI_OPTIMIZER"),
+    option("--conditioned/--unconditioned", default=_D.conditioned, show_default=True,
+                 envvar="ZDNI_CONDITIONED", help="cDNI: synthesizers also see the label."),
+    option("--synth-hidden", type=int, default=_D.synth_hidden, show_default=True,
+                 envvar="ZDNI_SYNTH_HIDDEN", help="Hidden layers in M and I (0 = linear)."),
+    option("--synth-width", type=int, default=_D.synth_width, show_default=True,
+                 envvar="ZDNI_SYNTH_WIDTH"),
+    option("--freeze-stage", type=int, default=None, envvar="ZDNI_FREEZE_STAGE",
+                 help="Leave this stage (1-based) at its random weights."),
+    option("--seed", type=int, default=_D.seed, show_default=True, envvar="ZDNI_SEED"),
+    option("--ring-size", type=int, default=_D.ring_size, show_default=True,
+                 envvar="ZDNI_RING_SIZE", help="N of the iteration %% N buffers."),
+    option("--max-inflight", type=int, default=_D.max_inflight, show_default=True,
+                 envvar="ZDNI_MAX_INFLIGHT", help="Batches in flight at once."),
+    option("--eval-batch-size", type=int, default=_D.eval_batch_size,
+                 show_default=True, envvar="ZDNI_EVAL_BATCH_SIZE"),
+    option("--train-limit", type=int, default=None, envvar="ZDNI_TRAIN_LIMIT",
+                 help="Use only the first N training samples."),
+    option("--test-limit", type=int, default=None, envvar="ZDNI_TEST_LIMIT",
+                 help="Use only the first N test samples."),
+    option("--synth-placement", type=click.Choice(PLACEMENTS),
+                 default=_D.synth_placement, show_default=True, envvar="ZDNI_SYNTH_PLACEMENT"),
+    option("--heartbeat", "heartbeat_s", type=float, default=_D.heartbeat_s,
+                 show_default=True, envvar="ZDNI_HEARTBEAT", help="Seconds between beats."),
+    option("--resend-after", "resend_s", type=float, default=_D.resend_s,
+                 show_default=True, envvar="ZDNI_RESEND_AFTER",
+                 help="Seconds an unfinished batch waits before it is fed again (a lost message)."),
+    option("--checkpoint-every", type=int, default=_D.checkpoint_every,
+                 show_default=True, envvar="ZDNI_CHECKPOINT_EVERY"),
+    option("--eval-every", type=int, default=_D.eval_every, show_default=True,
+                 envvar="ZDNI_EVAL_EVERY",
+                 help="Also test every N iterations (metrics 'eval' records); 0 = per epoch."),
+    option("--run-id", default="", envvar="ZDNI_RUN_ID",
+                 help="Name of the run [default: generated]."),
+)
+
+
+def config_from(kwargs: dict[str, Any]) -> RunConfig:
+    """Pop the config options out of a command's kwargs, validate them and name the run."""
+    from zdni.config import new_run_id
+
+    names = set(RunConfig.__dataclass_fields__)
+    raw = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    if raw.get("dataset") is None:
+        raw["dataset"] = "cifar10" if raw.get("model", "").endswith("cnn") else "mnist"
+    if raw.get("data_dir") is None:
+        raw.pop("data_dir", None)
+    cfg = RunConfig(**raw).validate()
+    cfg.run_id = cfg.run_id or new_run_id(cfg)
+    return cfg
+
+
+def clean_errors(func: F) -> F:
+    """Turn expected errors into a one-line message and exit status 2, not a traceback; make
+    SIGTERM unwind like Ctrl-C so that a driver's children and run state are cleaned up."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        from zdni.data import DataError
+        from zdni.loop import RunError
+        from zdni.redisserver import RedisError
+
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, DataError, RunError, RedisError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def wait_for_redis(url: str, who: str, wait_s: float = REDIS_START_WAIT_S) -> None:
+    """Return once Redis answers; retry a refused or lost connection for up to `wait_s` seconds.
+
+    A wrong password or a malformed URL is no startup race: it fails at once.
+    """
+    import redis
+
+    from zdni.redisserver import RedisError, connect, mask_url
+
+    deadline = time.monotonic() + wait_s
+    waiting = False
+    while True:
+        try:
+            connect(url).close()
+            return
+        except RedisError as exc:
+            cause = exc.__context__  # connect() raises `from None`; the cause is still kept here
+            transient = isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError))
+            if isinstance(cause, redis.AuthenticationError) or not transient:
+                raise click.ClickException(str(exc)) from None
+            if time.monotonic() >= deadline:
+                raise click.ClickException(f"{exc} (retried for {wait_s:.0f} s)") from None
+            if not waiting:
+                click.echo(f"{who} waiting up to {wait_s:.0f} s for Redis at {mask_url(url)}",
+                           err=True)
+                waiting = True
+            time.sleep(0.5)

@@ -1,0 +1,118 @@
+"""The process commands of `zdni`: broker, worker, synth and the embedded redis.
+
+Each is a thin shell: check the options, wait for Redis, hand over to broker/ or workers/.
+"""
+
+from __future__ import annotations
+
+import click
+
+from zdni.cli.group import main
+from zdni.cli.options import (
+    DEFAULT_BROKER,
+    broker_option,
+    curve_option,
+    option,
+    redis_option,
+    redis_url_or_default,
+    run_option,
+    threads_option,
+    wait_for_redis,
+)
+from zdni.security import Curve
+
+
+@main.command()
+@option("--bind", default=DEFAULT_BROKER, show_default=True, envvar="ZDNI_BIND",
+              help="Inbound address; the outbound sockets take the next ports.")
+@redis_option
+@curve_option("broker")
+def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
+    """Run the broker: route tensors between the driver and the stages; watch their health."""
+    from broker.broker import main as broker_main
+    from zdni.protocol import outbound_address
+
+    try:
+        outbound_address(bind, 0)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bind") from None
+    url = redis_url_or_default(redis_url)
+    wait_for_redis(url, "[broker]")
+    broker_main(bind, url, curve)
+
+
+@main.command()
+@option("--stage", type=click.IntRange(1, 16), required=True, help="Stage number, from 1.")
+@broker_option
+@redis_option
+@run_option
+@option("--device", default="cpu", show_default=True, envvar="ZDNI_DEVICE",
+              help="cpu or cuda:N.")
+@threads_option
+@option("--checkpoint-dir", default=None, envvar="ZDNI_CHECKPOINT_DIR",
+              help="Keep backups in files here instead of in Redis.")
+@option("--wait", "wait_s", type=float, default=60.0, show_default=True,
+              envvar="ZDNI_WORKER_WAIT",
+              help="Without --run: seconds to wait for a driver to publish a run.")
+@curve_option()
+def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, device: str,
+           threads: int | None, checkpoint_dir: str | None, wait_s: float,
+           curve: Curve | None) -> None:
+    """Run one stage's worker; the run's settings come from Redis."""
+    from workers.worker import main as worker_main
+
+    if device != "cpu":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise click.BadParameter(f"{device!r}: expected cpu, or cuda:N with CUDA available",
+                                     param_hint="--device")
+    url = redis_url_or_default(redis_url)
+    wait_for_redis(url, f"[stage {stage}]")
+    worker_main(stage, broker, url, run_id, device, threads, checkpoint_dir, wait_s, curve)
+
+
+@main.command()
+@broker_option
+@redis_option
+@run_option
+@threads_option
+@curve_option()
+def synth(broker: str, redis_url: str | None, run_id: str | None, threads: int | None,
+          curve: Curve | None) -> None:
+    """Run the synthesizer service (--synth-placement remote): every stage's M and I."""
+    from workers.synth import main as synth_main
+    from zdni.redisserver import connect
+    from zdni.status import latest_run
+
+    url = redis_url_or_default(redis_url)
+    wait_for_redis(url, "[synth]")
+    if run_id is None:
+        run_id = latest_run(connect(url))
+        if run_id is None:
+            raise click.ClickException(f"no run in Redis at {url}; start a driver or give --run")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    synth_main(broker, url, run_id, curve)
+
+
+@main.command("redis")
+@option("--port", type=int, default=6379, show_default=True, envvar="ZDNI_REDIS_PORT")
+@option("--host", default="127.0.0.1", show_default=True)
+def redis_cmd(port: int, host: str) -> None:
+    """Run the embedded Redis server in the foreground (for honcho and laptops) until stopped."""
+    import time
+
+    from zdni.redisserver import EmbeddedRedis
+    from zdni.shell import Stopper
+
+    stopper = Stopper()
+    with EmbeddedRedis(port=port, host=host) as server:
+        click.echo(f"[redis] serving {server.url} (pid {server.pid})", err=True)
+        try:
+            while not stopper.stopping and server.pid:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,83 @@
+"""Runs on disk: one run's metrics records (Run), runs of one setting over seeds (Variant),
+and finding and reading them under directories."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from zdni.metrics import read_metrics
+
+NOT_VARIANT = ("seed", "run_id", "data_dir")  # settings that do not make a different variant
+
+
+class ReportError(ValueError):
+    """A run directory cannot be read; the message names it."""
+
+
+@dataclass
+class Run:
+    """One run's records, split by kind."""
+
+    path: str
+    start: dict[str, Any]
+    records: list[dict[str, Any]]
+    label: str = ""
+
+    def kind(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["kind"] == name]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.start.get("config", {}))
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        cfg = {k: v for k, v in self.config.items() if k not in NOT_VARIANT}
+        return (self.start.get("runner"), *sorted((k, repr(v)) for k, v in cfg.items()))
+
+    def accuracy(self) -> list[tuple[int, float, float]]:
+        """(iteration, wall_s, test accuracy) of every eval and epoch record, in order."""
+        points = [(int(r.get("iterations", r.get("iteration", 0))), float(r["wall_s"]),
+                   float(r["test_accuracy"])) for r in self.records if r["kind"] in ("eval", "epoch")]
+        return sorted(points)
+
+
+@dataclass
+class Variant:
+    """Runs of the same settings but different seeds."""
+
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        seeds = ",".join(str(r.config.get("seed")) for r in self.runs)
+        return f"{self.label} (seeds {seeds})" if len(self.runs) > 1 else self.label
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Each path is a run directory, or a directory whose subdirectories are runs."""
+    runs = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            runs.append(load_run(path))
+            continue
+        children = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(
+            path) else []
+        found = [load_run(c) for c in children if os.path.isfile(os.path.join(c, "metrics.jsonl"))]
+        if not found:
+            raise ReportError(f"{path}: no metrics.jsonl here or in its subdirectories")
+        runs.extend(found)
+    return runs
+
+
+def load_run(path: str) -> Run:
+    records = read_metrics(os.path.join(path, "metrics.jsonl"))
+    starts = [r for r in records if r.get("kind") == "start"]
+    if not starts:
+        raise ReportError(f"{path}/metrics.jsonl has no 'start' record")
+    if not any(r["kind"] == "epoch" for r in records):
+        raise ReportError(f"{path}/metrics.jsonl has no finished epoch")
+    return Run(path, starts[0], records)
