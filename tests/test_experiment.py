@@ -50,10 +50,10 @@ def test_quick_inproc_suite_runs_end_to_end(mnist_dir: Path, tmp_path: Path) -> 
 
 
 def test_failed_runs_are_named_with_the_error_train_gives(tmp_path: Path) -> None:
-    """A suite whose runs fail exits 1 naming each run and the error `zdni train` would print."""
+    """A suite whose runs fail exits 2 naming each run and the error `zdni train` would print."""
     result = CliRunner().invoke(main, ["experiment", "placement", "--quick", "--inproc",
                                        "--data-dir", str(tmp_path / "empty"),
                                        "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "4 of 4 runs failed" in result.output
     assert "sg-cdni-remote-s0: MNIST files not found" in result.output

@@ -88,5 +88,5 @@ def test_seeds_of_one_variant_form_one_row_with_spread(tmp_path: Path) -> None:
 def test_report_names_a_directory_without_runs(tmp_path: Path) -> None:
     """A directory with no metrics.jsonl anywhere is a one-line error, not a traceback."""
     result = CliRunner().invoke(main, ["report", str(tmp_path), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no metrics.jsonl" in result.output

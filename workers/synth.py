@@ -12,7 +12,7 @@ import zmq
 from zdni import checkpoint, codec, protocol
 from zdni.buffer import RedisRing
 from zdni.health import beat
-from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
+from zdni.models import build_stages, input_shape, stage_shapes
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
@@ -20,15 +20,18 @@ from zdni.shell import Stopper, read_config, setup_logging
 from zdni.stage import StageError
 from zdni.synthservice import SynthService
 from zdni.transport import Endpoint
+from zdni.usercode import check_allowed
 
 log = logging.getLogger("zdni.synth")
 
 
-def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None) -> None:
+def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None,
+          allow_model: str | None = None) -> None:
     """Answer requests until SIGTERM; beat as endpoint SYNTH."""
     client = connect(redis_url)
     cfg = read_config(client, run, "[synth]")
-    shapes = stage_shapes(build_stages(cfg), INPUT_SHAPES[cfg.dataset])
+    check_allowed(cfg.model, allow_model, "[synth]")  # before any user code is imported
+    shapes = stage_shapes(build_stages(cfg), input_shape(cfg))
     service = SynthService(cfg, shapes, lambda stage, name: RedisRing(
         client, run, stage, name, cfg.ring_size))
     counts: Counter[str] = Counter()
@@ -84,7 +87,8 @@ def _drop(counts: Counter[str], reason: str, text: Any) -> None:
     log.error("[synth] dropped a request (%s): %s", reason, text)
 
 
-def main(broker: str, redis_url: str, run: str, curve: Curve | None = None) -> None:
+def main(broker: str, redis_url: str, run: str, curve: Curve | None = None,
+         allow_model: str | None = None) -> None:
     """Entry point of `zdni synth`."""
     setup_logging("[synth]")
-    serve(broker, redis_url, run, curve)
+    serve(broker, redis_url, run, curve, allow_model)

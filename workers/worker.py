@@ -17,7 +17,7 @@ from zdni.codec import Message
 from zdni.health import beat
 from zdni.inbox import Inbox, check_labels, check_tensor, labels_ride
 from zdni.loop import score
-from zdni.models import INPUT_SHAPES, build_stages, stage_shapes
+from zdni.models import build_stages, input_shape, stage_shapes
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
@@ -25,6 +25,7 @@ from zdni.shell import Stopper, read_config, setup_logging
 from zdni.stage import Outcome, Stage, StageError
 from zdni.synthservice import RemoteSynth
 from zdni.transport import Endpoint
+from zdni.usercode import check_allowed
 
 log = logging.getLogger("zdni.worker")
 RECENT = 4096  # iterations remembered as finished, to drop replays
@@ -39,7 +40,7 @@ class Worker:
     def __init__(self, stage: int, broker: str, redis_url: str, run: str | None = None,
                  device: str = "cpu", threads: int | None = None,
                  checkpoint_dir: str | None = None, wait_s: float = 60.0,
-                 curve: Curve | None = None) -> None:
+                 curve: Curve | None = None, allow_model: str | None = None) -> None:
         self.index = stage
         self.broker = broker
         self.curve = curve
@@ -49,13 +50,14 @@ class Worker:
         self.redis = connect(redis_url)
         self.run = run or self._wait_for_run(wait_s)
         self.cfg = read_config(self.redis, self.run, self.who)
+        check_allowed(self.cfg.model, allow_model, self.who)  # before any user code is imported
         modules = build_stages(self.cfg)
         # Unless told, assume every stage shares this host (honcho, one machine): torch's default
         # of a thread per core in each of K workers oversubscribes the cores (docs/BENCHMARKS.md).
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // len(modules)))
         if not 1 <= stage <= len(modules):
             raise SystemExit(f"{self.who} run {self.run} has stages 1..{len(modules)}")
-        self.shapes = stage_shapes(modules, INPUT_SHAPES[self.cfg.dataset])
+        self.shapes = stage_shapes(modules, input_shape(self.cfg))
         # Ring slots go to Redis from a thread: the stage reads its own slots from memory and
         # needs Redis only after a restart, so it need not wait for the write.
         self.writer = RingWriter(self.redis, depth=self.cfg.ring_size)
@@ -171,11 +173,13 @@ class Worker:
             if self.inbox.needs_x:
                 x = check_tensor("x", t.get("x"), self.shapes[0], torch.float32)
             if self.inbox.needs_y:
-                y = check_labels(t.get("y"), x.shape[0] if x is not None else None)
+                y = check_labels(t.get("y"), x.shape[0] if x is not None else None,
+                                 self.cfg.classes)
             self._run_events(it, self.inbox.add_batch(it, x, y))
         elif kind == protocol.ACT:
             h = check_tensor("h", t.get("h"), self.shapes[self.index - 1], torch.float32)
-            y = check_labels(t.get("y"), h.shape[0]) if self.inbox.act_labels else None
+            y = check_labels(t.get("y"), h.shape[0], self.cfg.classes) if self.inbox.act_labels \
+                else None
             self._run_events(it, self.inbox.add_act(it, h, y))
         elif kind == protocol.GRAD:
             g = check_tensor("g", t.get("g"), self.shapes[self.index], torch.float32)
@@ -250,7 +254,7 @@ class Worker:
 
     def _evaluate(self, msg: Message) -> None:
         h = check_tensor("h", msg.tensors.get("h"), self.shapes[self.index - 1], torch.float32)
-        y = check_labels(msg.tensors.get("y"), h.shape[0])
+        y = check_labels(msg.tensors.get("y"), h.shape[0], self.cfg.classes)
         out = self.stage.evaluate(h)
         if self.index < self.count:
             self._send(protocol.EVAL, msg.it, self.index + 1, {"h": out, "y": y}, msg.meta)
@@ -333,7 +337,8 @@ class Worker:
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
          threads: int | None, checkpoint_dir: str | None, wait_s: float = 60.0,
-         curve: Curve | None = None) -> None:
+         curve: Curve | None = None, allow_model: str | None = None) -> None:
     """Entry point of `zdni worker`."""
     setup_logging(f"[stage {stage}]")
-    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s, curve).serve()
+    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s, curve,
+           allow_model).serve()

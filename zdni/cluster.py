@@ -19,9 +19,11 @@ from zdni.launcher import Cluster
 from zdni.loop import load_data
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
+from zdni.plan import plan
 from zdni.redisserver import EmbeddedRedis, connect
 from zdni.security import Curve
 from zdni.transport import free_port_range
+from zdni.usercode import is_reference
 
 __all__ = ["run_remote", "train_distributed"]
 
@@ -56,6 +58,7 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
     """`zdni run`: drive workers and a broker started elsewhere (other hosts, honcho)."""
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     data = load_data(cfg, download)
+    chosen = plan(cfg, data)
     client = connect(redis_url)
     metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, client)
     try:
@@ -66,7 +69,7 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
         with marking_outcome(driver):
             summary = driver.train(data, quiet)
             summary["counts"] = driver.counts()
-        return summary
+        return _with_balance(summary, chosen)
     finally:
         metrics.close()
         client.close()
@@ -81,9 +84,13 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
     Metric records go to out_dir/metrics.jsonl and the run's Redis stream.
     """
     cfg.run_id = cfg.run_id or new_run_id(cfg)
+    # A bad data set, model or cut is an error before any process starts.
+    data = load_data(cfg, download)
+    chosen = plan(cfg, data, threads=threads)
     stages = stage_count(cfg)
     threads = threads or max(1, (os.cpu_count() or 1) // stages)
-    data = load_data(cfg, download)  # a bad data directory is an error before any process starts
+    # The workers import user code only because their own command line names it.
+    allow = ["--model", cfg.model] if is_reference(cfg.model) else []
     with local_redis(redis_url) as url:
         client = connect(url)
         metrics = MetricsWriter(cfg, stages, out_dir, client)
@@ -96,16 +103,24 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
                 cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])
                 if cfg.synth_placement == "remote" and cfg.needs_synth:
                     cluster.start("synth", ["synth", "--broker", broker, "--redis-url", url,
-                                            "--run", cfg.run_id, "--threads", str(threads)])
+                                            "--run", cfg.run_id, "--threads", str(threads),
+                                            *allow])
                 for s in range(1, stages + 1):
                     cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
                                                  "--redis-url", url, "--run", cfg.run_id,
-                                                 "--threads", str(threads)])
+                                                 "--threads", str(threads), *allow])
                 summary = driver.train(data, quiet)
                 cluster.stop()  # the broker writes its final counters as it exits
                 summary["counts"] = driver.counts()
-            return summary
+            return _with_balance(summary, chosen)
         finally:
             cluster.stop()
             metrics.close()
             client.close()
+
+
+def _with_balance(summary: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+    """The summary, with what --balance chose and measured when it was asked for."""
+    if chosen:
+        summary["balance"] = chosen
+    return summary

@@ -9,16 +9,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from zdni.errors import ZdniError
 from zdni.protocol import RUN_ID_RE
+from zdni.usercode import is_reference, tag
 
 MODES = ("backprop", "sg", "full")
 MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn")
 DATASETS = ("mnist", "cifar10")
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("local", "remote")
+BALANCES = ("time", "params")
+LIVE = "live"  # a model or data set given as a Python object to zdni.train (in process only)
+DATA_FILES = (".npz", ".pt")
 
 
-class ConfigError(ValueError):
+class ConfigError(ZdniError, ValueError):
     """A setting is invalid; the message names the setting, the value and what is allowed."""
 
 
@@ -32,11 +37,20 @@ class RunConfig:
     """Everything a run needs; the driver publishes it, workers read it back from Redis."""
 
     mode: str = "sg"  # backprop | sg (synthetic gradients) | full (synthetic input + gradient)
+    # A zoo name, or a user's factory by reference: package.module:factory or file.py:factory.
     model: str = "fcn3"  # the DNI paper's 3-layer MNIST FCN: small, and reaches 98% quickly
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+    # mnist | cifar10 (read from data_dir), a .npz or .pt file, or a factory by reference
     dataset: str = "mnist"
     data_dir: str = field(default_factory=default_data_dir)
     stages: int = 3  # number of pipeline stages; ignored when `cuts` is given
     cuts: list[int] | None = None  # explicit cut points between units, e.g. [1, 3]
+    balance: str | None = None  # time | params: choose the cuts by measurement (zdni/balance.py)
+    # Read from the data by the driver before it publishes the run (zdni/plan.py), so that a
+    # worker, which never reads the data, builds the same shapes: per-sample input shape, and
+    # the number of classes (labels 0..classes-1).
+    input_shape: list[int] | None = None
+    classes: int = 10
     epochs: int = 5  # fcn3 reaches 98% within 5 epochs of Adam at lr 1e-3
     batch_size: int = 128  # samples; the DNI paper's MNIST batch size
     lr: float = 1e-3  # Adam learning rate of the stages
@@ -63,8 +77,25 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
         _choice("mode", self.mode, MODES)
-        _choice("model", self.model, MODELS)
-        _choice("dataset", self.dataset, DATASETS)
+        if not (self.model in MODELS or is_reference(self.model) or self.model == LIVE):
+            raise ConfigError(f"model {self.model!r} is neither a zoo model ({', '.join(MODELS)})"
+                              " nor a reference: package.module:factory or file.py:factory")
+        if not (self.dataset in DATASETS or is_reference(self.dataset)
+                or self.dataset.endswith(DATA_FILES) or self.dataset == LIVE):
+            raise ConfigError(f"dataset {self.dataset!r} is not {' or '.join(DATASETS)}, a .npz "
+                              "or .pt file, or a reference (package.module:factory)")
+        if self.balance is not None:
+            _choice("balance", self.balance, BALANCES)
+        if not isinstance(self.model_args, dict) or not all(
+                isinstance(k, str) and k.isidentifier() for k in self.model_args):
+            raise ConfigError(f"model_args must map argument names to values, got "
+                              f"{self.model_args!r:.80}")
+        if self.input_shape is not None and not (
+                isinstance(self.input_shape, list) and 1 <= len(self.input_shape) <= 5
+                and all(isinstance(d, int) and d >= 1 for d in self.input_shape)):
+            raise ConfigError(f"input_shape must be 1-5 positive sizes, got {self.input_shape!r}")
+        if not isinstance(self.classes, int) or not 2 <= self.classes <= 100_000:
+            raise ConfigError(f"classes must be 2..100000, got {self.classes!r}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("synth_placement", self.synth_placement, PLACEMENTS)
         for name in ("epochs", "batch_size", "eval_batch_size", "max_inflight", "ring_size"):
@@ -93,11 +124,13 @@ class RunConfig:
                 f"ring_size (N={self.ring_size}) must exceed max_inflight (K={self.max_inflight}):"
                 " a slot would be overwritten before its true gradient arrives"
             )
-        if self.model.startswith("seed-cnn") or self.model == "dni-cnn":
-            if self.dataset != "cifar10":
-                raise ConfigError(f"model {self.model} is a CIFAR-10 network; use --dataset cifar10")
-        elif self.dataset != "mnist":
-            raise ConfigError(f"model {self.model} is an MNIST network; use --dataset mnist")
+        if self.model in MODELS and self.dataset in DATASETS:
+            if self.model.startswith("seed-cnn") or self.model == "dni-cnn":
+                if self.dataset != "cifar10":
+                    raise ConfigError(f"model {self.model} is a CIFAR-10 network; use --dataset "
+                                      "cifar10")
+            elif self.dataset != "mnist":
+                raise ConfigError(f"model {self.model} is an MNIST network; use --dataset mnist")
         if self.run_id and not RUN_ID_RE.fullmatch(self.run_id):
             raise ConfigError(
                 f"run_id {self.run_id!r} must be 1-64 letters, digits, '_', '.' or '-'"
@@ -151,5 +184,5 @@ def _positive(name: str, value: object) -> None:
 
 def new_run_id(cfg: RunConfig) -> str:
     """A readable, unique run id: mode, model, a timestamp and the process id."""
-    tag = cfg.mode + ("-c" if cfg.conditioned else "")
-    return f"{tag}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"
+    mode = cfg.mode + ("-c" if cfg.conditioned else "")
+    return f"{mode}-{tag(cfg.model)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"

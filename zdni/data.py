@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - numpy 1
     from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
 
 from zdni.config import DATASETS
+from zdni.errors import ZdniError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -37,7 +38,7 @@ PathArg = str | os.PathLike[str]
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-class DataError(ValueError):
+class DataError(ZdniError, ValueError):
     """A data file is missing, malformed or unsafe; the message names the file and the mismatch."""
 
 

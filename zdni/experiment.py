@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zdni.config import ConfigError, RunConfig
+from zdni.errors import ZdniError
 
 log = logging.getLogger("zdni.experiment")
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(ZdniError, RuntimeError):
     """A suite is unknown, or some of its runs failed; the message names them and why."""
 
 
@@ -141,7 +142,11 @@ def finished(run_dir: str, cfg: RunConfig) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     want = json.loads(cfg.to_json())
-    return {**had, "data_dir": None} == {**want, "data_dir": None}
+    # What planning fills in (zdni/plan.py) is derived from the settings, not one of them.
+    derived = {"data_dir": None, "input_shape": None, "classes": None}
+    if want.get("balance"):
+        derived["cuts"] = None
+    return {**had, **derived} == {**want, **derived}
 
 
 def train_one(cfg: RunConfig, run_dir: str, inproc: bool, quiet: bool) -> dict[str, Any]:

@@ -58,11 +58,12 @@ def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtyp
     return t
 
 
-def check_labels(y: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:
-    """Labels: int64 (B,) within 0..9."""
+def check_labels(y: torch.Tensor | None, batch: int | None = None,
+                 classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Labels: int64 (B,) within 0..classes-1."""
     y = check_tensor("y", y, (), torch.int64, batch)
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
-        raise MessageError("value", f"y: labels must be within 0..{NUM_CLASSES - 1}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise MessageError("value", f"y: labels must be within 0..{classes - 1}")
     return y
 
 

@@ -15,8 +15,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from zdni.config import RunConfig
+from zdni.config import DATASETS, RunConfig
 from zdni.data import BatchFeeder, load_dataset
+from zdni.errors import ZdniError
 from zdni.metrics import MetricsWriter
 from zdni.progress import Progress
 from zdni.summary import build_summary
@@ -24,7 +25,7 @@ from zdni.summary import build_summary
 __all__ = ["Data", "RunError", "Runner", "load_data", "score", "train"]
 
 
-class RunError(RuntimeError):
+class RunError(ZdniError, RuntimeError):
     """The run cannot go on: a stage died, stalled or never started. The message says which."""
 
 
@@ -91,10 +92,18 @@ def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
 
 
 def load_data(cfg: RunConfig, download: bool = False) -> Data:
-    """The run's training and test sets (cached per process: a second call is free)."""
-    x_train, y_train = load_dataset(cfg.dataset, cfg.data_dir, True, download, cfg.train_limit)
-    x_test, y_test = load_dataset(cfg.dataset, cfg.data_dir, False, download, cfg.test_limit)
-    return Data(x_train, y_train, x_test, y_test)
+    """The run's training and test sets (cached per process: a second call is free): a zoo
+    dataset from cfg.data_dir, or a user's file or factory (zdni/userdata.py)."""
+    if cfg.dataset in DATASETS:
+        x_train, y_train = load_dataset(cfg.dataset, cfg.data_dir, True, download,
+                                        cfg.train_limit)
+        x_test, y_test = load_dataset(cfg.dataset, cfg.data_dir, False, download, cfg.test_limit)
+        return Data(x_train, y_train, x_test, y_test)
+    from zdni.userdata import load_user_dataset
+
+    (x_train, y_train), (x_test, y_test) = load_user_dataset(cfg.dataset)
+    a, b = cfg.train_limit, cfg.test_limit
+    return Data(x_train[:a], y_train[:a], x_test[:b], y_test[:b])
 
 
 def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,

@@ -17,18 +17,49 @@ Models:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from zdni.config import ConfigError, RunConfig
+from zdni.usercode import UserCodeError, call, is_reference
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # of the zoo's datasets; a user's data set has cfg.classes
 
 
-def build_units(model: str) -> list[nn.Module]:
+def input_shape(cfg: RunConfig) -> tuple[int, ...]:
+    """The per-sample input shape: read from the data (zdni/plan.py), or the zoo dataset's."""
+    if cfg.input_shape is not None:
+        return tuple(cfg.input_shape)
+    if cfg.dataset not in INPUT_SHAPES:
+        raise ConfigError(f"dataset {cfg.dataset}: the input shape is read from the data first")
+    return INPUT_SHAPES[cfg.dataset]
+
+
+def user_units(ref: str, args: dict[str, Any] | None = None) -> list[nn.Module]:
+    """The units of a user's model: the children of the nn.Sequential its factory returns, or
+    the modules of the list it returns."""
+    built = call(ref, args)
+    if isinstance(built, nn.Sequential):
+        units = list(built.children())
+    elif isinstance(built, list | tuple) and all(isinstance(m, nn.Module) for m in built):
+        units = list(built)
+    else:
+        raise UserCodeError(f"{ref}: the factory returned a {type(built).__name__}; expected an "
+                            "nn.Sequential or a list of modules")
+    if not units:
+        raise UserCodeError(f"{ref}: the factory returned no modules")
+    return units
+
+
+def build_units(model: str, args: dict[str, Any] | None = None) -> list[nn.Module]:
     """The model's units in order, freshly initialized from torch's global RNG."""
+    if is_reference(model):
+        return user_units(model, args)
+    if args:
+        raise ConfigError(f"model {model} is a zoo model: it takes no model arguments")
     if model == "seed-mlp":
         return [
             nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.Sigmoid()),
@@ -105,10 +136,12 @@ def cut(units: Sequence[nn.Module], points: Sequence[int]) -> list[nn.Sequential
     return [nn.Sequential(*units[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
-def build_stages(cfg: RunConfig) -> list[nn.Sequential]:
-    """The run's stages, initialized from cfg.seed so every process builds the same weights."""
-    torch.manual_seed(cfg.seed)
-    units = build_units(cfg.model)
+def build_stages(cfg: RunConfig, units: list[nn.Module] | None = None) -> list[nn.Sequential]:
+    """The run's stages, initialized from cfg.seed so every process builds the same weights
+    (or cut from the given units: a live model, in process)."""
+    if units is None:
+        torch.manual_seed(cfg.seed)
+        units = build_units(cfg.model, cfg.model_args)
     stages = cut(units, cut_points(len(units), cfg.stages, cfg.cuts))
     if cfg.freeze_stage is not None and not 1 <= cfg.freeze_stage <= len(stages):
         raise ConfigError(f"freeze_stage {cfg.freeze_stage} is not a stage 1..{len(stages)}")
@@ -117,7 +150,7 @@ def build_stages(cfg: RunConfig) -> list[nn.Sequential]:
 
 def stage_count(cfg: RunConfig) -> int:
     """How many stages the config gives, without building weights."""
-    return len(cut_points(len(build_units(cfg.model)), cfg.stages, cfg.cuts))
+    return len(cut_points(len(build_units(cfg.model, cfg.model_args)), cfg.stages, cfg.cuts))
 
 
 def stage_shapes(stages: Sequence[nn.Module], in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:

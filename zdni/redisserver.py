@@ -21,6 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from zdni.errors import ZdniError
 from zdni.launcher import die_with_parent
 
 START_TIMEOUT_S = 10.0  # a cold redis-server answers PING in ~50 ms; 10 s covers a loaded CI box
@@ -31,7 +32,7 @@ RETRIES = 3  # transient connection errors and timeouts, backing off 0.1 s, 0.2 
 PORT_ATTEMPTS = 5  # another process may take the free port between our probe and redis binding it
 
 
-class RedisError(RuntimeError):
+class RedisError(ZdniError, RuntimeError):
     """Redis could not be started or reached; the message says which and why."""
 
 

@@ -9,12 +9,13 @@ import zmq
 
 from zdni import checkpoint, codec, keys, protocol
 from zdni.config import RunConfig
+from zdni.errors import ZdniError
 from zdni.models import stage_count
 from zdni.security import Curve
 from zdni.transport import make_socket
 
 
-class RollbackError(RuntimeError):
+class RollbackError(ZdniError, RuntimeError):
     """No common backup, or the stages did not confirm."""
 
 

@@ -7,12 +7,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from zdni.errors import ZdniError
 from zdni.metrics import read_metrics
 
 NOT_VARIANT = ("seed", "run_id", "data_dir")  # settings that do not make a different variant
 
 
-class ReportError(ValueError):
+class ReportError(ZdniError, ValueError):
     """A run directory cannot be read; the message names it."""
 
 

@@ -17,8 +17,10 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from zdni.errors import ZdniError
 
-class KeyError_(RuntimeError):
+
+class KeyError_(ZdniError, RuntimeError):
     """A key file is missing or unreadable; the message names it."""
 
 

@@ -75,6 +75,7 @@ class Stage:
         self.has_M = cfg.needs_synth and not self.last
         self.has_I = cfg.mode == "full" and not self.first
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # backprop graphs
+        self.rng = self._seed_stream(cfg.seed * 1_000_003 + 7_919 * index)
 
     @property
     def local(self) -> LocalSynth | None:
@@ -107,6 +108,29 @@ class Stage:
         """Whether this stage trains on the labels y each iteration."""
         return stage_needs(self.cfg, self.index, self.count)[1]
 
+    def _seed_stream(self, seed: int) -> torch.Tensor:
+        """This stage's own random stream (dropout), the same in every process."""
+        if self.device.type == "cuda":
+            with torch.random.fork_rng(devices=[self.device]):
+                torch.cuda.manual_seed(seed)
+                return torch.cuda.get_rng_state(self.device)
+        return torch.Generator().manual_seed(seed).get_state()
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The module in training mode, drawing from this stage's own random stream: a stage
+        draws the same dropout masks in a worker as in the in-process runner, where stages
+        would otherwise share (and reorder) one stream."""
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            if cuda:
+                torch.cuda.set_rng_state(self.rng, self.device)
+            else:
+                torch.random.set_rng_state(self.rng)
+            out = self.module(h)
+            self.rng = torch.cuda.get_rng_state(self.device) if cuda else \
+                torch.random.get_rng_state()
+        return out
+
     def _step(self) -> None:
         if self.opt is not None:
             self.opt.step()
@@ -137,7 +161,7 @@ class Stage:
             return self._true_pass(it, h)
         h_in = h.detach().requires_grad_(not self.first)
         self._zero()
-        out = self.module(h_in)
+        out = self._forward(h_in)
         if self.cfg.mode == "backprop" and not self.last:
             self.pending[it] = (h_in, out)
             return Outcome(h_out=out.detach())
@@ -154,7 +178,7 @@ class Stage:
         y = y.to(self.device) if y is not None else None
         h_syn = self.synth.predict_input(it, x, y).to(self.device)
         self._zero()
-        out = self.module(h_syn)
+        out = self._forward(h_syn)
         metrics = self._backward_output(it, out, y, remember=False)
         self._step()
         stored = {"x": x, "h_syn": h_syn}
@@ -172,7 +196,7 @@ class Stage:
         metrics = self.synth.train_input(it, x, y, h)
         h_in = h.detach().requires_grad_(True)
         self._zero()
-        out = self.module(h_in)
+        out = self._forward(h_in)
         metrics |= self._backward_output(it, out, y, remember=True)
         self._zero()  # the true pass only produces signals: its parameter gradients are dropped
         return Outcome(h_out=None if self.last else out.detach(), d_in=h_in.grad, done=True,

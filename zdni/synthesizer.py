@@ -30,11 +30,11 @@ def _zero_last(module: nn.Module) -> nn.Module:
     return module
 
 
-def _with_label(t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+def _with_label(t: torch.Tensor, y: torch.Tensor | None, classes: int) -> torch.Tensor:
     """Append the one-hot label as features (2-D input) or constant channels (4-D input)."""
     if y is None:
         return t
-    onehot = F.one_hot(y, NUM_CLASSES).to(t.dtype)
+    onehot = F.one_hot(y, classes).to(t.dtype)
     if t.dim() == 2:
         return torch.cat([t, onehot], dim=1)
     planes = onehot[:, :, None, None].expand(-1, -1, *t.shape[2:])
@@ -63,12 +63,14 @@ class GradientSynthesizer(nn.Module):
     """M: predicts the gradient of the loss with respect to a stage's output h, from h (and y)."""
 
     def __init__(
-        self, shape: tuple[int, ...], hidden: int, width: int, conditioned: bool
+        self, shape: tuple[int, ...], hidden: int, width: int, conditioned: bool,
+        classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.conditioned = conditioned
-        extra = NUM_CLASSES if conditioned else 0
+        self.classes = classes
+        extra = classes if conditioned else 0
         if len(self.shape) == 3:
             self.net = _convnet(self.shape[0] + extra, self.shape[0], hidden,
                                 min(width, CONV_WIDTH_CAP))
@@ -78,7 +80,7 @@ class GradientSynthesizer(nn.Module):
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         flat = h if len(self.shape) == 3 else h.reshape(h.shape[0], -1)
-        out = self.net(_with_label(flat, y if self.conditioned else None))
+        out = self.net(_with_label(flat, y if self.conditioned else None, self.classes))
         return out.reshape(h.shape)
 
 
@@ -92,11 +94,13 @@ class InputSynthesizer(nn.Module):
         hidden: int,
         width: int,
         conditioned: bool,
+        classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
         self.target_shape = tuple(target_shape)
         self.conditioned = conditioned
-        extra = NUM_CLASSES if conditioned else 0
+        self.classes = classes
+        extra = classes if conditioned else 0
         self.image = len(self.target_shape) == 3 and len(x_shape) == 3
         if self.image:
             c_out, height, width_px = self.target_shape
@@ -112,7 +116,7 @@ class InputSynthesizer(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         inp = x if self.image else x.reshape(x.shape[0], -1)
-        out = self.net(_with_label(inp, y if self.conditioned else None))
+        out = self.net(_with_label(inp, y if self.conditioned else None, self.classes))
         return out.reshape(x.shape[0], *self.target_shape)
 
 
@@ -158,11 +162,12 @@ class LocalSynth:
         self.I: nn.Module | None = None  # noqa: E741
         if cfg.needs_synth and index < count:
             self.M = GradientSynthesizer(
-                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
+                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned, cfg.classes
             ).to(device)
         if cfg.mode == "full" and index > 1:
             self.I = InputSynthesizer(
-                shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned
+                shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned,
+                cfg.classes,
             ).to(device)
         torch.random.set_rng_state(generator_state)
         self.m_opt = make_optimizer(cfg, list(self.M.parameters()), cfg.synth_lr) if self.M else None

@@ -10,19 +10,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from zdni.config import RunConfig
-from zdni.loop import load_data, score, train
+from zdni.loop import Data, load_data, score, train
 from zdni.metrics import MetricsWriter
-from zdni.models import INPUT_SHAPES, build_stages, stage_count, stage_shapes
+from zdni.models import build_stages, cut_points, input_shape, stage_count, stage_shapes
+from zdni.plan import plan
 from zdni.schedule import iteration_events
 from zdni.stage import Outcome, Stage
 
 
-def build_pipeline(cfg: RunConfig, device: str = "cpu") -> list[Stage]:
-    """Every stage of the run with its synthesizers, as each worker would build its own."""
-    modules = build_stages(cfg)
-    shapes = stage_shapes(modules, INPUT_SHAPES[cfg.dataset])
+def build_pipeline(cfg: RunConfig, device: str = "cpu",
+                   units: list[nn.Module] | None = None) -> list[Stage]:
+    """Every stage of the run with its synthesizers, as each worker would build its own (or
+    from the units of a live model)."""
+    modules = build_stages(cfg, units)
+    shapes = stage_shapes(modules, input_shape(cfg))
     return [Stage(cfg, i + 1, m, shapes, device=device) for i, m in enumerate(modules)]
 
 
@@ -70,10 +74,11 @@ class InprocRunner:
 
     name = "inproc"
 
-    def __init__(self, cfg: RunConfig, metrics: MetricsWriter, device: str = "cpu") -> None:
+    def __init__(self, cfg: RunConfig, metrics: MetricsWriter, device: str = "cpu",
+                 units: list[nn.Module] | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.pipeline = build_pipeline(cfg, device)
+        self.pipeline = build_pipeline(cfg, device, units)
         self.stages = len(self.pipeline)
         self.label = f"inproc {cfg.mode}"
         self.fed = 0
@@ -110,12 +115,20 @@ class InprocRunner:
 
 
 def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
-                 out_dir: str | None = None) -> dict[str, Any]:
-    """Train with every stage in this process; returns the summary (metrics go to out_dir)."""
+                 out_dir: str | None = None, data: Data | None = None,
+                 units: list[nn.Module] | None = None) -> dict[str, Any]:
+    """Train with every stage in this process; returns the summary (metrics go to out_dir).
+    `data` and `units` are live objects (the Python API); otherwise cfg names them."""
     cfg.validate()
-    data = load_data(cfg, download)
-    metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, runner="inproc")
+    data = data if data is not None else load_data(cfg, download)
+    chosen = plan(cfg, data, units)
+    count = stage_count(cfg) if units is None else len(cut_points(len(units), cfg.stages,
+                                                                   cfg.cuts))
+    metrics = MetricsWriter(cfg, count, out_dir, runner="inproc")
     try:
-        return train(cfg, InprocRunner(cfg, metrics), data, metrics, quiet)
+        summary = train(cfg, InprocRunner(cfg, metrics, units=units), data, metrics, quiet)
     finally:
         metrics.close()
+    if chosen:
+        summary["balance"] = chosen
+    return summary

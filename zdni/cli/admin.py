@@ -8,6 +8,7 @@ import click
 
 from zdni.cli.group import main
 from zdni.cli.options import (
+    UserError,
     clean_errors,
     curve_option,
     option,
@@ -35,12 +36,12 @@ def status(redis_url: str | None, run_id: str | None, watch: bool, as_json: bool
     client = connect(redis_url)
     run_id = run_id or latest_run(client)
     if run_id is None:
-        raise click.ClickException(f"no run in Redis at {redis_url}")
+        raise UserError(f"no run in Redis at {redis_url}")
     while True:
         try:
             info = collect(client, run_id)
         except KeyError as exc:
-            raise click.ClickException(str(exc.args[0])) from None
+            raise UserError(str(exc.args[0])) from None
         if as_json:
             click.echo(json.dumps(info))
         else:
@@ -73,17 +74,17 @@ def rollback(redis_url: str | None, broker: str | None, run_id: str | None, to_i
     client = connect(redis_url)
     run_id = run_id or latest_run(client)
     if run_id is None:
-        raise click.ClickException(f"no run in Redis at {redis_url}")
+        raise UserError(f"no run in Redis at {redis_url}")
     if broker is None:
         published = client.hget(keys.state(run_id), "broker")
         if published is None:
-            raise click.ClickException(f"run {run_id} has no broker address in Redis; "
+            raise UserError(f"run {run_id} has no broker address in Redis; "
                                        f"give --broker")
         broker = keys.text(published)
     try:
         chosen = rollback_run(client, broker, run_id, to_iter, curve=curve)
     except RollbackError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
     click.echo(f"run {run_id}: every stage rolled back to iteration {chosen}")
 
 
@@ -101,4 +102,4 @@ def keys(directory: str) -> None:
         for path in create_keys(directory):
             click.echo(path)
     except KeyError_ as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None

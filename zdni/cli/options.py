@@ -12,14 +12,15 @@ from typing import Any
 import click
 
 from zdni.config import (
+    BALANCES,
     DATASETS,
     MODELS,
     MODES,
     OPTIMIZERS,
     PLACEMENTS,
-    ConfigError,
     RunConfig,
 )
+from zdni.errors import ZdniError
 
 F = Callable[..., Any]
 
@@ -53,6 +54,14 @@ def redis_option(func: F) -> F:
 
 def redis_url_or_default(url: str | None) -> str:
     return url or DEFAULT_REDIS_URL
+
+
+def allow_model_option(func: F) -> F:
+    """A worker's --model: the one user-code reference it may import (a run naming other code
+    is refused). The same variable names the model of `zdni train` and `zdni run`."""
+    return option("--model", "allow_model", default=None, envvar="ZDNI_MODEL",
+                  help="Allow the run's model to be this reference (module:factory or "
+                       "file.py:factory); zoo models need no allowing.")(func)
 
 
 def broker_option(func: F) -> F:
@@ -106,6 +115,16 @@ output_options = _stack(
 )
 
 
+def _model_args(ctx: click.Context, param: click.Parameter,
+                value: tuple[str, ...]) -> dict[str, Any]:
+    from zdni.usercode import UserCodeError, parse_args
+
+    try:
+        return parse_args(value)
+    except UserCodeError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _cuts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
     if not value:
         return None
@@ -120,14 +139,25 @@ config_options = _stack(
     option("--mode", type=click.Choice(MODES), default=_D.mode, show_default=True,
                  envvar="ZDNI_MODE", help="backprop, sg (synthetic gradients) or full "
                  "(synthetic input and gradient)."),
-    option("--model", type=click.Choice(MODELS), default=_D.model, show_default=True,
-                 envvar="ZDNI_MODEL"),
-    option("--dataset", type=click.Choice(DATASETS), default=None,
-                 envvar="ZDNI_DATASET", help="Defaults to the model's dataset."),
+    option("--model", default=_D.model, show_default=True, envvar="ZDNI_MODEL",
+           help=f"A zoo model ({', '.join(MODELS)}) or your own factory: "
+                "package.module:factory or path/to/file.py:factory, returning an "
+                "nn.Sequential (its children are the units cuts fall between)."),
+    option("--model-arg", "model_args", multiple=True, callback=_model_args,
+           envvar="ZDNI_MODEL_ARGS", metavar="KEY=VALUE",
+           help="Keyword argument of the model factory (repeatable; JSON values)."),
+    option("--dataset", default=None, envvar="ZDNI_DATASET",
+           help=f"{' or '.join(DATASETS)} (from --data-dir), a .npz file of x_train, "
+                "y_train, x_test, y_test, a .pt file of those tensors, or "
+                "module:factory returning (train, test) [default: the zoo model's, "
+                "else mnist]."),
     data_dir_option,
     option("--stages", type=int, default=_D.stages, show_default=True, envvar="ZDNI_STAGES"),
     option("--cuts", callback=_cuts, default=None, envvar="ZDNI_CUTS",
-                 help="Explicit cut points, unit indices where stages 2.. start, e.g. 1,3."),
+           help="Explicit cut points, unit indices where stages 2.. start, e.g. 1,3."),
+    option("--balance", type=click.Choice(BALANCES), default=None, envvar="ZDNI_BALANCE",
+           help="Choose the cuts: by each unit's measured time (with its synthesizers) "
+                "or by parameter count, so the slowest stage is as fast as it can be."),
     option("--epochs", type=int, default=_D.epochs, show_default=True, envvar="ZDNI_EPOCHS"),
     option("--batch-size", type=int, default=_D.batch_size, show_default=True,
                  envvar="ZDNI_BATCH_SIZE"),
@@ -179,7 +209,8 @@ def config_from(kwargs: dict[str, Any]) -> RunConfig:
     names = set(RunConfig.__dataclass_fields__)
     raw = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
     if raw.get("dataset") is None:
-        raw["dataset"] = "cifar10" if raw.get("model", "").endswith("cnn") else "mnist"
+        zoo_cnn = raw.get("model", "") in MODELS and raw.get("model", "").endswith("cnn")
+        raw["dataset"] = "cifar10" if zoo_cnn else "mnist"
     if raw.get("data_dir") is None:
         raw.pop("data_dir", None)
     cfg = RunConfig(**raw).validate()
@@ -188,22 +219,24 @@ def config_from(kwargs: dict[str, Any]) -> RunConfig:
 
 
 def clean_errors(func: F) -> F:
-    """Turn expected errors into a one-line message and exit status 2, not a traceback; make
+    """Turn zdni's errors into a one-line message and exit status 2, not a traceback; make
     SIGTERM unwind like Ctrl-C so that a driver's children and run state are cleaned up."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        from zdni.data import DataError
-        from zdni.loop import RunError
-        from zdni.redisserver import RedisError
-
         try:
             return func(*args, **kwargs)
-        except (ConfigError, DataError, RunError, RedisError) as exc:
-            raise click.ClickException(str(exc)) from None
+        except ZdniError as exc:
+            raise UserError(str(exc)) from None
 
     return wrapper
+
+
+class UserError(click.ClickException):
+    """What the user should fix, said in one line; exit status 2, as for a bad option."""
+
+    exit_code = 2
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -229,9 +262,9 @@ def wait_for_redis(url: str, who: str, wait_s: float = REDIS_START_WAIT_S) -> No
             cause = exc.__context__  # connect() raises `from None`; the cause is still kept here
             transient = isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError))
             if isinstance(cause, redis.AuthenticationError) or not transient:
-                raise click.ClickException(str(exc)) from None
+                raise UserError(str(exc)) from None
             if time.monotonic() >= deadline:
-                raise click.ClickException(f"{exc} (retried for {wait_s:.0f} s)") from None
+                raise UserError(f"{exc} (retried for {wait_s:.0f} s)") from None
             if not waiting:
                 click.echo(f"{who} waiting up to {wait_s:.0f} s for Redis at {mask_url(url)}",
                            err=True)

@@ -10,7 +10,10 @@ import click
 from zdni.cli.group import main
 from zdni.cli.options import (
     DEFAULT_BROKER,
+    UserError,
+    allow_model_option,
     broker_option,
+    clean_errors,
     curve_option,
     option,
     redis_option,
@@ -55,9 +58,11 @@ def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
               envvar="ZDNI_WORKER_WAIT",
               help="Without --run: seconds to wait for a driver to publish a run.")
 @curve_option()
+@allow_model_option
+@clean_errors
 def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, device: str,
            threads: int | None, checkpoint_dir: str | None, wait_s: float,
-           curve: Curve | None) -> None:
+           curve: Curve | None, allow_model: str | None) -> None:
     """Run one stage's worker; the run's settings come from Redis."""
     from workers.worker import main as worker_main
 
@@ -69,7 +74,8 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
                                      param_hint="--device")
     url = redis_url_or_default(redis_url)
     wait_for_redis(url, f"[stage {stage}]")
-    worker_main(stage, broker, url, run_id, device, threads, checkpoint_dir, wait_s, curve)
+    worker_main(stage, broker, url, run_id, device, threads, checkpoint_dir, wait_s, curve,
+                allow_model)
 
 
 @main.command()
@@ -78,8 +84,10 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
 @run_option
 @threads_option
 @curve_option()
+@allow_model_option
+@clean_errors
 def synth(broker: str, redis_url: str | None, run_id: str | None, threads: int | None,
-          curve: Curve | None) -> None:
+          curve: Curve | None, allow_model: str | None) -> None:
     """Run the synthesizer service (--synth-placement remote): every stage's M and I."""
     from workers.synth import main as synth_main
     from zdni.redisserver import connect
@@ -90,12 +98,12 @@ def synth(broker: str, redis_url: str | None, run_id: str | None, threads: int |
     if run_id is None:
         run_id = latest_run(connect(url))
         if run_id is None:
-            raise click.ClickException(f"no run in Redis at {url}; start a driver or give --run")
+            raise UserError(f"no run in Redis at {url}; start a driver or give --run")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    synth_main(broker, url, run_id, curve)
+    synth_main(broker, url, run_id, curve, allow_model)
 
 
 @main.command("redis")

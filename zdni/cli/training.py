@@ -95,17 +95,15 @@ def run_cmd(broker: str, redis_url: str | None, out_dir: str | None, download: b
 @option("--target", type=float, default=0.97, show_default=True,
               help="Test accuracy (a fraction) of the time-to-target column.")
 @option("--title", default="zdni runs", show_default=True, help="Heading of report.md.")
+@clean_errors
 def report(run_dirs: tuple[str, ...], out_dir: str, target: float, title: str) -> None:
     """Plot and tabulate runs (run directories, or directories of them) from their metrics.
 
     Runs that differ only in their seed are one variant: mean curves with the min-max spread.
     """
-    from zdni.report import ReportError, build_report
+    from zdni.report import build_report
 
-    try:
-        click.echo(build_report(list(run_dirs), out_dir, target, title))
-    except ReportError as exc:
-        raise click.ClickException(str(exc)) from None
+    click.echo(build_report(list(run_dirs), out_dir, target, title))
 
 
 def _suites() -> list[str]:
@@ -136,15 +134,12 @@ def experiment(name: str, epochs: int | None, seeds: str | None, data_dir: str |
     seed-mnist  backprop, sg, cDNI, full, full with stage 1 frozen (fcn3, 3 stages, MNIST)
     placement   synthesizers local versus remote (sg and full, cDNI)
     """
-    from zdni.experiment import ExperimentError, run_suite
+    from zdni.experiment import run_suite
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
     except ValueError:
         raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
                                  param_hint="--seeds") from None
-    try:
-        click.echo(run_suite(name, out_dir, seed_list, epochs, data_dir, inproc, quick, quiet,
-                             target))
-    except ExperimentError as exc:
-        raise click.ClickException(str(exc)) from None
+    click.echo(run_suite(name, out_dir, seed_list, epochs, data_dir, inproc, quick, quiet,
+                         target))

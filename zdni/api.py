@@ -1,0 +1,95 @@
+"""The Python API, for scripts and notebooks: `zdni.train(...)` over the same RunConfig as the
+command line (its keyword arguments are RunConfig's fields; no second list of defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from torch import nn
+
+from zdni.config import LIVE, ConfigError, RunConfig, new_run_id
+from zdni.usercode import UserCodeError
+
+__all__ = ["train"]
+
+
+def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
+          dataset: str | tuple[Any, Any] | None = None, *, distributed: bool = True,
+          out_dir: str | None = None, quiet: bool = True, redis_url: str | None = None,
+          threads: int | None = None, restart: bool = True, **settings: Any) -> dict[str, Any]:
+    """Train and return the summary (the dict `zdni train` writes to OUT/summary.json).
+
+    model     a zoo name, or a reference "package.module:factory" / "path/file.py:factory"
+              (factory keyword arguments in model_args={...}); in process also an
+              nn.Sequential (or a list of modules): its children are the units cuts fall between
+    dataset   "mnist" / "cifar10" (from data_dir), a .npz or .pt file, a reference returning
+              (train, test); in process also (train, test) themselves, each a pair of tensors
+              or a Dataset of (x, y)
+    distributed  True: a broker and a worker process per stage (with an embedded Redis unless
+              redis_url is given); False: every stage in this process (the reference runner)
+    settings  any RunConfig field: mode="sg", conditioned=True, stages=3, epochs=5, lr=...
+
+    Raises a zdni.ZdniError subclass (ConfigError, DataError, UserCodeError, RunError) whose
+    one-line message says what is wrong.
+    """
+    live_model = not isinstance(model, str)
+    live_data = dataset is not None and not isinstance(dataset, str)
+    if distributed and (live_model or live_data):
+        what = "model" if live_model else "dataset"
+        raise UserCodeError(
+            f"a distributed run needs its {what} by reference (\"file.py:factory\", a file "
+            "name): every worker process builds it itself from a name its operator allows, "
+            "and no Python object is ever sent between processes; pass a reference, or "
+            "distributed=False to train this object in process")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ConfigError(f"unknown settings {', '.join(unknown)}; the settings are "
+                          f"RunConfig's fields: {', '.join(sorted(names))}")
+    units = _units(model) if live_model else None
+    cfg = RunConfig(model=LIVE if live_model else str(model), **settings)
+    if dataset is None:
+        cfg.dataset = "cifar10" if cfg.model in ("seed-cnn", "dni-cnn") else "mnist"
+    else:
+        cfg.dataset = LIVE if live_data else str(dataset)
+    cfg.validate()
+    cfg.run_id = cfg.run_id or new_run_id(cfg)
+    out_dir = out_dir or os.path.join("runs", cfg.run_id)
+    if distributed:
+        from zdni.cluster import train_distributed
+
+        summary = train_distributed(cfg, quiet=quiet, redis_url=redis_url, threads=threads,
+                                    log_dir=os.path.join(out_dir, "logs"), out_dir=out_dir,
+                                    restart=restart)
+    else:
+        import torch
+
+        from zdni.loop import Data
+        from zdni.trainer import train_inproc
+        from zdni.userdata import from_objects
+
+        if threads:
+            torch.set_num_threads(threads)
+        data = None
+        if live_data:
+            assert isinstance(dataset, tuple | list) and len(dataset) == 2, \
+                "dataset must be (train, test)"
+            (x_train, y_train), (x_test, y_test) = from_objects(dataset[0], dataset[1])
+            data = Data(x_train[:cfg.train_limit], y_train[:cfg.train_limit],
+                        x_test[:cfg.test_limit], y_test[:cfg.test_limit])
+        summary = train_inproc(cfg, quiet=quiet, out_dir=out_dir, data=data, units=units)
+    from zdni.summary import write_summary
+
+    write_summary(out_dir, summary)
+    return summary
+
+
+def _units(model: Any) -> list[nn.Module]:
+    if isinstance(model, nn.Sequential):
+        return list(model.children())
+    if isinstance(model, list | tuple) and model and all(isinstance(m, nn.Module) for m in model):
+        return list(model)
+    raise UserCodeError(f"model: expected a zoo name, a reference, an nn.Sequential or a list "
+                        f"of modules, got a {type(model).__name__}")

@@ -1,0 +1,157 @@
+"""Cuts balanced by measurement (torchgpipe's balance_by_time): profile each unit, then a pure
+function splits the costs so that the slowest stage is as fast as it can be.
+
+A stage of units a..b-1 costs the sum of its units, plus, when it is not the last stage, its
+gradient synthesizer M at the boundary b (sg and full modes: M's forward and its training step),
+plus, when it is not the first stage in full mode, its input synthesizer I for boundary a.
+Profiling and splitting are separate: `split` is table-tested on costs the tests inject.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zdni.config import RunConfig
+from zdni.models import make_optimizer, stage_shapes
+
+__all__ = ["Costs", "profile", "split", "stage_costs"]
+
+WARMUP = 2  # untimed passes: allocator and kernel selection settle
+REPEATS = 5  # timed passes; the median is kept
+
+
+class Costs:
+    """Measured costs in seconds: per unit, per boundary for M (index b: a stage ends before
+    unit b), per boundary for I (index a: a stage starts at unit a)."""
+
+    def __init__(self, units: Sequence[float], exit: Sequence[float] | None = None,
+                 entry: Sequence[float] | None = None) -> None:
+        self.units = list(units)
+        n = len(self.units)
+        self.exit = list(exit) if exit is not None else [0.0] * (n + 1)
+        self.entry = list(entry) if entry is not None else [0.0] * (n + 1)
+
+    def stage(self, a: int, b: int) -> float:
+        """The cost of a stage of units a..b-1 in a model of len(units) units."""
+        cost = sum(self.units[a:b])
+        if b < len(self.units):
+            cost += self.exit[b]
+        if a > 0:
+            cost += self.entry[a]
+        return cost
+
+
+def split(costs: Costs, stages: int) -> list[int]:
+    """Cut points (the first unit of stages 2..S) minimizing the slowest stage (exact, by
+    dynamic programming over contiguous partitions); ties go to the earliest cuts."""
+    n = len(costs.units)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot cut {n} units into {stages} stages")
+    inf = float("inf")
+    # best[k][j]: the least possible slowest-stage cost of units 0..j-1 in k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    back = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], costs.stage(i, j))
+                if value < best[k][j]:
+                    best[k][j], back[k][j] = value, i
+    cuts, j = [], n
+    for k in range(stages, 0, -1):
+        j = back[k][j]
+        cuts.append(j)
+    return sorted(cuts)[1:]
+
+
+def stage_costs(costs: Costs, cuts: Sequence[int]) -> list[float]:
+    """Each stage's cost under the given cut points."""
+    bounds = [0, *cuts, len(costs.units)]
+    return [costs.stage(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _median_time(step: object, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    for r in range(WARMUP + REPEATS):
+        sync()
+        start = time.perf_counter()
+        step()  # type: ignore[operator]
+        sync()
+        if r >= WARMUP:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...],
+            device: str = "cpu") -> Costs:
+    """Each unit's forward and backward time on a batch of cfg.batch_size, and in sg/full mode
+    the synthesizers' forward and training step at every boundary, on `device`."""
+    from zdni.synthesizer import GradientSynthesizer, InputSynthesizer
+
+    dev = torch.device(device)
+    shapes = stage_shapes([nn.Sequential(u) for u in units], input_shape)
+    batch = cfg.batch_size
+    y = torch.randint(0, cfg.classes, (batch,), device=dev)
+    unit_costs = []
+    for u, shape in zip(units, shapes):
+        u.to(dev).train()
+        x = torch.randn(batch, *shape, device=dev, requires_grad=True)
+
+        def step(u: nn.Module = u, x: torch.Tensor = x) -> None:
+            out = u(x)
+            out.backward(torch.ones_like(out))
+
+        unit_costs.append(_median_time(step, dev))
+        u.zero_grad(set_to_none=True)
+        u.cpu()
+    n = len(units)
+    exit_costs, entry_costs = [0.0] * (n + 1), [0.0] * (n + 1)
+    label = y if cfg.conditioned else None
+    x0 = torch.randn(batch, *shapes[0], device=dev)
+    for b in range(1, n):
+        if cfg.needs_synth:
+            m = GradientSynthesizer(shapes[b], cfg.synth_hidden, cfg.synth_width,
+                                    cfg.conditioned, cfg.classes).to(dev)
+            m_opt = make_optimizer(cfg, list(m.parameters()), cfg.synth_lr)
+            h = torch.randn(batch, *shapes[b], device=dev)
+
+            def m_step(m: nn.Module = m, h: torch.Tensor = h,
+                       opt: torch.optim.Optimizer = m_opt) -> None:
+                with torch.no_grad():
+                    m(h, label)
+                opt.zero_grad(set_to_none=True)
+                F.mse_loss(m(h, label), h.detach() * 0).backward()
+                opt.step()
+
+            exit_costs[b] = _median_time(m_step, dev)
+        if cfg.mode == "full":
+            i_net = InputSynthesizer(shapes[0], shapes[b], cfg.synth_hidden, cfg.synth_width,
+                                     cfg.conditioned, cfg.classes).to(dev)
+            i_opt = make_optimizer(cfg, list(i_net.parameters()), cfg.synth_lr)
+            target = torch.zeros(batch, *shapes[b], device=dev)
+
+            def i_step(net: nn.Module = i_net, opt: torch.optim.Optimizer = i_opt,
+                       target: torch.Tensor = target) -> None:
+                with torch.no_grad():
+                    net(x0, label)
+                opt.zero_grad(set_to_none=True)
+                F.mse_loss(net(x0, label), target).backward()
+                opt.step()
+
+            entry_costs[b] = _median_time(i_step, dev)
+    return Costs(unit_costs, exit_costs, entry_costs)
+
+
+def param_costs(units: list[nn.Module]) -> Costs:
+    """Costs by parameter count (`--balance params`): no profiling, no synthesizer terms."""
+    return Costs([float(sum(p.numel() for p in u.parameters())) for u in units])
