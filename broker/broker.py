@@ -22,6 +22,7 @@ import zmq
 from zdni import health, keys, protocol
 from zdni.config import ConfigError, RunConfig
 from zdni.header import decode_header
+from zdni.outage import TRANSIENT, RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
@@ -38,16 +39,21 @@ class Broker:
     def __init__(self, bind: str, redis_url: str, curve: Curve | None = None) -> None:
         self.bind = bind
         self.curve = curve
-        self.redis = connect(redis_url)
+        self.redis = connect(redis_url, fail_fast=True)
         self.runs: dict[str, int] = {}  # run id -> stage count, read from the run's config
         self.liveness: dict[tuple[str, int], health.Liveness] = {}
         self.counts: Counter[str] = Counter()
+        # Routing needs no Redis: the broker routes on through any outage, however long.
+        self.watch = RedisWatch("[broker]", float("inf"))
 
     def stages_of(self, run: str) -> int:
         """The run's stage count, as its driver published it; raises MessageError('run') for a
         run Redis does not know."""
         if run not in self.runs:
-            raw = self.redis.hget(keys.state(run), "stages")
+            try:
+                raw = self.redis.hget(keys.state(run), "stages")
+            except TRANSIENT:
+                raise MessageError("redis", f"run {run!r} unknown here and Redis is away") from None
             if raw is None:
                 raise MessageError("run", f"unknown run id {run!r}: no state in Redis")
             stages = int(raw) if raw.isdigit() else 0
@@ -92,9 +98,9 @@ class Broker:
                         self.forward(frames, outs, queues)
                 if time.monotonic() >= next_check:
                     try:
-                        interval = self.monitor()
-                    except redis.RedisError as exc:  # routing needs no Redis: keep routing
-                        log.error("[broker] health check skipped, Redis unreachable: %s", exc)
+                        interval = self.watch.call(self.monitor, default=1.0) or 1.0
+                    except redis.RedisError as exc:  # refused, not lost: keep routing
+                        log.error("[broker] health check skipped: %s", exc)
                         interval = 1.0
                     next_check = time.monotonic() + interval
         finally:
@@ -121,6 +127,8 @@ class Broker:
         except ValueError as exc:
             self._drop("route", str(exc))
             return
+        if header["kind"] == protocol.PING:
+            self.counts["pings"] += 1  # liveness traffic, counted apart from the run's messages
         queue = queues[dst]
         if not queue:
             try:

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 import redis
@@ -33,51 +32,9 @@ DRIVER_ARGS = ["--epochs", "1", "--train-limit", "2048", "--test-limit", "1000",
                # beats outlive the driver's exit by ~10 s and can still be read.
                "--heartbeat", "2"]
 
+from procs import Process, clean_env, logs  # noqa: E402
+
 Reader = Callable[[str, str], bytes | None]  # (hash key, field) -> value, as HGET
-
-
-class Process:
-    """One `zdni` command in its own process, logging to files we can show on failure."""
-
-    def __init__(self, name: str, args: list[str], cwd: Path, env: dict[str, str],
-                 prefix: Sequence[str] = ()) -> None:
-        self.name = name
-        stem = cwd / name.replace(" ", "-")
-        self.log_path, self.out_path = stem.with_suffix(".log"), stem.with_suffix(".out")
-        self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._out: IO[bytes] = open(self.out_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "zdni.cli", *args],
-                                     cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._out, stderr=self._log)
-
-    def tail(self, lines: int = 25) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        return f"--- {self.name} (exit {self.proc.poll()}) ---\n" + "\n".join(text)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not go: no test leaves a process behind."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self._out.close()
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without ZDNI_* settings: each process gets only what its flags say."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZDNI_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    env["ZDNI_THREADS"] = "1"  # five processes share a small box; more threads only contend
-    return env
-
-
-def logs(procs: list[Process]) -> str:
-    return "\n".join(p.tail() for p in procs)
 
 
 def finish(driver: Process, workers: list[Process], broker: Process, hget: Reader,
@@ -131,7 +88,7 @@ def test_broker_and_workers_first_then_driver(redis_url: str, redis_client: redi
         procs.append(Process("broker", ["broker", "--bind", address, "--redis-url", redis_url],
                              tmp_path, env))
         for s in range(1, STAGES + 1):  # no --run: they follow the run the driver publishes
-            procs.append(Process(f"stage {s}", ["worker", "--stage", str(s), "--broker", address,
+            procs.append(Process(f"stage {s}", ["worker", "--once", "--stage", str(s), "--broker", address,
                                                 "--redis-url", redis_url], tmp_path, env))
         deadline = time.monotonic() + START_S
         while len(redis_client.client_list()) < 2 + STAGES:  # theirs and this test's client
@@ -246,7 +203,7 @@ def test_two_hosts_with_curve_and_a_redis_password(two_hosts: tuple[str, str], m
         procs.append(Process("broker", ["broker", "--bind", address, "--redis-url", url,
                                         "--curve-dir", str(broker_keys)], tmp_path, env, on_a))
         for s in range(1, STAGES + 1):
-            procs.append(Process(f"stage {s}", ["worker", "--stage", str(s), "--broker", address,
+            procs.append(Process(f"stage {s}", ["worker", "--once", "--stage", str(s), "--broker", address,
                                                 "--redis-url", url, "--curve-dir",
                                                 str(client_keys)], tmp_path, env, on_b))
         out = tmp_path / "out"

@@ -17,6 +17,7 @@ from zdni.protocol import (
     GRAD,
     KINDS,
     MAX_STAGES,
+    PING,
     SYNTH,
     SYNTH_REP,
     SYNTH_REQ,
@@ -26,6 +27,8 @@ from zdni.protocol import (
 
 # (kind, src, dst, stages, where it goes)
 LEGAL = [
+    (PING, DRIVER, DRIVER, 3, DRIVER),  # a ping comes back to its sender
+    (PING, 2, 2, 3, 2),
     (ACT, 1, 2, 3, 2),
     (ACT, 2, 3, 3, 3),
     (ACT, 15, 16, MAX_STAGES, 16),
@@ -48,6 +51,8 @@ LEGAL = [
 
 # (kind, src, dst, stages, a word the error must contain)
 ILLEGAL = [
+    (PING, DRIVER, 1, 3, "goes back to its sender"),
+    (PING, 4, 4, 3, "not an endpoint"),
     (ACT, 3, 4, 3, "act from 3"),  # the last stage has nobody to send activations to
     (ACT, DRIVER, 1, 3, "act from 0"),
     (ACT, 1, 3, 3, "act 1->3"),  # activations go exactly one stage forward

@@ -13,6 +13,7 @@ from zdni import checkpoint, codec, protocol
 from zdni.buffer import RedisRing
 from zdni.health import beat
 from zdni.models import build_stages, input_shape, stage_shapes
+from zdni.outage import RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
@@ -28,8 +29,9 @@ log = logging.getLogger("zdni.synth")
 def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None,
           allow_model: str | None = None) -> None:
     """Answer requests until SIGTERM; beat as endpoint SYNTH."""
-    client = connect(redis_url)
+    client = connect(redis_url, fail_fast=True)
     cfg = read_config(client, run, "[synth]")
+    watch = RedisWatch("[synth]", cfg.redis_timeout_s)
     check_allowed(cfg.model, allow_model, "[synth]")  # before any user code is imported
     shapes = stage_shapes(build_stages(cfg), input_shape(cfg))
     service = SynthService(cfg, shapes, lambda stage, name: RedisRing(
@@ -52,7 +54,8 @@ def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None,
     try:
         while not stopper.stopping:
             if time.monotonic() >= next_beat:
-                beat(client, run, protocol.SYNTH, "alive", -1, counts, "cpu", cfg.heartbeat_s)
+                watch.call(beat, client, run, protocol.SYNTH, "alive", -1, counts, "cpu",
+                           cfg.heartbeat_s)
                 next_beat = time.monotonic() + cfg.heartbeat_s
             frames = net.recv(int(cfg.heartbeat_s * 1000))
             if frames is None:
@@ -67,8 +70,8 @@ def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None,
                 if msg.meta.get("op") in (protocol.SYNTH_TRAIN_GRAD, protocol.SYNTH_TRAIN_INPUT):
                     trained = max(trained, msg.it)
                     if every and trained >= next_save:
-                        checkpoint.save_state(client, run, protocol.SYNTH, trained,
-                                              *service.state(trained))
+                        watch.call(checkpoint.save_state, client, run, protocol.SYNTH, trained,
+                                   *service.state(trained))
                         next_save = (trained // every + 1) * every
             except MessageError as exc:
                 _drop(counts, exc.reason, str(exc))
@@ -76,8 +79,10 @@ def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None,
                 _drop(counts, "unmatched", str(exc))
     finally:
         if trained >= 0:
-            checkpoint.save_state(client, run, protocol.SYNTH, trained, *service.state(trained))
-        beat(client, run, protocol.SYNTH, "stopped", -1, counts, "cpu", cfg.heartbeat_s)
+            watch.call(checkpoint.save_state, client, run, protocol.SYNTH, trained,
+                       *service.state(trained))
+        watch.call(beat, client, run, protocol.SYNTH, "stopped", -1, counts, "cpu",
+                   cfg.heartbeat_s)
         net.close()
         ctx.term()
 

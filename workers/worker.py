@@ -18,6 +18,7 @@ from zdni.health import beat
 from zdni.inbox import Inbox, check_labels, check_tensor, labels_ride
 from zdni.loop import score
 from zdni.models import build_stages, input_shape, stage_shapes
+from zdni.outage import RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
@@ -40,16 +41,18 @@ class Worker:
     def __init__(self, stage: int, broker: str, redis_url: str, run: str | None = None,
                  device: str = "cpu", threads: int | None = None,
                  checkpoint_dir: str | None = None, wait_s: float = 60.0,
-                 curve: Curve | None = None, allow_model: str | None = None) -> None:
+                 curve: Curve | None = None, allow_model: str | None = None,
+                 served: frozenset[str] = frozenset()) -> None:
         self.index = stage
         self.broker = broker
         self.curve = curve
         self.device = device
         self.checkpoint_dir = checkpoint_dir
         self.who = f"[stage {stage}]"
-        self.redis = connect(redis_url)
-        self.run = run or self._wait_for_run(wait_s)
+        self.redis = connect(redis_url, fail_fast=True)
+        self.run = run or self._wait_for_run(wait_s, served)
         self.cfg = read_config(self.redis, self.run, self.who)
+        self.watch = RedisWatch(self.who, self.cfg.redis_timeout_s)
         check_allowed(self.cfg.model, allow_model, self.who)  # before any user code is imported
         modules = build_stages(self.cfg)
         # Unless told, assume every stage shares this host (honcho, one machine): torch's default
@@ -80,6 +83,9 @@ class Worker:
         self.finished: OrderedDict[int, None] = OrderedDict()
         self.iteration = -1
         self.stopper: Stopper | None = None
+        self.driver_seen = False  # its driver has beaten once: from then on, silence ends it
+        self.driver_missing_since = 0.0
+        self.ended: str | None = None  # why serve() returned: stop, signal, or the run is over
         # How far from its own progress a legitimate iteration can be: the window in flight,
         # the ring, and the iterations a restarted worker's backup may lag behind the driver.
         self.horizon = 4 * self.cfg.max_inflight + self.cfg.ring_size + self.cfg.checkpoint_every
@@ -88,16 +94,41 @@ class Worker:
         self.resume()
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _wait_for_run(self, wait_s: float) -> str:
+    def _wait_for_run(self, wait_s: float, served: frozenset[str]) -> str:
+        """The current run once a driver has published it (not one this process served)."""
         deadline = time.monotonic() + wait_s
+        watch = RedisWatch(self.who, float("inf"))  # waiting, a worker outlives any outage
         while time.monotonic() < deadline:
-            current = self.redis.get(keys.current_run())
-            if current:
-                status = self.redis.hget(keys.state(keys.text(current)), "status")
+            current = watch.call(self.redis.get, keys.current_run())
+            if current and keys.text(current) not in served:
+                status = watch.call(self.redis.hget, keys.state(keys.text(current)), "status")
                 if status in (b"starting", b"running"):
                     return keys.text(current)
             time.sleep(0.2)
         raise SystemExit(f"{self.who} no run published in Redis within {wait_s:.0f} s")
+
+    def run_over(self) -> str | None:
+        """Why this run is over for us (its driver finished it, failed it, or stopped beating:
+        abandoned), or None. Unknown while Redis is away: the run goes on."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.state(self.run), "status")
+        pipe.exists(keys.driver_beat(self.run))
+        got = self.watch.call(pipe.execute)
+        now = time.monotonic()
+        if got is None:  # Redis away: its silence says nothing of the driver's
+            self.driver_missing_since = now
+            return None
+        status, driver_alive = got
+        if status in (b"finished", b"failed"):
+            return keys.text(status)
+        if driver_alive or not self.driver_seen:
+            self.driver_seen = self.driver_seen or bool(driver_alive)
+            self.driver_missing_since = now
+        elif now - self.driver_missing_since > 5 * self.cfg.heartbeat_s:
+            # Its beat expired (5 beats) and stayed away 5 more: not a Redis that came back
+            # empty a moment ago, where the driver beats again within one health check.
+            return "abandoned (its driver stopped beating)"
+        return None
 
     def resume(self) -> None:
         """Start from the stage's latest backup when there is one (a restarted worker)."""
@@ -123,6 +154,10 @@ class Worker:
                 if now >= next_beat:
                     self._beat("alive")
                     next_beat = now + self.cfg.heartbeat_s
+                    over = self.run_over()
+                    if over is not None:
+                        self.ended = f"run {self.run} {over}"
+                        break
                 frames = self.backlog.popleft() if self.backlog else self.net.recv(
                     timeout_ms=int(self.cfg.heartbeat_s * 1000))
                 if frames is not None:
@@ -327,18 +362,30 @@ class Worker:
         self.counts["send_us"] += int((time.perf_counter() - start) * 1e6)
 
     def _save(self, it: int) -> None:
+        """Back up the stage (skipped while Redis is away: the next interval's backup comes)."""
         if it >= 0:
-            checkpoint.save(self.redis, self.run, self.stage, it, self.checkpoint_dir)
+            self.watch.call(checkpoint.save, self.redis, self.run, self.stage, it,
+                            self.checkpoint_dir)
 
     def _beat(self, status: str) -> None:
-        beat(self.redis, self.run, self.index, status, self.iteration, self.counts, self.device,
-             self.cfg.heartbeat_s)
+        self.watch.call(beat, self.redis, self.run, self.index, status, self.iteration,
+                        self.counts, self.device, self.cfg.heartbeat_s)
 
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
          threads: int | None, checkpoint_dir: str | None, wait_s: float = 60.0,
-         curve: Curve | None = None, allow_model: str | None = None) -> None:
-    """Entry point of `zdni worker`."""
+         curve: Curve | None = None, allow_model: str | None = None, once: bool = False) -> None:
+    """Entry point of `zdni worker`: serve the named run, or (as rq's workers serve job after
+    job) the current run, then the next one, until SIGTERM or, with `once`, one run."""
     setup_logging(f"[stage {stage}]")
-    Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s, curve,
-           allow_model).serve()
+    served: set[str] = set()
+    while True:
+        worker = Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s,
+                        curve, allow_model, frozenset(served))
+        worker.serve()
+        served.add(worker.run)
+        if once or run is not None or (worker.stopper is not None and worker.stopper.signalled):
+            return
+        log.warning("[stage %d] %s; waiting for the next run", stage,
+                    worker.ended or f"run {worker.run} stopped")
+        wait_s = float("inf")  # a server: it waits for runs as long as it is left running

@@ -25,6 +25,7 @@ import torch
 
 from zdni import keys
 from zdni.codec import decode_state, encode_state
+from zdni.outage import TRANSIENT, RedisWatch
 from zdni.protocol import MessageError
 
 Tensors = dict[str, torch.Tensor]
@@ -68,6 +69,7 @@ class RingWriter:
         self.client = client
         self.pending: queue.Queue[tuple[str, int, Tensors] | None] = queue.Queue(depth)
         self.errors = 0
+        self.watch = RedisWatch("ring writer:", float("inf"))
         self.thread = threading.Thread(target=self._run, name="ring-writer", daemon=True)
         self.thread.start()
 
@@ -111,9 +113,11 @@ class RingWriter:
                     self.errors += 1
                     log.error("ring writer: slot %s of iteration %d not written: %s", key, it, exc)
             try:
-                if queued:
-                    pipe.execute()
-            except Exception as exc:  # Redis unreachable past its retries: the thread goes on
+                # While Redis is away slots are dropped at once (said once), not retried: the
+                # stage reads its own slots from memory and needs Redis only after a restart.
+                if queued and self.watch.call(pipe.execute) is None:
+                    self.errors += queued
+            except Exception as exc:  # not a lost connection: Redis refused the write
                 self.errors += queued
                 log.error("ring writer: %d slots not written to Redis: %s", queued, exc)
             finally:
@@ -160,7 +164,10 @@ class RedisRing:
         entry = self.local.get(it % self.size)
         if entry is not None:
             return entry[1] if entry[0] == it else None
-        raw: dict[bytes, bytes] = self.client.hgetall(self.key(it))  # type: ignore[assignment]
+        try:
+            raw: dict[bytes, bytes] = self.client.hgetall(self.key(it))  # type: ignore[assignment]
+        except TRANSIENT:  # Redis away: as if the slot had been overwritten
+            return None
         if not raw:
             return None
         try:

@@ -7,20 +7,21 @@ the run, drive it with zdni.driver.Driver and record in Redis whether it finishe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from zdni import protocol
-from zdni.config import RunConfig, new_run_id
+from zdni.config import ConfigError, RunConfig, new_run_id
 from zdni.driver import Driver
 from zdni.launcher import Cluster
 from zdni.loop import load_data
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
 from zdni.plan import plan
-from zdni.redisserver import EmbeddedRedis, connect
+from zdni.redisserver import EmbeddedRedis, connect, mask_url
 from zdni.security import Curve
 from zdni.transport import free_port_range
 from zdni.usercode import is_reference
@@ -43,13 +44,38 @@ def marking_outcome(driver: Driver) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def local_redis(url: str | None) -> Iterator[str]:
-    """The given Redis URL, or an embedded server for the duration of the block."""
+def local_redis(url: str | None, persist_dir: str | None = None
+                ) -> Iterator[tuple[str, EmbeddedRedis | None]]:
+    """The given Redis URL, or an embedded server for the duration of the block (persisting
+    to an append-only file in `persist_dir`, so that it can be restarted with what it held)."""
     if url:
-        yield url
+        yield url, None
         return
-    with EmbeddedRedis() as server:
-        yield server.url
+    with EmbeddedRedis(persist_dir=persist_dir) as server:
+        yield server.url, server
+
+
+def write_run_file(run_dir: str | None, **fields: Any) -> None:
+    """RUN_DIR/run.json: where the run's Redis and broker are, for `--run-dir` and operators
+    (a password in the Redis URL is written as ***: give --redis-url then)."""
+    if not run_dir:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "run.json"), "w") as fh:
+        json.dump(fields, fh, indent=2)
+
+
+def read_run_file(run_dir: str) -> dict[str, Any]:
+    """What RUN_DIR/run.json says (run id, Redis URL, broker), or a ConfigError naming it."""
+    path = os.path.join(run_dir, "run.json")
+    try:
+        with open(path) as fh:
+            found = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a zdni run directory's run.json ({exc})") from None
+    if not isinstance(found, dict) or not {"run_id", "redis_url"} <= set(found):
+        raise ConfigError(f"{path}: expected run_id and redis_url")
+    return found
 
 
 def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
@@ -59,11 +85,13 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     data = load_data(cfg, download)
     chosen = plan(cfg, data)
-    client = connect(redis_url)
+    client = connect(redis_url, fail_fast=True)
     metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, client)
     try:
         driver = Driver(cfg, client, broker, metrics, curve=curve, ready_s=ready_s)
         driver.publish()
+        write_run_file(out_dir, run_id=cfg.run_id, redis_url=mask_url(redis_url),
+                       broker=broker, out_dir=out_dir)
         log.warning("[driver] run %s published; waiting for %d stage workers", cfg.run_id,
                     driver.stages)
         with marking_outcome(driver):
@@ -91,13 +119,20 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
     threads = threads or max(1, (os.cpu_count() or 1) // stages)
     # The workers import user code only because their own command line names it.
     allow = ["--model", cfg.model] if is_reference(cfg.model) else []
-    with local_redis(redis_url) as url:
-        client = connect(url)
+    persist = os.path.join(out_dir, "redis") if out_dir else None
+    with local_redis(redis_url, persist) as (url, server):
+        client = connect(url, fail_fast=True)
         metrics = MetricsWriter(cfg, stages, out_dir, client)
         broker = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
         cluster = Cluster(log_dir=log_dir)
-        driver = Driver(cfg, client, broker, metrics, cluster, restart=restart)
+        # The broker is ours and starting: it may take a few seconds to answer its first ping.
+        driver = Driver(cfg, client, broker, metrics, cluster, restart=restart,
+                        redis_server=server, broker_wait_s=60.0)
         driver.publish()
+        write_run_file(out_dir, run_id=cfg.run_id, redis_url=mask_url(url), broker=broker,
+                       out_dir=out_dir, logs=log_dir)
+        log.warning("[driver] run %s: Redis %s, broker %s, run directory %s", cfg.run_id,
+                    mask_url(url), broker, out_dir or "(none)")
         try:
             with marking_outcome(driver):
                 cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])

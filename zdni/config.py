@@ -70,6 +70,8 @@ class RunConfig:
     synth_placement: str = "local"  # local: M and I live in the stage's worker; remote: a service
     heartbeat_s: float = 1.0  # worker heartbeat and monitor check interval, seconds
     resend_s: float = 30.0  # an iteration or eval batch unfinished this long is fed again
+    # Every process keeps working through a Redis outage this long (zdni/outage.py), then fails.
+    redis_timeout_s: float = 60.0
     checkpoint_every: int = 200  # iterations between parameter backups; 0 = only at stop
     eval_every: int = 0  # iterations between extra test evaluations, for finer curves; 0 = off
     run_id: str = ""  # filled in by the driver when empty
@@ -101,7 +103,7 @@ class RunConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "max_inflight", "ring_size"):
             _positive(name, getattr(self, name))
         _positive("stages", self.stages)
-        for name in ("lr", "synth_lr", "heartbeat_s", "resend_s"):
+        for name in ("lr", "synth_lr", "heartbeat_s", "resend_s", "redis_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value > 0 and value < float("inf")):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")

@@ -26,7 +26,9 @@ from zdni.launcher import Cluster
 from zdni.loop import Data, RunError, train
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
+from zdni.outage import RedisWatch
 from zdni.recovery import Recovery
+from zdni.redisserver import EmbeddedRedis
 from zdni.security import Curve
 from zdni.transport import Endpoint
 from zdni.window import Window
@@ -44,7 +46,8 @@ class Driver:
     def __init__(self, cfg: RunConfig, client: redis.Redis, broker: str,
                  metrics: MetricsWriter | None = None, cluster: Cluster | None = None,
                  curve: Curve | None = None, stall_s: float = 120.0, ready_s: float = 120.0,
-                 restart: bool = True) -> None:
+                 restart: bool = True, redis_server: EmbeddedRedis | None = None,
+                 broker_wait_s: float = 5.0) -> None:
         if not cfg.run_id:  # the library's callers get an id as the CLI's do
             cfg.run_id = new_run_id(cfg)
         self.cfg = cfg
@@ -52,6 +55,12 @@ class Driver:
         self.broker = broker
         self.cluster = cluster
         self.curve = curve
+        self.redis_server = redis_server  # our embedded Redis: restarted if it dies
+        self.watch = RedisWatch("[driver]", cfg.redis_timeout_s)
+        self.broker_wait_s = broker_wait_s  # at start, how long the broker may take to answer
+        self.last_pong = self.last_ping = 0.0
+        self.unanswered_since: float | None = None  # the oldest ping sent since the last pong
+        self.broker_down = False
         self.stages = stage_count(cfg)
         self.label = f"{cfg.mode} x{self.stages}"
         self.metrics = metrics or MetricsWriter(cfg, self.stages)  # records nowhere by default
@@ -96,13 +105,16 @@ class Driver:
         pipe.execute()
 
     def set_state(self, **fields: Any) -> None:
-        self.redis.hset(keys.state(self.cfg.run_id), mapping={k: str(v) for k, v in fields.items()})
+        """Record run state in Redis; skipped (and said once) while Redis is away."""
+        self.watch.call(self.redis.hset, keys.state(self.cfg.run_id),
+                        mapping={k: str(v) for k, v in fields.items()})
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Every process's message counters, from Redis."""
         out = {}
         for who in ["broker", *[f"stage:{s}" for s in range(1, self.stages + 1)]]:
-            raw = self.redis.hgetall(keys.counters(self.cfg.run_id, who))
+            raw: dict[Any, Any] = self.watch.call(
+                self.redis.hgetall, keys.counters(self.cfg.run_id, who)) or {}
             out[who] = {keys.text(k): int(v) for k, v in raw.items()}
         return out
 
@@ -141,7 +153,9 @@ class Driver:
         except protocol.MessageError as exc:
             log.error("[driver] dropped a message (%s): %s", exc.reason, exc)
             return
-        if msg.kind == protocol.DONE and 1 <= msg.src <= self.stages:
+        if msg.kind == protocol.PING and msg.src == protocol.DRIVER:
+            self._pong()
+        elif msg.kind == protocol.DONE and 1 <= msg.src <= self.stages:
             self.metrics.observe(msg.src, msg.meta)
             if msg.meta.get(protocol.DONE_EVENT) == protocol.EVENT_UPDATE:
                 self.window.done(msg.it, msg.src)
@@ -157,9 +171,58 @@ class Driver:
         else:
             log.error("[driver] dropped an unexpected %s message from %d", msg.kind, msg.src)
 
+    # -- the broker ------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Send a ping to ourselves through the broker (it tells that the broker is there)."""
+        self.last_ping = time.monotonic()
+        if self.unanswered_since is None:
+            self.unanswered_since = self.last_ping
+        with contextlib.suppress(TimeoutError):
+            self.send(protocol.PING, 0, protocol.DRIVER, {}, {"sent": self.last_ping})
+
+    def _pong(self) -> None:
+        self.last_pong = time.monotonic()
+        self.unanswered_since = None
+        if self.broker_down:  # a restarted broker lost what it held: feed it all again now
+            self.broker_down = False
+            log.warning("[driver] the broker at %s answers again; feeding the %d batches in "
+                        "flight again", self.broker, len(self.window.flights))
+            self._replay(self.window.inflight, "broker_restart")
+
+    def wait_broker(self) -> None:
+        """Return once the broker answers a ping; fail naming its address if it does not."""
+        deadline = time.monotonic() + self.broker_wait_s
+        while self.last_pong == 0.0:
+            if time.monotonic() > deadline:
+                raise RunError(f"no broker answering at {self.broker} within "
+                               f"{self.broker_wait_s:.0f} s; start `zdni broker --bind "
+                               f"{self.broker}` or give --broker")
+            if self.cluster is not None:
+                for name, code in self.cluster.dead():
+                    raise RunError(f"{name} exited with code {code} while starting"
+                                   f"{self.cluster.log_hint(name)}")
+            if time.monotonic() - self.last_ping > 0.5:
+                self.ping()
+            self.pump(100)
+
+    def _watch_broker(self, now: float) -> None:
+        if now - self.last_ping >= self.cfg.heartbeat_s:
+            self.ping()
+        silent = now - self.unanswered_since if self.unanswered_since is not None else 0.0
+        if not self.broker_down and self.last_pong and silent > 3 * self.cfg.heartbeat_s + 1:
+            self.broker_down = True
+            log.error("[driver] the broker at %s has not answered for %.0f s; waiting for it",
+                      self.broker, silent)
+
     # -- health ----------------------------------------------------------------------------
     def _check_health(self) -> None:
         now = time.monotonic()
+        self._watch_broker(now)
+        if self.redis_server is not None and not self.redis_server.alive():
+            log.error("[driver] the embedded Redis exited; starting it again on port %d",
+                      self.redis_server.port)
+            self.redis_server.restart()  # same port and directory: it reloads its append file
+            self.window.tally["restarts"] += 1
         dead = dict(self.cluster.dead()) if self.cluster is not None else {}
         if dead and not self.recovery.restart:
             name, code = next(iter(dead.items()))
@@ -170,13 +233,7 @@ class Driver:
                 self.cluster.restart(name)
                 self.window.tally["restarts"] += 1
                 self._replay(self.window.inflight, f"{name}_failed")
-        self.redis.hset(keys.state(self.cfg.run_id), "fed", self.fed)  # a restarted worker's anchor
-        health = {int(keys.text(k)): keys.text(v) for k, v in
-                  self.redis.hgetall(keys.health(self.cfg.run_id)).items()}
-        pipe = self.redis.pipeline(transaction=False)
-        for s in range(1, self.stages + 1):
-            pipe.hget(keys.heartbeat(self.cfg.run_id, s), "pid")
-        pids = {s: keys.text(p) for s, p in zip(range(1, self.stages + 1), pipe.execute()) if p}
+        health, pids = self._read_health()
         for stage in self.recovery.failed(dead, health, pids, now, self.cfg.heartbeat_s):
             self._recover(stage, dead)
         lost = self.window.lost(now)
@@ -193,12 +250,37 @@ class Driver:
             raise RunError(f"no message for {self.stall_s:.0f} s; stages behind: "
                            f"{self.window.behind()}")
 
+    def _read_health(self) -> tuple[dict[int, str], dict[int, str]]:
+        """Beat the driver's heartbeat, anchor `fed` for restarted workers, and read the
+        broker's verdicts and each stage's pid; nothing (and no verdict) while Redis is away.
+        A Redis that came back empty gets the run published again."""
+        run = self.cfg.run_id
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(keys.config(run))
+        pipe.set(keys.driver_beat(run), time.time(), ex=max(int(5 * self.cfg.heartbeat_s), 2))
+        pipe.hset(keys.state(run), "fed", self.fed)  # a restarted worker's anchor
+        pipe.hgetall(keys.health(run))
+        for s in range(1, self.stages + 1):
+            pipe.hget(keys.heartbeat(run, s), "pid")
+        got = self.watch.call(pipe.execute)
+        if got is None:
+            return {}, {}
+        if not got[0]:  # Redis lost the run (restarted empty): publish it again
+            log.error("[driver] Redis came back without run %s; publishing it again", run)
+            self.window.tally["republished"] += 1
+            self.watch.call(self.publish)
+            self.set_state(status="running", fed=self.fed)
+        health = {int(keys.text(k)): keys.text(v) for k, v in got[3].items()}
+        pids = {s: keys.text(p) for s, p in zip(range(1, self.stages + 1), got[4:]) if p}
+        return health, pids
+
     def _recover(self, stage: int, dead: dict[str, int]) -> None:
         """Stage `stage` failed: restart it if it is ours, replay the batches it lost."""
         name = f"stage {stage}"
         log.error("[driver] stage %d failed (exit code %s); recovering", stage, dead.get(name))
         if self.cluster is not None and name in dead:
-            self.redis.hset(keys.health(self.cfg.run_id), str(stage), "restarting")
+            self.watch.call(self.redis.hset, keys.health(self.cfg.run_id), str(stage),
+                            "restarting")
             self.cluster.restart(name)
             self.window.tally["restarts"] += 1
         self._replay(self.window.unfinished_by(stage), "stage_failed")
@@ -223,7 +305,8 @@ class Driver:
                 return
             if self.cluster is not None:
                 for name, code in self.cluster.dead():
-                    raise RunError(f"{name} exited with code {code} while starting")
+                    raise RunError(f"{name} exited with code {code} while starting"
+                                   f"{self.cluster.log_hint(name)}")
             if time.monotonic() > deadline:
                 raise RunError(f"stages {missing} did not start within {self.ready_s:.0f} s")
             time.sleep(0.1)
@@ -232,6 +315,7 @@ class Driver:
     def train(self, data: Data, quiet: bool = False) -> dict[str, Any]:
         """Wait for the stages, run the loop, stop the workers; returns the summary."""
         with self:
+            self.wait_broker()
             self.wait_ready()
             self.set_state(status="running")
             summary = train(self.cfg, self, data, self.metrics, quiet)
@@ -320,8 +404,10 @@ class Driver:
                           {"op": protocol.OP_STOP})
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            statuses = [self.redis.hget(keys.heartbeat(self.cfg.run_id, s), "status")
-                        for s in range(1, self.stages + 1)]
+            pipe = self.redis.pipeline(transaction=False)
+            for s in range(1, self.stages + 1):
+                pipe.hget(keys.heartbeat(self.cfg.run_id, s), "status")
+            statuses: list[Any] = self.watch.call(pipe.execute) or []
             if all(v in (b"stopped", None) for v in statuses):
                 return
             time.sleep(0.1)

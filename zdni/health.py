@@ -52,7 +52,10 @@ def beat(client: redis.Redis, run: str, stage: int, status: str, iteration: int,
     pipe = client.pipeline(transaction=False)
     key = keys.heartbeat(run, stage)
     pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
-    pipe.expire(key, max(int(interval * 5), 2))
+    if status == "stopped":  # the last word stays: `zdni status` shows where the stage ended
+        pipe.persist(key)
+    else:
+        pipe.expire(key, max(int(interval * 5), 2))
     if counts:
         pipe.hset(keys.counters(run, f"stage:{stage}"), mapping=dict(counts))  # type: ignore[arg-type]
     pipe.execute()

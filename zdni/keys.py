@@ -45,6 +45,12 @@ def slot_pattern(run: str, stage: int | str = "*") -> str:
     return f"{run_prefix(run)}:buf:{stage}:*"
 
 
+def driver_beat(run: str) -> str:
+    """String, expiring: the driver's heartbeat; a run whose driver stopped beating is
+    abandoned, and hand-started workers leave it for the next run."""
+    return f"{run_prefix(run)}:hb:driver"
+
+
 def heartbeat(run: str, stage: int) -> str:
     """Hash with an expiry: a stage worker's latest beat (time, iteration, utilization)."""
     return f"{run_prefix(run)}:hb:{stage}"

@@ -47,6 +47,18 @@ class Cluster:
         self.commands[name] = args
         return proc
 
+    def log_hint(self, name: str, lines: int = 5) -> str:
+        """': ' and the last lines of `name`'s log with its path, or '' without a log."""
+        if not self.log_dir:
+            return ""
+        path = os.path.join(self.log_dir, name.replace(" ", "") + ".log")
+        try:
+            with open(path, errors="replace") as fh:
+                tail = [line.rstrip() for line in fh.readlines()[-lines:] if line.strip()]
+        except OSError:
+            return f"; its log: {path}"
+        return f"; its log {path} ends:\n  " + "\n  ".join(tail)
+
     def restart(self, name: str) -> subprocess.Popen[bytes]:
         """Start `name` again with the arguments it was first started with."""
         return self.start(name, self.commands[name])

@@ -32,6 +32,7 @@ import redis
 
 from zdni import keys
 from zdni.config import RunConfig
+from zdni.outage import RedisWatch
 
 log = logging.getLogger("zdni.metrics")
 
@@ -50,6 +51,7 @@ class MetricsWriter:
         self.stages = stages
         self.every = every
         self.client = client
+        self.watch = RedisWatch("[driver] metrics:", float("inf"))
         self.stream = keys.metrics(cfg.run_id)
         self.file = None
         if out_dir:
@@ -142,11 +144,11 @@ class MetricsWriter:
         line = json.dumps({"kind": kind, "t": round(time.time(), 3), **fields})
         if self.file is not None:
             self.file.write(line + "\n")
-        if self.client is not None:
+        if self.client is not None:  # skipped while Redis is away; the file has every record
             try:
-                self.client.xadd(self.stream, {"kind": kind, "json": line},
-                                 maxlen=STREAM_MAXLEN, approximate=True)
-            except redis.RedisError as exc:
+                self.watch.call(self.client.xadd, self.stream, {"kind": kind, "json": line},
+                                maxlen=STREAM_MAXLEN, approximate=True)
+            except redis.RedisError as exc:  # not a lost connection: the stream is refused
                 log.warning("[driver] metrics stream disabled: %s", exc)
                 self.client = None
 

@@ -46,7 +46,9 @@ EVAL_RESULT = "eval_result"  # last stage -> driver: loss sum and correct count 
 CONTROL = "control"  # driver -> stage: meta["op"] in CONTROL_OPS
 SYNTH_REQ = "synth_req"  # stage -> synthesizer service: predict / train (remote placement)
 SYNTH_REP = "synth_rep"  # synthesizer service -> stage: the prediction
-KINDS = frozenset({BATCH, ACT, GRAD, DONE, EVAL, EVAL_RESULT, CONTROL, SYNTH_REQ, SYNTH_REP})
+PING = "ping"  # any endpoint -> itself, through the broker: is the broker there (and back)?
+KINDS = frozenset({BATCH, ACT, GRAD, DONE, EVAL, EVAL_RESULT, CONTROL, SYNTH_REQ, SYNTH_REP,
+                   PING})
 
 # Control ops (driver -> stage, meta "op"): stop after a backup; checkpoint now (meta "at": save
 # under that label instead); rollback to the backup of iteration meta "to"; ping (no effect).
@@ -76,6 +78,7 @@ META: dict[str, tuple[str, ...]] = {
     CONTROL: ("op", "at", "to"),
     SYNTH_REQ: ("op", "remember"),
     SYNTH_REP: ("op", "grad_loss", "input_loss"),
+    PING: ("sent",),
 }
 
 # Tensor dtypes that may cross the wire, by their wire name.
@@ -151,6 +154,12 @@ def route(kind: str, src: int, dst: int, stages: int) -> int:
     if kind in (BATCH, CONTROL):
         if src != DRIVER or not 1 <= dst <= stages:
             raise ValueError(f"{kind} must go from the driver to a stage 1..{stages}, not {src}->{dst}")
+        return dst
+    if kind == PING:
+        if dst != src:
+            raise ValueError(f"ping {src}->{dst}: a ping goes back to its sender")
+        if src not in (DRIVER, SYNTH) and not 1 <= src <= stages:
+            raise ValueError(f"ping from {src}: not an endpoint of a run of {stages} stages")
         return dst
     if kind == EVAL:
         if src == DRIVER and dst == 1:

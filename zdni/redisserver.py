@@ -28,7 +28,7 @@ START_TIMEOUT_S = 10.0  # a cold redis-server answers PING in ~50 ms; 10 s cover
 STOP_TIMEOUT_S = 5.0  # SHUTDOWN NOSAVE with persistence off exits in milliseconds
 SOCKET_TIMEOUT_S = 5.0  # long enough for a remote Redis under load, short enough to notice it died
 HEALTH_CHECK_S = 30  # PING an idle pooled connection before reuse, so a restart is noticed
-RETRIES = 3  # transient connection errors and timeouts, backing off 0.1 s, 0.2 s, 0.4 s (cap 2 s)
+RETRIES = 3  # transient connection errors and timeouts, backing off 0.2 s, 0.4 s, 0.8 s (cap 2 s)
 PORT_ATTEMPTS = 5  # another process may take the free port between our probe and redis binding it
 
 
@@ -66,13 +66,20 @@ class _Final(Exception):
         self.error = error
 
 
-def connect(url: str, **kw: Any) -> redis.Redis:
-    """A client for ``url`` (redis://, rediss://, unix://) that has answered PING; ``kw`` overrides."""
+def connect(url: str, fail_fast: bool = False, **kw: Any) -> redis.Redis:
+    """A client for ``url`` (redis://, rediss://, unix://) that has answered PING; ``kw`` overrides.
+
+    `fail_fast`: one immediate retry (it replaces a pooled connection a restarted server
+    dropped), then the error: for processes that call Redis through a RedisWatch, which skips
+    what cannot wait while Redis is away instead of blocking on backoffs.
+    """
+    retry = _TransientRetry(NoBackoff(), 1) if fail_fast else _TransientRetry(
+        ExponentialBackoff(cap=2.0, base=0.1), RETRIES)
     options: dict[str, Any] = {
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": SOCKET_TIMEOUT_S,
         "health_check_interval": HEALTH_CHECK_S,
-        "retry": _TransientRetry(ExponentialBackoff(cap=2.0, base=0.1), RETRIES),
+        "retry": retry,
     }
     options.update(kw)
     try:
@@ -125,7 +132,9 @@ def _free_port(host: str) -> int:
 
 
 class EmbeddedRedis:
-    """A private redis-server subprocess: no persistence, gone when we stop it or exit."""
+    """A private redis-server subprocess, gone when we stop it or exit. With `persist_dir` it
+    keeps an append-only file there (fsync every second), so a server started again on the
+    same directory comes back with what it held; without, it is a scratch server."""
 
     def __init__(
         self,
@@ -133,11 +142,13 @@ class EmbeddedRedis:
         host: str = "127.0.0.1",
         workdir: str | None = None,
         maxmemory: str | None = None,
+        persist_dir: str | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port  # 0: pick a free one at start()
         self.workdir = workdir  # parent of the temp dir we create (None: the system temp dir)
         self.maxmemory = maxmemory  # e.g. "512mb"; None: unlimited
+        self.persist_dir = persist_dir  # append-only file here, kept after stop()
         self.dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
@@ -172,7 +183,14 @@ class EmbeddedRedis:
         if self._proc is not None:
             return self
         binary = redis_server_path()
-        self.dir = Path(tempfile.mkdtemp(prefix="zdni-redis-", dir=self.workdir))
+        if self.persist_dir:
+            self.dir = Path(self.persist_dir).resolve()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RedisError(f"cannot use {self.persist_dir} for Redis: {exc}") from None
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix="zdni-redis-", dir=self.workdir))
         atexit.register(self.stop)
         attempts = PORT_ATTEMPTS if self.requested_port == 0 else 1
         why = ""
@@ -192,20 +210,37 @@ class EmbeddedRedis:
         raise RedisError(f"redis-server on {self.host}:{self._port} failed: {why}")
 
     def stop(self) -> None:
-        """Shut the server down and delete its directory; safe to call twice."""
+        """Shut the server down and delete its directory (kept with persist_dir); safe to
+        call twice."""
         self._halt()
         atexit.unregister(self.stop)
-        if self.dir is not None:
+        if self.dir is not None and not self.persist_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        self.dir = None if not self.persist_dir else self.dir
+
+    def alive(self) -> bool:
+        """Whether our redis-server process is still running."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def restart(self) -> None:
+        """Start the server again on the same port and directory (it died): with persist_dir
+        it reloads its append-only file."""
+        self._halt()
+        binary = redis_server_path()
+        self._launch(binary)
+        if not self._wait_ready():
+            code = self._proc.poll() if self._proc is not None else None
+            raise RedisError(f"redis-server on {self.host}:{self._port} did not come back "
+                             f"(exit code {code}); log tail:\n{self._log_tail()}")
 
     def _launch(self, binary: str) -> None:
         assert self.dir is not None
         lines = [
             f"bind {self.host}",
             f"port {self._port}",
-            'save ""',  # a scratch server: never write RDB snapshots
-            "appendonly no",
+            'save ""',  # never RDB snapshots: the append-only file, if any, is the record
+            "appendonly yes" if self.persist_dir else "appendonly no",
+            "appendfsync everysec",  # at most a second of writes lost to a crash
             f'dir "{self.dir}"',
             "daemonize no",  # stay our child so we can wait on it and kill it
             "protected-mode yes",

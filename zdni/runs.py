@@ -3,6 +3,7 @@ and finding and reading them under directories."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,11 +11,17 @@ from typing import Any
 from zdni.errors import ZdniError
 from zdni.metrics import read_metrics
 
+log = logging.getLogger("zdni.report")
+
 NOT_VARIANT = ("seed", "run_id", "data_dir")  # settings that do not make a different variant
 
 
 class ReportError(ZdniError, ValueError):
     """A run directory cannot be read; the message names it."""
+
+
+class UnfinishedRun(ReportError):
+    """A run directory without a finished epoch: skipped by a report, with a warning."""
 
 
 @dataclass
@@ -59,18 +66,25 @@ class Variant:
 
 
 def find_runs(paths: list[str]) -> list[Run]:
-    """Each path is a run directory, or a directory whose subdirectories are runs."""
+    """Each path is a run directory, or a directory whose subdirectories are runs. A run with
+    no finished epoch (interrupted, or still running) is skipped with a warning."""
     runs = []
     for path in paths:
         if os.path.isfile(os.path.join(path, "metrics.jsonl")):
-            runs.append(load_run(path))
-            continue
-        children = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(
-            path) else []
-        found = [load_run(c) for c in children if os.path.isfile(os.path.join(c, "metrics.jsonl"))]
-        if not found:
-            raise ReportError(f"{path}: no metrics.jsonl here or in its subdirectories")
-        runs.extend(found)
+            candidates = [path]
+        else:
+            children = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(
+                path) else []
+            candidates = [c for c in children if os.path.isfile(os.path.join(c, "metrics.jsonl"))]
+            if not candidates:
+                raise ReportError(f"{path}: no metrics.jsonl here or in its subdirectories")
+        for candidate in candidates:
+            try:
+                runs.append(load_run(candidate))
+            except UnfinishedRun as exc:
+                log.warning("skipped %s", exc)
+    if not runs:
+        raise ReportError(f"no finished run in {', '.join(paths)}")
     return runs
 
 
@@ -80,5 +94,5 @@ def load_run(path: str) -> Run:
     if not starts:
         raise ReportError(f"{path}/metrics.jsonl has no 'start' record")
     if not any(r["kind"] == "epoch" for r in records):
-        raise ReportError(f"{path}/metrics.jsonl has no finished epoch")
+        raise UnfinishedRun(f"{path}: no finished epoch (interrupted, or still running)")
     return Run(path, starts[0], records)

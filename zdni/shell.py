@@ -29,15 +29,16 @@ class Stopper:
 
     def __init__(self) -> None:
         self.stopping = False
+        self.signalled = False  # stopped by a signal (leave the process), not by a message
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def stop(self) -> None:
         self.stopping = True
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.stopping:
+        if self.signalled:
             raise SystemExit(1)
-        self.stopping = True
+        self.stopping = self.signalled = True
 
 
 def read_config(client: redis.Redis, run: str, who: str) -> RunConfig:

@@ -30,6 +30,7 @@ def collect(client: redis.Redis, run: str) -> dict[str, Any]:
     stages = int(state.get("stages", "0"))
     health = _hash(client, keys.health(run))
     now = time.time()
+    over = state.get("status") in ("finished", "failed")  # no stage of an ended run is alive
     rows = []
     for stage in [*range(1, stages + 1), protocol.SYNTH]:
         beat = _hash(client, keys.heartbeat(run, stage))
@@ -39,7 +40,7 @@ def collect(client: redis.Redis, run: str) -> dict[str, Any]:
         age = now - float(beat["time"]) if "time" in beat else None
         rows.append({
             "stage": "synth" if stage == protocol.SYNTH else stage,
-            "state": health.get(str(stage), beat.get("status", "missing")),
+            "state": "stopped" if over else health.get(str(stage), beat.get("status", "missing")),
             "iteration": int(beat.get("iteration", -1)),
             "heartbeat_age_s": round(age, 2) if age is not None else None,
             "cpu_percent": float(beat.get("cpu_percent", 0.0)),

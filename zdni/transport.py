@@ -23,7 +23,9 @@ def make_socket(ctx: zmq.Context, kind: int, hwm: int = HWM, curve: Curve | None
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)  # ms: first retry
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # ms: the backoff doubles up to this cap
+    # ms: the backoff doubles up to this cap; 1 s, so a restarted broker is found within a
+    # second of being back (a run resumes within seconds, not a backoff's worth)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     if curve is not None:
         curve.apply(sock)
     sock.setsockopt(zmq.SNDHWM, hwm)

@@ -11,9 +11,10 @@ from zdni.cli.options import (
     UserError,
     clean_errors,
     curve_option,
+    locate,
     option,
     redis_option,
-    redis_url_or_default,
+    run_dir_option,
     run_option,
 )
 from zdni.security import Curve
@@ -22,17 +23,19 @@ from zdni.security import Curve
 @main.command()
 @redis_option
 @run_option
+@run_dir_option
 @option("--watch", is_flag=True, help="Refresh every heartbeat interval until Ctrl-C.")
 @option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @clean_errors
-def status(redis_url: str | None, run_id: str | None, watch: bool, as_json: bool) -> None:
+def status(redis_url: str | None, run_id: str | None, run_dir: str | None, watch: bool,
+           as_json: bool) -> None:
     """Show a run's progress and each stage's state, heartbeat age, utilization and drops."""
     import time
 
     from zdni.redisserver import connect
     from zdni.status import collect, latest_run, render
 
-    redis_url = redis_url_or_default(redis_url)
+    redis_url, run_id = locate(redis_url, run_id, run_dir)
     client = connect(redis_url)
     run_id = run_id or latest_run(client)
     if run_id is None:
@@ -58,19 +61,20 @@ def status(redis_url: str | None, run_id: str | None, watch: bool, as_json: bool
 @option("--broker", default=None, envvar="ZDNI_BROKER",
               help="The broker's inbound address [default: the one the run's driver published].")
 @run_option
+@run_dir_option
 @option("--to", "to_iter", type=int, required=True,
-              help="Iteration to go back to (the newest common backup at or before it).")
+        help="Iteration to go back to (the newest common backup at or before it).")
 @curve_option()
 @clean_errors
-def rollback(redis_url: str | None, broker: str | None, run_id: str | None, to_iter: int,
-             curve: Curve | None) -> None:
+def rollback(redis_url: str | None, broker: str | None, run_id: str | None,
+             run_dir: str | None, to_iter: int, curve: Curve | None) -> None:
     """Bring every stage of a run back to the same backed-up iteration."""
     from zdni import keys
     from zdni.redisserver import connect
     from zdni.rollback import RollbackError, rollback_run
     from zdni.status import latest_run
 
-    redis_url = redis_url_or_default(redis_url)
+    redis_url, run_id = locate(redis_url, run_id, run_dir)
     client = connect(redis_url)
     run_id = run_id or latest_run(client)
     if run_id is None:

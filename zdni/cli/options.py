@@ -56,6 +56,13 @@ def redis_url_or_default(url: str | None) -> str:
     return url or DEFAULT_REDIS_URL
 
 
+def redis_timeout_option(func: F) -> F:
+    return option("--redis-timeout", "redis_timeout_s", type=float,
+                  default=RunConfig().redis_timeout_s, show_default=True,
+                  envvar="ZDNI_REDIS_TIMEOUT",
+                  help="Seconds a process keeps working while Redis is unreachable.")(func)
+
+
 def allow_model_option(func: F) -> F:
     """A worker's --model: the one user-code reference it may import (a run naming other code
     is refused). The same variable names the model of `zdni train` and `zdni run`."""
@@ -67,6 +74,40 @@ def allow_model_option(func: F) -> F:
 def broker_option(func: F) -> F:
     return option("--broker", default=DEFAULT_BROKER, show_default=True,
                         envvar="ZDNI_BROKER", help="The broker's inbound address.")(func)
+
+
+def run_dir_option(func: F) -> F:
+    return option("--run-dir", default=None, type=click.Path(file_okay=False),
+                  help="A run directory of `zdni train` or `zdni run`: its run.json names the "
+                       "run and its Redis.")(func)
+
+
+def locate(redis_url: str | None, run_id: str | None, run_dir: str | None
+           ) -> tuple[str, str | None]:
+    """The Redis URL and run id to use: given ones win, then RUN_DIR/run.json's, then the
+    defaults (and the current run)."""
+    if run_dir:
+        from zdni.cluster import read_run_file
+
+        found = read_run_file(run_dir)
+        if redis_url is None and "***" in found["redis_url"]:
+            raise UserError(f"{run_dir}/run.json hides its Redis password: give --redis-url")
+        return redis_url or found["redis_url"], run_id or found["run_id"]
+    return redis_url_or_default(redis_url), run_id
+
+
+def writable_dir(path: str) -> str:
+    """Make sure `path` is a directory we can write into, or say why not in one line."""
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
 
 
 def run_option(func: F) -> F:
@@ -192,6 +233,7 @@ config_options = _stack(
     option("--resend-after", "resend_s", type=float, default=_D.resend_s,
                  show_default=True, envvar="ZDNI_RESEND_AFTER",
                  help="Seconds an unfinished batch waits before it is fed again (a lost message)."),
+    redis_timeout_option,
     option("--checkpoint-every", type=int, default=_D.checkpoint_every,
                  show_default=True, envvar="ZDNI_CHECKPOINT_EVERY"),
     option("--eval-every", type=int, default=_D.eval_every, show_default=True,
@@ -224,11 +266,15 @@ def clean_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import redis
+
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             return func(*args, **kwargs)
         except ZdniError as exc:
             raise UserError(str(exc)) from None
+        except redis.RedisError as exc:  # one not met by a RedisWatch (at start, say)
+            raise UserError(f"Redis: {' '.join(str(exc).split())[:200]}") from None
 
     return wrapper
 

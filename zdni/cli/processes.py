@@ -59,10 +59,14 @@ def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
               help="Without --run: seconds to wait for a driver to publish a run.")
 @curve_option()
 @allow_model_option
+@option("--once", is_flag=True, envvar="ZDNI_WORKER_ONCE",
+        help="Exit after one run (honcho's Procfile). Without it, and without --run, the worker "
+             "serves run after run: when its run finishes, fails or is abandoned by its driver, "
+             "it waits for the next.")
 @clean_errors
 def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, device: str,
            threads: int | None, checkpoint_dir: str | None, wait_s: float,
-           curve: Curve | None, allow_model: str | None) -> None:
+           curve: Curve | None, allow_model: str | None, once: bool) -> None:
     """Run one stage's worker; the run's settings come from Redis."""
     from workers.worker import main as worker_main
 
@@ -75,7 +79,7 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
     url = redis_url_or_default(redis_url)
     wait_for_redis(url, f"[stage {stage}]")
     worker_main(stage, broker, url, run_id, device, threads, checkpoint_dir, wait_s, curve,
-                allow_model)
+                allow_model, once)
 
 
 @main.command()
@@ -109,7 +113,11 @@ def synth(broker: str, redis_url: str | None, run_id: str | None, threads: int |
 @main.command("redis")
 @option("--port", type=int, default=6379, show_default=True, envvar="ZDNI_REDIS_PORT")
 @option("--host", default="127.0.0.1", show_default=True)
-def redis_cmd(port: int, host: str) -> None:
+@option("--redis-dir", default=None, envvar="ZDNI_REDIS_DIR",
+        help="Keep an append-only file here: a Redis started again on this directory comes "
+             "back with the runs' config, state, rings and backups [default: no persistence].")
+@clean_errors
+def redis_cmd(port: int, host: str, redis_dir: str | None) -> None:
     """Run the embedded Redis server in the foreground (for honcho and laptops) until stopped."""
     import time
 
@@ -117,7 +125,7 @@ def redis_cmd(port: int, host: str) -> None:
     from zdni.shell import Stopper
 
     stopper = Stopper()
-    with EmbeddedRedis(port=port, host=host) as server:
+    with EmbeddedRedis(port=port, host=host, persist_dir=redis_dir) as server:
         click.echo(f"[redis] serving {server.url} (pid {server.pid})", err=True)
         try:
             while not stopper.stopping and server.pid:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -22,7 +24,9 @@ from zdni.cli.options import (
     redis_url_or_default,
     threads_option,
     wait_for_redis,
+    writable_dir,
 )
+from zdni.config import RunConfig
 from zdni.security import Curve
 
 
@@ -46,8 +50,15 @@ def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, thread
           redis_url: str | None, restart: bool, **kwargs: Any) -> None:
     """Train a model; prints a JSON summary line and writes OUT/summary.json."""
     cfg = config_from(kwargs)
-    out_dir = out_dir or os.path.join("runs", cfg.run_id)
+    out_dir = writable_dir(out_dir or os.path.join("runs", cfg.run_id))
     logging.getLogger("zdni").info("[driver] config %s", cfg.to_json())
+    with interrupted_says(cfg.run_id, out_dir):
+        summary = _train(cfg, inproc, out_dir, download, quiet, threads, redis_url, restart)
+    _finish(out_dir, summary)
+
+
+def _train(cfg: RunConfig, inproc: bool, out_dir: str, download: bool, quiet: bool,
+           threads: int | None, redis_url: str | None, restart: bool) -> dict[str, Any]:
     if inproc:
         import torch
 
@@ -62,7 +73,19 @@ def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, thread
         summary = train_distributed(cfg, quiet=quiet, download=download, redis_url=redis_url,
                                     threads=threads, log_dir=os.path.join(out_dir, "logs"),
                                     out_dir=out_dir, restart=restart)
-    _finish(out_dir, summary)
+    return summary
+
+
+@contextlib.contextmanager
+def interrupted_says(run_id: str, out_dir: str) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) ends the command with one line: what stopped, where its partial
+    results are; exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: run {run_id} stopped; its partial results (metrics.jsonl, "
+                   f"logs/) are in {out_dir}", err=True)
+        raise SystemExit(130) from None
 
 
 @main.command("run")
@@ -81,10 +104,11 @@ def run_cmd(broker: str, redis_url: str | None, out_dir: str | None, download: b
 
     cfg = config_from(kwargs)
     url = redis_url_or_default(redis_url)
+    out_dir = writable_dir(out_dir or os.path.join("runs", cfg.run_id))
     wait_for_redis(url, "[driver]")
-    out_dir = out_dir or os.path.join("runs", cfg.run_id)
-    summary = run_remote(cfg, broker, url, quiet=quiet, download=download, ready_s=wait_s,
-                         out_dir=out_dir, curve=curve)
+    with interrupted_says(cfg.run_id, out_dir):
+        summary = run_remote(cfg, broker, url, quiet=quiet, download=download, ready_s=wait_s,
+                             out_dir=out_dir, curve=curve)
     _finish(out_dir, summary)
 
 
