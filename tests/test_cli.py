@@ -16,7 +16,7 @@ def test_worker_device_is_checked(device: str) -> None:
     result = CliRunner().invoke(main, ["worker", "--stage", "1", "--redis-url",
                                        "redis://127.0.0.1:1/0", "--device", device])
     assert result.exit_code == 2
-    assert "expected cpu, or cuda:N with CUDA available" in result.output
+    assert "expected cpu, cpu:A-B" in result.output and "cuda:N with CUDA available" in result.output
 
 
 def test_broker_address_is_checked() -> None:

@@ -15,9 +15,10 @@ from typing import Any
 
 from zdni import protocol
 from zdni.config import ConfigError, RunConfig, new_run_id
+from zdni.device import DeviceSpec, other_cores, parse_list
 from zdni.driver import Driver
 from zdni.launcher import Cluster
-from zdni.loop import load_data
+from zdni.loop import Data, load_data
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
 from zdni.plan import plan
@@ -106,7 +107,7 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
 def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = False,
                       redis_url: str | None = None, threads: int | None = None,
                       log_dir: str | None = None, out_dir: str | None = None,
-                      restart: bool = True) -> dict[str, Any]:
+                      restart: bool = True, devices: str | None = None) -> dict[str, Any]:
     """`zdni train`: an embedded Redis (unless given), a broker and a worker per stage, here.
 
     Metric records go to out_dir/metrics.jsonl and the run's Redis stream.
@@ -117,6 +118,30 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
     chosen = plan(cfg, data, threads=threads)
     stages = stage_count(cfg)
     threads = threads or max(1, (os.cpu_count() or 1) // stages)
+    specs = parse_list(devices, stages) if devices else None
+    with _pinned(other_cores(specs) if specs else None):  # broker, Redis, driver: other cores
+        return _run_local(cfg, data, chosen, stages, threads, specs, quiet, redis_url,
+                          log_dir, out_dir, restart)
+
+
+@contextlib.contextmanager
+def _pinned(cores: tuple[int, ...] | None) -> Iterator[None]:
+    """Run this process (and the children it starts) on `cores` for the block."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, threads: int,
+               specs: list[DeviceSpec] | None, quiet: bool, redis_url: str | None,
+               log_dir: str | None, out_dir: str | None, restart: bool) -> dict[str, Any]:
+    """The local cluster of `train_distributed`: Redis (unless given), broker, workers."""
     # The workers import user code only because their own command line names it.
     allow = ["--model", cfg.model] if is_reference(cfg.model) else []
     persist = os.path.join(out_dir, "redis") if out_dir else None
@@ -141,9 +166,11 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
                                             "--run", cfg.run_id, "--threads", str(threads),
                                             *allow])
                 for s in range(1, stages + 1):
+                    place = ["--device", specs[s - 1].text] if specs else \
+                        ["--threads", str(threads)]
                     cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
                                                  "--redis-url", url, "--run", cfg.run_id,
-                                                 "--threads", str(threads), *allow])
+                                                 *place, *allow])
                 summary = driver.train(data, quiet)
                 cluster.stop()  # the broker writes its final counters as it exits
                 summary["counts"] = driver.counts()

@@ -48,6 +48,8 @@ def beat(client: redis.Redis, run: str, stage: int, status: str, iteration: int,
     fields: dict[str, Any] = {
         "status": status, "time": time.time(), "iteration": iteration, "pid": os.getpid(),
         "host": socket.gethostname(), "device": device, **utilization(device),
+        "cores": ",".join(map(str, sorted(os.sched_getaffinity(0)))) if hasattr(
+            os, "sched_getaffinity") else "",
     }
     pipe = client.pipeline(transaction=False)
     key = keys.heartbeat(run, stage)

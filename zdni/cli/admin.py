@@ -59,7 +59,7 @@ def status(redis_url: str | None, run_id: str | None, run_dir: str | None, watch
 @main.command()
 @redis_option
 @option("--broker", default=None, envvar="ZDNI_BROKER",
-              help="The broker's inbound address [default: the one the run's driver published].")
+        help="The broker's inbound address [default: the one the run's driver published].")
 @run_option
 @run_dir_option
 @option("--to", "to_iter", type=int, required=True,

@@ -27,7 +27,7 @@ from zdni.security import Curve
 
 @main.command()
 @option("--bind", default=DEFAULT_BROKER, show_default=True, envvar="ZDNI_BIND",
-              help="Inbound address; the outbound sockets take the next ports.")
+        help="Inbound address; the outbound sockets take the next ports.")
 @redis_option
 @curve_option("broker")
 def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
@@ -50,13 +50,13 @@ def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
 @redis_option
 @run_option
 @option("--device", default="cpu", show_default=True, envvar="ZDNI_DEVICE",
-              help="cpu or cuda:N.")
+        help="cpu, a core set cpu:A-B (pinned there, one torch thread per core), or cuda:N.")
 @threads_option
 @option("--checkpoint-dir", default=None, envvar="ZDNI_CHECKPOINT_DIR",
-              help="Keep backups in files here instead of in Redis.")
+        help="Keep backups in files here instead of in Redis.")
 @option("--wait", "wait_s", type=float, default=60.0, show_default=True,
-              envvar="ZDNI_WORKER_WAIT",
-              help="Without --run: seconds to wait for a driver to publish a run.")
+        envvar="ZDNI_WORKER_WAIT",
+        help="Without --run: seconds to wait for a driver to publish a run.")
 @curve_option()
 @allow_model_option
 @option("--once", is_flag=True, envvar="ZDNI_WORKER_ONCE",
@@ -69,17 +69,23 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
            curve: Curve | None, allow_model: str | None, once: bool) -> None:
     """Run one stage's worker; the run's settings come from Redis."""
     from workers.worker import main as worker_main
+    from zdni.device import DeviceError, apply, parse
 
-    if device != "cpu":
+    try:
+        spec = parse(device)
+    except DeviceError as exc:
+        raise click.BadParameter(f"{exc} with CUDA available", param_hint="--device") from None
+    if spec.torch_device.startswith("cuda"):
         import torch
 
-        if not device.startswith("cuda") or not torch.cuda.is_available():
-            raise click.BadParameter(f"{device!r}: expected cpu, or cuda:N with CUDA available",
-                                     param_hint="--device")
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{device!r}: no CUDA device here; expected cpu, cpu:A-B, "
+                                     "or cuda:N with CUDA available", param_hint="--device")
+    apply(spec)
     url = redis_url_or_default(redis_url)
     wait_for_redis(url, f"[stage {stage}]")
-    worker_main(stage, broker, url, run_id, device, threads, checkpoint_dir, wait_s, curve,
-                allow_model, once)
+    worker_main(stage, broker, url, run_id, spec.torch_device, threads or spec.threads,
+                checkpoint_dir, wait_s, curve, allow_model, once)
 
 
 @main.command()

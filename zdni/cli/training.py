@@ -44,21 +44,30 @@ def _finish(out_dir: str, summary: dict[str, Any]) -> None:
 @threads_option
 @redis_option
 @option("--restart/--no-restart", default=True, show_default=True,
-              help="Restart a crashed worker (it resumes from its backup) instead of failing.")
+        help="Restart a crashed worker (it resumes from its backup) instead of failing.")
+@option("--devices", default=None, envvar="ZDNI_DEVICES",
+        help="One device per stage, separated by spaces or ';': cpu:A-B (a core set the worker "
+             "is pinned to, a torch thread per core) or cuda:N; the broker, driver and Redis "
+             "then keep to the other cores. E.g. 'cpu:0 cpu:1'.")
 @clean_errors
 def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, threads: int | None,
-          redis_url: str | None, restart: bool, **kwargs: Any) -> None:
+          redis_url: str | None, restart: bool, devices: str | None, **kwargs: Any) -> None:
     """Train a model; prints a JSON summary line and writes OUT/summary.json."""
     cfg = config_from(kwargs)
     out_dir = writable_dir(out_dir or os.path.join("runs", cfg.run_id))
     logging.getLogger("zdni").info("[driver] config %s", cfg.to_json())
+    if devices and inproc:
+        raise click.BadParameter("--devices places the stages' worker processes; --inproc "
+                                 "has none", param_hint="--devices")
     with interrupted_says(cfg.run_id, out_dir):
-        summary = _train(cfg, inproc, out_dir, download, quiet, threads, redis_url, restart)
+        summary = _train(cfg, inproc, out_dir, download, quiet, threads, redis_url, restart,
+                         devices)
     _finish(out_dir, summary)
 
 
 def _train(cfg: RunConfig, inproc: bool, out_dir: str, download: bool, quiet: bool,
-           threads: int | None, redis_url: str | None, restart: bool) -> dict[str, Any]:
+           threads: int | None, redis_url: str | None, restart: bool,
+           devices: str | None) -> dict[str, Any]:
     if inproc:
         import torch
 
@@ -72,7 +81,7 @@ def _train(cfg: RunConfig, inproc: bool, out_dir: str, download: bool, quiet: bo
 
         summary = train_distributed(cfg, quiet=quiet, download=download, redis_url=redis_url,
                                     threads=threads, log_dir=os.path.join(out_dir, "logs"),
-                                    out_dir=out_dir, restart=restart)
+                                    out_dir=out_dir, restart=restart, devices=devices)
     return summary
 
 
@@ -94,7 +103,7 @@ def interrupted_says(run_id: str, out_dir: str) -> Iterator[None]:
 @redis_option
 @output_options
 @option("--wait", "wait_s", type=float, default=600.0, show_default=True,
-              help="Seconds to wait for the workers to start.")
+        help="Seconds to wait for the workers to start.")
 @curve_option()
 @clean_errors
 def run_cmd(broker: str, redis_url: str | None, out_dir: str | None, download: bool, quiet: bool,
@@ -117,7 +126,7 @@ def run_cmd(broker: str, redis_url: str | None, out_dir: str | None, download: b
                 type=click.Path(exists=True, file_okay=False))
 @option("-o", "--out", "out_dir", required=True, help="Directory for the PNGs and report.md.")
 @option("--target", type=float, default=0.97, show_default=True,
-              help="Test accuracy (a fraction) of the time-to-target column.")
+        help="Test accuracy (a fraction) of the time-to-target column.")
 @option("--title", default="zdni runs", show_default=True, help="Heading of report.md.")
 @clean_errors
 def report(run_dirs: tuple[str, ...], out_dir: str, target: float, title: str) -> None:
@@ -142,12 +151,12 @@ def _suites() -> list[str]:
 @option("--seeds", default=None, help="Comma-separated seeds [default: the suite's].")
 @data_dir_option
 @option("--out", "out_dir", default=None,
-              help="Output directory [default: runs/experiments/NAME].")
+        help="Output directory [default: runs/experiments/NAME].")
 @option("--inproc", is_flag=True, help="Run the in-process reference trainer instead.")
 @option("--quick", is_flag=True, help="Tiny runs (512 samples, 1 epoch, 1 seed): a check.")
 @option("--quiet", is_flag=True, help="No progress bar; plain log lines only.")
 @option("--target", type=float, default=None,
-              help="Test accuracy of the report's time-to-target column [default: the suite's].")
+        help="Test accuracy of the report's time-to-target column [default: the suite's].")
 @clean_errors
 def experiment(name: str, epochs: int | None, seeds: str | None, data_dir: str | None,
                out_dir: str | None, inproc: bool, quick: bool, quiet: bool,
