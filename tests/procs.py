@@ -1,4 +1,5 @@
-"""Helpers for tests that run `zdni` commands as real processes."""
+"""Helpers for tests over real processes: `zdni` commands as processes, what workers left in
+Redis, the batches a run feeds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,46 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
+
+import redis
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zdni import checkpoint
+from zdni.config import RunConfig
+from zdni.data import BatchFeeder
+from zdni.loop import load_data
+from zdni.models import build_stages
+
+
+def worker_state(client: redis.Redis, run: str, stage: int) -> dict[str, torch.Tensor]:
+    """The parameters a worker backed up when it stopped."""
+    found = checkpoint.load(client, run, stage)
+    assert found is not None, f"stage {stage} left no backup"
+    return found[0]
+
+
+def assert_workers_equal_pytorch(client: redis.Redis, cfg: RunConfig) -> None:
+    """The workers' backed-up parameters (and BatchNorm statistics) equal plain single-process
+    PyTorch's after the same epoch of backprop with Adam."""
+    model = nn.Sequential(*build_stages(cfg))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    for xb, yb in batches(cfg):
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    for s, stage in enumerate(model, start=1):
+        got = worker_state(client, cfg.run_id, s)
+        for name, value in stage.state_dict().items():
+            torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {s} {name}")
+
+
+def batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first epoch's batches, as the run's driver feeds them."""
+    data = load_data(cfg)
+    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed)
+    return [(xb, yb) for _, xb, yb in feeder.iter_epoch(0)]
 
 
 class Process:

@@ -14,15 +14,14 @@ import psutil
 import pytest
 import redis
 import torch
-import torch.nn.functional as F
+from procs import assert_workers_equal_pytorch, batches, worker_state  # noqa: E402
 from torch import nn
 
-from zdni import checkpoint, keys
+from zdni import keys
 from zdni.cluster import train_distributed
 from zdni.config import RunConfig
-from zdni.data import BatchFeeder, read_idx
+from zdni.data import read_idx
 from zdni.loop import load_data
-from zdni.models import build_stages
 from zdni.plan import plan
 from zdni.trainer import build_pipeline, run_iteration
 
@@ -66,18 +65,6 @@ def config(user_files: tuple[str, str], run_id: str, **changes: object) -> RunCo
     return RunConfig(**base).validate()  # type: ignore[arg-type]
 
 
-def worker_params(client: redis.Redis, run: str, stage: int) -> dict[str, torch.Tensor]:
-    found = checkpoint.load(client, run, stage)
-    assert found is not None, f"stage {stage} left no backup"
-    return found[0]
-
-
-def batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    data = load_data(cfg)
-    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed)
-    return [(xb, yb) for _, xb, yb in feeder.iter_epoch(0)]
-
-
 def test_cli_trains_a_model_file_on_an_npz(user_files: tuple[str, str], tmp_path: Path,
                                            repo_root: Path) -> None:
     """`zdni train --model FILE:factory --dataset FILE.npz --mode sg --conditioned` trains
@@ -106,16 +93,7 @@ def test_backprop_on_a_user_cnn_equals_pytorch(user_files: tuple[str, str], redi
     plain single-process PyTorch's parameters (and BatchNorm statistics)."""
     cfg = config(user_files, "byo-bp", mode="backprop")
     train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
-    model = nn.Sequential(*build_stages(cfg))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    for xb, yb in batches(cfg):
-        opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    for s, stage in enumerate(model, start=1):
-        got = worker_params(redis_client, cfg.run_id, s)
-        for name, value in stage.state_dict().items():
-            torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {s} {name}")
+    assert_workers_equal_pytorch(redis_client, cfg)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -132,7 +110,7 @@ def test_sg_on_a_user_cnn_equals_the_reference(user_files: tuple[str, str], redi
     for it, (xb, yb) in enumerate(batches(reference)):
         run_iteration(pipeline, it, xb, yb, reference.mode)
     for stage in pipeline:
-        got = worker_params(redis_client, cfg.run_id, stage.index)
+        got = worker_state(redis_client, cfg.run_id, stage.index)
         for name, value in stage.module.state_dict().items():
             torch.testing.assert_close(got[f"stage.{name}"], value,
                                        msg=f"stage {stage.index} {name}")

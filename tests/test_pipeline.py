@@ -5,14 +5,12 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-import torch.nn.functional as F
-from torch import nn
+from procs import assert_workers_equal_pytorch, batches, worker_state  # noqa: E402
 
 from zdni import checkpoint, keys
 from zdni.cluster import train_distributed
 from zdni.config import RunConfig
-from zdni.data import BatchFeeder, load_dataset
-from zdni.models import build_stages
+from zdni.data import load_dataset
 from zdni.trainer import build_pipeline, evaluate, run_iteration
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
@@ -26,19 +24,6 @@ def small_config(mnist_dir: Path, run_id: str, **changes: object) -> RunConfig:
     return RunConfig(**base).validate()  # type: ignore[arg-type]
 
 
-def worker_state(client: redis.Redis, run: str, stage: int) -> dict[str, torch.Tensor]:
-    """The parameters a worker backed up when it stopped."""
-    found = checkpoint.load(client, run, stage)
-    assert found is not None, f"stage {stage} left no backup"
-    return found[0]
-
-
-def batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = load_dataset(cfg.dataset, cfg.data_dir, True, limit=cfg.train_limit)
-    feeder = BatchFeeder(x, y, cfg.batch_size, cfg.seed)
-    return [(xb, yb) for _, xb, yb in feeder.iter_epoch(0)]
-
-
 def test_backprop_through_broker_equals_single_process_pytorch(
     mnist_dir: Path, redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -46,16 +31,7 @@ def test_backprop_through_broker_equals_single_process_pytorch(
     cfg = small_config(mnist_dir, "eq-backprop", mode="backprop")
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     assert summary["iterations"] == 10
-    model = nn.Sequential(*build_stages(cfg))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    for xb, yb in batches(cfg):
-        opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    for s, stage in enumerate(model, start=1):
-        got = worker_state(redis_client, cfg.run_id, s)
-        for name, value in stage.state_dict().items():
-            torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {s} {name}")
+    assert_workers_equal_pytorch(redis_client, cfg)
 
 
 def test_backprop_runs_one_batch_at_a_time(mnist_dir: Path, redis_url: str) -> None:
