@@ -137,6 +137,7 @@ def test_encode_does_not_copy(dtype: torch.dtype) -> None:
     assert np.frombuffer(frames[1], dtype=np.uint8).__array_interface__["data"][0] == t.data_ptr()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_encode_moves_cuda_tensors_to_cpu() -> None:
     """A CUDA tensor is encoded from a CPU copy and decodes to the same values on the CPU."""

@@ -79,3 +79,38 @@ def test_train_places_each_stage_on_its_cores(mnist_dir, redis_url, redis_client
     cores = [redis_client.hget(keys.heartbeat("placed", s), "cores") for s in (1, 2, 3)]
     assert cores == [str(first).encode(), str(last).encode(), str(first).encode()]
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(240)
+def test_a_distributed_run_on_cuda_equals_the_reference(mnist_dir, redis_url,
+                                                        redis_client) -> None:
+    """Every stage on cuda:0 (--devices), backprop with one batch in flight: the workers end
+    with plain PyTorch's parameters (on the CPU, within float tolerance of GPU kernels)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from procs import batches, worker_state
+
+    from zdni.cluster import train_distributed
+    from zdni.config import RunConfig
+    from zdni.models import build_stages
+
+    cfg = RunConfig(run_id="on-cuda", data_dir=str(mnist_dir), mode="backprop", epochs=1,
+                    train_limit=640, test_limit=500, batch_size=64, max_inflight=1,
+                    checkpoint_every=0).validate()
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url,
+                                devices="cuda:0 cuda:0 cuda:0")
+    assert summary["iterations"] == 10
+    model = torch.nn.Sequential(*build_stages(cfg))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    for xb, yb in batches(cfg):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    for s, stage in enumerate(model, start=1):
+        got = worker_state(redis_client, cfg.run_id, s)
+        for name, value in stage.state_dict().items():
+            torch.testing.assert_close(got[f"stage.{name}"].cpu(), value, rtol=1e-3, atol=1e-4,
+                                       msg=f"stage {s} {name}")

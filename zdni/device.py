@@ -59,7 +59,8 @@ def parse(text: str, available: set[int] | None = None) -> DeviceSpec:
         return DeviceSpec(text, "cpu", tuple(sorted(set(cores))))
     if re.fullmatch(r"cuda:\d+", text):
         return DeviceSpec(text, text)
-    raise DeviceError(f"{text!r}: expected cpu, cpu:A-B (a core set), or cuda:N")
+    raise DeviceError(f"{text!r}: expected cpu, cpu:A-B (a core set), or cuda:N with CUDA "
+                      "available")
 
 
 def parse_list(text: str, stages: int, available: set[int] | None = None) -> list[DeviceSpec]:
@@ -75,7 +76,7 @@ def parse_list(text: str, stages: int, available: set[int] | None = None) -> lis
 def other_cores(specs: list[DeviceSpec], available: set[int] | None = None) -> tuple[int, ...]:
     """The usable cores no stage is pinned to (where the broker, driver and Redis should run),
     or all of them when the stages take every core."""
-    allowed = available if available is not None else _available()
+    allowed = available if available is not None else set(os.sched_getaffinity(0))
     taken = {c for s in specs for c in s.cores}
     rest = sorted(allowed - taken)
     return tuple(rest or sorted(allowed))
@@ -84,14 +85,20 @@ def other_cores(specs: list[DeviceSpec], available: set[int] | None = None) -> t
 def apply(spec: DeviceSpec) -> None:
     """Pin this process to the spec's cores and give torch one thread per core."""
     if spec.cores:
-        os.sched_setaffinity(0, spec.cores)
+        try:
+            os.sched_setaffinity(0, spec.cores)
+        except OSError as exc:
+            raise DeviceError(f"{spec.text!r}: cannot run on cores {list(spec.cores)} "
+                              f"({exc.strerror})") from None
         import torch
 
         torch.set_num_threads(len(spec.cores))
 
 
 def _available() -> set[int]:
-    return set(os.sched_getaffinity(0))
+    """The machine's cores: a process may pin itself outside its parent's narrower affinity
+    (zdni train keeps itself off the stages' cores, and its workers pin themselves there)."""
+    return set(range(os.cpu_count() or 1)) | set(os.sched_getaffinity(0))
 
 
 def _ranges(cores: list[int]) -> str:

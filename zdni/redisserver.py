@@ -271,7 +271,8 @@ class EmbeddedRedis:
         try:
             while time.monotonic() < deadline and self._proc.poll() is None:
                 with contextlib.suppress(redis.RedisError, OSError):
-                    if probe.info("server").get("process_id") == self._proc.pid:
+                    info = probe.info()  # ours, and done loading its append-only file
+                    if info.get("process_id") == self._proc.pid and not info.get("loading"):
                         return True
                 time.sleep(0.02)
             return False

@@ -74,14 +74,17 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
     try:
         spec = parse(device)
     except DeviceError as exc:
-        raise click.BadParameter(f"{exc} with CUDA available", param_hint="--device") from None
+        raise click.BadParameter(str(exc), param_hint="--device") from None
     if spec.torch_device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise click.BadParameter(f"{device!r}: no CUDA device here; expected cpu, cpu:A-B, "
                                      "or cuda:N with CUDA available", param_hint="--device")
-    apply(spec)
+    try:
+        apply(spec)
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
     url = redis_url_or_default(redis_url)
     wait_for_redis(url, f"[stage {stage}]")
     worker_main(stage, broker, url, run_id, spec.torch_device, threads or spec.threads,
