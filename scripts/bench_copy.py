@@ -1,0 +1,61 @@
+"""The DNI paper's Copy experiment, in process: the longest sequence solved by truncated BPTT
+and by DNI at truncation T, same budget of iterations (zdni/recurrent.py, zdni/sequence.py).
+
+    python scripts/bench_copy.py --T 3 --iterations 3000 --seeds 0,1 --out docs/bench/copy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zdni.recurrent import RecurrentNet, StateSynthesizer, train_sequence  # noqa: E402
+from zdni.sequence import Curriculum, bit_errors, copy_batch  # noqa: E402
+
+
+def run(mode: str, T: int, iterations: int, seed: int, hidden: int, batch: int) -> dict:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = RecurrentNet(10, hidden, 9)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    synth = StateSynthesizer(hidden) if mode == "dni" else None
+    synth_opt = torch.optim.Adam(synth.parameters(), lr=1e-4) if synth else None
+    cur = Curriculum()
+    start = time.monotonic()
+    for _ in range(iterations):
+        x, y, mask = copy_batch(batch, cur.length, generator=g)
+        train_sequence(net, x, y, mask, T, mode, synth, opt, synth_opt)
+        with torch.no_grad():
+            logits, _ = net.chunk(x, net.zero_state(batch))
+        cur.observe(bit_errors(logits, y, mask))
+    return {"mode": mode, "T": T, "seed": seed, "iterations": iterations,
+            "longest_solved": cur.best_solved, "wall_s": round(time.monotonic() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--T", type=int, nargs="+", default=[3])
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = [run(mode, T, args.iterations, int(seed), args.hidden, args.batch)
+            for T in args.T for seed in args.seeds.split(",") for mode in ("bptt", "dni")]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
