@@ -181,6 +181,9 @@ def test_hand_started_workers_outlive_a_driver_and_serve_the_next(
         assert all(w.proc.poll() is None for w in workers), logs(workers)  # still serving
         pids = {int(redis_client.hget(keys.heartbeat("second", s), "pid")) for s in (1, 2, 3)}
         assert pids == {w.proc.pid for w in workers}
+        for w in workers:  # waiting for a third run, one SIGTERM ends each at once
+            w.proc.terminate()
+        assert [w.proc.wait(15) for w in workers] == [0, 0, 0], logs(workers)
     finally:
         for p in procs:
             p.stop()

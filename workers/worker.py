@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections import Counter, OrderedDict, deque
 from typing import Any
@@ -380,6 +381,9 @@ def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
     setup_logging(f"[stage {stage}]")
     served: set[str] = set()
     while True:
+        # Between runs (waiting for one, building its stage) SIGTERM simply ends the process;
+        # serve() installs the two-stage stop while a run is being served.
+        signal.signal(signal.SIGTERM, _leave)
         worker = Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s,
                         curve, allow_model, frozenset(served))
         worker.serve()
@@ -389,3 +393,7 @@ def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
         log.warning("[stage %d] %s; waiting for the next run", stage,
                     worker.ended or f"run {worker.run} stopped")
         wait_s = float("inf")  # a server: it waits for runs as long as it is left running
+
+
+def _leave(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
