@@ -93,10 +93,10 @@ class InprocRunner:
         return self.fed
 
     def drain(self) -> None:
-        pass
+        """Nothing is ever in flight here: feed() returns once every stage has updated."""
 
     def settle(self) -> None:
-        pass
+        """Nothing is lost in process, so nothing waits to be fed again."""
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
         return evaluate(self.pipeline, x, y, self.cfg.eval_batch_size)
@@ -108,7 +108,7 @@ class InprocRunner:
         return {}
 
     def epoch_end(self, epoch: int, accuracy: float) -> None:
-        pass
+        """No run state outside this process to record."""
 
     def summary_extra(self) -> dict[str, Any]:
         return {}

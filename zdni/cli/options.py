@@ -104,7 +104,7 @@ def writable_dir(path: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
-            pass
+            pass  # creating (and dropping) a file is the test that we may write here
     except OSError as exc:
         raise UserError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
     return path

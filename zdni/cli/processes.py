@@ -140,4 +140,4 @@ def redis_cmd(port: int, host: str, redis_dir: str | None) -> None:
             while not stopper.stopping and server.pid:
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            pass
+            pass  # Ctrl-C in the foreground: stop the server as SIGTERM would
