@@ -65,8 +65,9 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_dir(repo_root: Path) -> Path:
-    """The shared MNIST directory beside the checkout; skips the test when it is missing."""
-    path = repo_root.parent / "shared" / "data" / "mnist"
+    """The shared MNIST directory beside the checkout (or $ZDNI_TEST_MNIST, as on the GPU
+    machine, where MNIST travels with the tree); skips the test when it is missing."""
+    path = Path(os.environ.get("ZDNI_TEST_MNIST") or repo_root.parent / "shared" / "data" / "mnist")
     if not path.is_dir():
         pytest.skip(f"MNIST not found at {path} (put the IDX files there to run this test)")
     return path

@@ -67,3 +67,23 @@ def test_stage_shapes_probe_leaves_batchnorm_untouched() -> None:
     assert torch.equal(stages[0][0][2].running_mean, before)
     cnn = build_stages(RunConfig(model="dni-cnn", dataset="cifar10", stages=4))
     assert stage_shapes(cnn, (3, 32, 32))[1:] == [(128, 16, 16), (128, 8, 8), (128, 8, 8), (10,)]
+
+
+def test_zoo_models_take_a_width() -> None:
+    """fcnK's hidden width and the CNNs' channels are model arguments; anything else, or a
+    width that is not a whole number, is a one-line ConfigError."""
+    from zdni.config import ConfigError
+    from zdni.models import build_units
+
+    wide = build_units("fcn8", {"width": 1024})
+    assert len(wide) == 8
+    assert [m.out_features for u in wide for m in u.modules() if isinstance(m, nn.Linear)] == \
+        [1024] * 7 + [10]
+    assert sum(p.numel() for p in build_units("dni-cnn", {"channels": 16})[0].parameters()) == \
+        3 * 16 * 25 + 16 + 2 * 16
+    with pytest.raises(ConfigError, match="takes only width, not depth"):
+        build_units("fcn4", {"depth": 3})
+    with pytest.raises(ConfigError, match="takes no model arguments"):
+        build_units("seed-mlp", {"width": 3})
+    with pytest.raises(ConfigError, match="whole number"):
+        build_units("fcn4", {"width": "wide"})

@@ -15,6 +15,7 @@ import zmq
 from zdni import checkpoint, codec, keys, protocol
 from zdni.buffer import RedisRing, RingWriter
 from zdni.codec import Message
+from zdni.device import to_host
 from zdni.health import beat
 from zdni.inbox import Inbox, check_labels, check_tensor, labels_ride
 from zdni.loop import score
@@ -48,6 +49,7 @@ class Worker:
         self.broker = broker
         self.curve = curve
         self.device = device
+        self.pin = device.startswith("cuda")  # receive into pinned memory, send through it
         self.checkpoint_dir = checkpoint_dir
         self.who = f"[stage {stage}]"
         self.redis = connect(redis_url, fail_fast=True)
@@ -176,7 +178,7 @@ class Worker:
         self.counts["received"] += 1
         start = time.perf_counter()
         try:
-            msg = codec.decode(frames, expect_run=self.run)
+            msg = codec.decode(frames, expect_run=self.run, pin_memory=self.pin)
             self.counts["decode_us"] += int((time.perf_counter() - start) * 1e6)
             if msg.dst != self.index:
                 raise MessageError("endpoint", f"message for endpoint {msg.dst} reached stage {self.index}")
@@ -347,7 +349,7 @@ class Worker:
                 header = {}
             if (header.get("kind") == protocol.SYNTH_REP and header.get("it") == it
                     and header.get("meta", {}).get("op") == op):
-                return codec.decode(frames, expect_run=self.run)
+                return codec.decode(frames, expect_run=self.run, pin_memory=self.pin)
             if len(self.backlog) >= BACKLOG:
                 self._drop("backlog_full", f"{len(self.backlog)} messages held during an RPC")
             else:
@@ -358,6 +360,8 @@ class Worker:
     def _send(self, kind: str, it: int, dst: int, tensors: dict[str, torch.Tensor],
               meta: dict[str, Any] | None = None) -> None:
         start = time.perf_counter()
+        if self.pin:  # GPU tensors reach the wire through pinned host buffers
+            tensors = to_host(tensors)
         self.net.send(codec.encode(Message(kind, self.run, it, self.index, dst, tensors,
                                            meta or {})))
         self.counts["send_us"] += int((time.perf_counter() - start) * 1e6)

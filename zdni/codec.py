@@ -63,9 +63,10 @@ def _raw(t: torch.Tensor) -> memoryview:
     return t.numpy().data.cast("B")
 
 
-def _tensor(view: memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
-    """A new, writable tensor holding a copy of `view` (whose size was already checked)."""
-    t = torch.empty(shape, dtype=_TORCH[dtype])
+def _tensor(view: memoryview, dtype: str, shape: list[int], pin: bool = False) -> torch.Tensor:
+    """A new, writable tensor holding a copy of `view` (whose size was already checked); in
+    pinned host memory when `pin`, so that it can go on to a GPU without blocking."""
+    t = torch.empty(shape, dtype=_TORCH[dtype], pin_memory=pin)
     if view.nbytes:
         try:
             src = np.frombuffer(view, dtype=np.uint8)
@@ -94,14 +95,16 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise MessageError("nonfinite", f"{name!r}: expected finite values, got {nan} NaN {inf} inf")
 
 
-def decode(frames: list[Any], expect_run: str | None = None, check_finite: bool = True) -> Message:
-    """Validate a received multipart message and copy its tensors out of the frames."""
+def decode(frames: list[Any], expect_run: str | None = None, check_finite: bool = True,
+           pin_memory: bool = False) -> Message:
+    """Validate a received multipart message and copy its tensors out of the frames (into
+    pinned host memory with `pin_memory`: a worker computing on a GPU asks for that)."""
     h = decode_header(frames)
     if expect_run is not None and h["run"] != expect_run:
         raise MessageError("run", f"expected run {expect_run!r}, got {h['run']!r}")
     tensors = {}
     for (name, dtype, shape), frame in zip(h["tensors"], frames[1:]):
-        t = _tensor(_view(frame), dtype, shape)
+        t = _tensor(_view(frame), dtype, shape, pin_memory)
         if check_finite:
             _check_finite(name, t)
         tensors[name] = t

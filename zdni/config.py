@@ -14,7 +14,9 @@ from zdni.protocol import RUN_ID_RE
 from zdni.usercode import is_reference, tag
 
 MODES = ("backprop", "sg", "full")
-MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn")
+MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn")  # shown in help
+ZOO = MODELS + tuple(f"fcn{k}" for k in (2, *range(7, 17)))  # fcn2..fcn16 all build
+ZOO_TEXT = "seed-mlp, fcn2..fcn16, seed-cnn, dni-cnn"
 DATASETS = ("mnist", "cifar10")
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("local", "remote")
@@ -79,8 +81,8 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
         _choice("mode", self.mode, MODES)
-        if not (self.model in MODELS or is_reference(self.model) or self.model == LIVE):
-            raise ConfigError(f"model {self.model!r} is neither a zoo model ({', '.join(MODELS)})"
+        if not (self.model in ZOO or is_reference(self.model) or self.model == LIVE):
+            raise ConfigError(f"model {self.model!r} is neither a zoo model ({ZOO_TEXT})"
                               " nor a reference: package.module:factory or file.py:factory")
         if not (self.dataset in DATASETS or is_reference(self.dataset)
                 or self.dataset.endswith(DATA_FILES) or self.dataset == LIVE):
@@ -126,7 +128,7 @@ class RunConfig:
                 f"ring_size (N={self.ring_size}) must exceed max_inflight (K={self.max_inflight}):"
                 " a slot would be overwritten before its true gradient arrives"
             )
-        if self.model in MODELS and self.dataset in DATASETS:
+        if self.model in ZOO and self.dataset in DATASETS:
             if self.model.startswith("seed-cnn") or self.model == "dni-cnn":
                 if self.dataset != "cifar10":
                     raise ConfigError(f"model {self.model} is a CIFAR-10 network; use --dataset "

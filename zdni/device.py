@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from zdni.errors import ZdniError
 
-__all__ = ["DeviceError", "DeviceSpec", "apply", "other_cores", "parse", "parse_list"]
+__all__ = ["DeviceError", "DeviceSpec", "apply", "other_cores", "parse", "parse_list", "to_host"]
 
 _CPU_SET = re.compile(r"^cpu:(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
 
@@ -93,6 +94,29 @@ def apply(spec: DeviceSpec) -> None:
         import torch
 
         torch.set_num_threads(len(spec.cores))
+
+
+def to_host(tensors: dict[str, Any]) -> dict[str, Any]:
+    """`tensors` with every CUDA tensor copied into pinned host memory: all copies are started
+    without blocking and waited for once, so a stage's activation and gradient travel to the
+    host together. CPU tensors pass through untouched. Pinned blocks come from torch's caching
+    host allocator and return to it when the sent frames release them (zdni.transport sends
+    without copying)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    pending = None
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t.detach(), non_blocking=True)
+            out[name] = host
+            pending = t.device
+        else:
+            out[name] = t
+    if pending is not None:
+        torch.cuda.current_stream(pending).synchronize()
+    return out
 
 
 def _available() -> set[int]:

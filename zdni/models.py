@@ -6,8 +6,10 @@ exactly the whole model: same modules, same parameters.
 
 Models:
     seed-mlp  the seed report's MNIST network: 784-200 sigmoid-10 (2 units)
-    fcnK      the DNI paper's MNIST FCN with K layers in all (K = 3..6): K-1 hidden layers of 256
-              units (Linear+BatchNorm+ReLU) and a linear output layer (K units)
+    fcnK      the DNI paper's MNIST FCN with K layers in all (K = 3..6 there, 2..16 here): K-1
+              hidden layers of 256 units (Linear+BatchNorm+ReLU) and a linear output layer
+              (K units); `--model-arg width=W` widens the hidden layers
+    (the CNNs take `--model-arg channels=C`: their convolutions' width, 32 and 128 by default)
     seed-cnn  the seed report's CIFAR-10 CNN: conv3x3x32, conv3x3x32, maxpool, dropout 0.25,
               conv3x3x64, conv3x3x64, maxpool, dropout 0.5, dense 512, dropout 0.5, dense 10
     dni-cnn   the DNI paper's CIFAR-10 CNN: 3 conv layers of 128 5x5 filters with BatchNorm and
@@ -27,6 +29,7 @@ from zdni.usercode import UserCodeError, call, is_reference
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 NUM_CLASSES = 10  # of the zoo's datasets; a user's data set has cfg.classes
+ZOO_ARGS = {"fcnK": {"width"}, "seed-cnn": {"channels"}, "dni-cnn": {"channels"}}  # --model-arg
 
 
 def input_shape(cfg: RunConfig) -> tuple[int, ...]:
@@ -58,8 +61,16 @@ def build_units(model: str, args: dict[str, Any] | None = None) -> list[nn.Modul
     """The model's units in order, freshly initialized from torch's global RNG."""
     if is_reference(model):
         return user_units(model, args)
-    if args:
-        raise ConfigError(f"model {model} is a zoo model: it takes no model arguments")
+    args = dict(args or {})
+    allowed = ZOO_ARGS.get("fcnK" if model.startswith("fcn") else model, set())
+    if set(args) - allowed:
+        takes = f"only {', '.join(sorted(allowed))}" if allowed else "no model arguments"
+        raise ConfigError(f"model {model} is a zoo model: it takes {takes}, not "
+                          f"{', '.join(sorted(set(args) - allowed))}")
+    for name, value in args.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65536:
+            raise ConfigError(f"model {model}: {name} must be a whole number 1..65536, "
+                              f"got {value!r}")
     if model == "seed-mlp":
         return [
             nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.Sigmoid()),
@@ -69,32 +80,37 @@ def build_units(model: str, args: dict[str, Any] | None = None) -> list[nn.Modul
         layers = int(model[3:])
         if not 2 <= layers <= 16:
             raise ConfigError(f"model {model}: fcnK needs 2 <= K <= 16")
+        width = args.get("width", 256)
         units: list[nn.Module] = []
         width_in = 784
-        for _ in range(layers - 1):
-            block: list[nn.Module] = [nn.Flatten()] if width_in == 784 else []
-            block += [nn.Linear(width_in, 256), nn.BatchNorm1d(256), nn.ReLU()]
+        for i in range(layers - 1):
+            block: list[nn.Module] = [nn.Flatten()] if i == 0 else []
+            block += [nn.Linear(width_in, width), nn.BatchNorm1d(width), nn.ReLU()]
             units.append(nn.Sequential(*block))
-            width_in = 256
-        units.append(nn.Sequential(nn.Linear(256, NUM_CLASSES)))
+            width_in = width
+        units.append(nn.Sequential(nn.Linear(width_in, NUM_CLASSES)))
         return units
     if model == "seed-cnn":
+        c = args.get("channels", 32)
         return [
-            nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU()),
             nn.Sequential(
-                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25)
+                nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25)
             ),
-            nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU()),
             nn.Sequential(
-                nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5)
+                nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Dropout(0.5)
             ),
-            nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 512), nn.ReLU(), nn.Dropout(0.5)),
+            nn.Sequential(nn.Flatten(), nn.Linear(2 * c * 8 * 8, 512), nn.ReLU(), nn.Dropout(0.5)),
             nn.Sequential(nn.Linear(512, NUM_CLASSES)),
         ]
     if model == "dni-cnn":
+        c = args.get("channels", 128)
+
         def conv(c_in: int, pool: bool) -> nn.Module:
             parts: list[nn.Module] = [
-                nn.Conv2d(c_in, 128, 5, padding=2), nn.BatchNorm2d(128), nn.ReLU()
+                nn.Conv2d(c_in, c, 5, padding=2), nn.BatchNorm2d(c), nn.ReLU()
             ]
             if pool:
                 parts.append(nn.MaxPool2d(3, stride=2, padding=1))
@@ -102,9 +118,9 @@ def build_units(model: str, args: dict[str, Any] | None = None) -> list[nn.Modul
 
         return [
             conv(3, pool=True),
-            conv(128, pool=True),
-            conv(128, pool=False),
-            nn.Sequential(nn.Flatten(), nn.Linear(128 * 8 * 8, NUM_CLASSES)),
+            conv(c, pool=True),
+            conv(c, pool=False),
+            nn.Sequential(nn.Flatten(), nn.Linear(c * 8 * 8, NUM_CLASSES)),
         ]
     raise ConfigError(f"unknown model {model!r}")
 

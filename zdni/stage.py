@@ -155,8 +155,8 @@ class Stage:
     # -- events ---------------------------------------------------------------------------
     def train_input(self, it: int, h: torch.Tensor, y: torch.Tensor | None = None) -> Outcome:
         """The true input of iteration `it` (x for stage 1) arrived."""
-        h = h.to(self.device)
-        y = y.to(self.device) if y is not None else None
+        h = h.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True) if y is not None else None
         if self.has_I:
             return self._true_pass(it, h)
         h_in = h.detach().requires_grad_(not self.first)
@@ -174,9 +174,9 @@ class Stage:
         """Full mode, stages 2..S: update now from the synthetic input I(x)."""
         if not self.has_I:
             raise StageError(f"stage {self.index} has no input synthesizer (mode {self.cfg.mode})")
-        x = x.to(self.device)
-        y = y.to(self.device) if y is not None else None
-        h_syn = self.synth.predict_input(it, x, y).to(self.device)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True) if y is not None else None
+        h_syn = self.synth.predict_input(it, x, y).to(self.device, non_blocking=True)
         self._zero()
         out = self._forward(h_syn)
         metrics = self._backward_output(it, out, y, remember=False)
@@ -192,7 +192,8 @@ class Stage:
         slot = self.rings["in"].get(it)
         if slot is None:
             raise StageError(f"stage {self.index}: true input of iteration {it} came before its batch")
-        x, y = slot["x"], slot.get("y")
+        x, y = slot["x"].to(self.device), slot.get("y")  # from Redis after a restart: on the CPU
+        y = y.to(self.device) if y is not None else None
         metrics = self.synth.train_input(it, x, y, h)
         h_in = h.detach().requires_grad_(True)
         self._zero()
@@ -204,7 +205,7 @@ class Stage:
 
     def train_grad(self, it: int, g: torch.Tensor) -> Outcome:
         """The gradient of this stage's output for iteration `it` came back."""
-        g = g.to(self.device)
+        g = g.to(self.device, non_blocking=True)
         if self.cfg.mode == "backprop":
             entry = self.pending.pop(it, None)
             if entry is None:
@@ -223,6 +224,6 @@ class Stage:
         """Forward-only in eval mode (BatchNorm running statistics, no dropout)."""
         self.module.eval()
         try:
-            return self.module(h.to(self.device))
+            return self.module(h.to(self.device, non_blocking=True))
         finally:
             self.module.train()

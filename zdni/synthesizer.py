@@ -198,7 +198,9 @@ class LocalSynth:
         if slot is None:
             raise StageError(f"stage {self.index}: slot of iteration {it} was overwritten")
         self.m_opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(self.M(slot["h"], slot.get("y")), g)
+        y = slot.get("y")  # a slot read back from Redis (a restarted worker) is on the CPU
+        h = slot["h"].to(g.device)
+        loss = F.mse_loss(self.M(h, y.to(g.device) if y is not None else None), g)
         loss.backward()
         self.m_opt.step()
         return {"grad_loss": loss.item()}

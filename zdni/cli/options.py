@@ -18,6 +18,7 @@ from zdni.config import (
     MODES,
     OPTIMIZERS,
     PLACEMENTS,
+    ZOO_TEXT,
     RunConfig,
 )
 from zdni.errors import ZdniError
@@ -181,7 +182,7 @@ config_options = _stack(
                  envvar="ZDNI_MODE", help="backprop, sg (synthetic gradients) or full "
                  "(synthetic input and gradient)."),
     option("--model", default=_D.model, show_default=True, envvar="ZDNI_MODEL",
-           help=f"A zoo model ({', '.join(MODELS)}) or your own factory: "
+           help=f"A zoo model ({ZOO_TEXT}; --model-arg width=W widens an FCN) or your own factory: "
                 "package.module:factory or path/to/file.py:factory, returning an "
                 "nn.Sequential (its children are the units cuts fall between)."),
     option("--model-arg", "model_args", multiple=True, callback=_model_args,
