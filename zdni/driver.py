@@ -70,6 +70,10 @@ class Driver:
         if size < cfg.max_inflight:
             log.warning("[driver] backprop mode: one batch in flight (update locking), not %d",
                         cfg.max_inflight)
+        elif size <= self.stages:  # measured: docs/BENCHMARKS.md section 6
+            log.warning("[driver] %d batches in flight keep at most %d of %d stages busy; "
+                        "--max-inflight %d lets every stage work", size, size, self.stages,
+                        min(2 * self.stages, cfg.ring_size - 1))
         # An iteration (or eval batch) unfinished resend_s after it was fed lost a message on the
         # way (a full queue under a flood, a forged part): it is fed again.
         self.window = Window(self.stages, size, cfg.resend_s)
@@ -79,6 +83,7 @@ class Driver:
         self.recovery = Recovery(restart=restart)
         self.eval_results: dict[int, dict[str, Any]] = {}
         self.eval_expected: dict[int, int] = {}  # eval batch -> its size, until its result comes
+        self.eval_lost = False  # a restarted broker lost the eval batches it held: send again
         self.last_message = time.monotonic()
         self.next_health = 0.0
         self.ctx: zmq.Context | None = None
@@ -188,6 +193,7 @@ class Driver:
             log.warning("[driver] the broker at %s answers again; feeding the %d batches in "
                         "flight again", self.broker, len(self.window.flights))
             self._replay(self.window.inflight, "broker_restart")
+            self.eval_lost = bool(self.eval_expected)
 
     def wait_broker(self) -> None:
         """Return once the broker answers a ping; fail naming its address if it does not."""
@@ -387,6 +393,13 @@ class Driver:
                 send(sent)
                 sent += 1
             self.pump()
+            if self.eval_lost:  # the broker came back empty: what it held will never arrive
+                self.eval_lost = False
+                log.warning("[driver] sending the %d unanswered eval batches again",
+                            len(self.eval_expected))
+                for b in list(self.eval_expected):
+                    self.window.tally["resent:eval"] += 1
+                    send(b)
             for b in [b for b in self.eval_expected if time.monotonic() - sent_at[b] > lost_s]:
                 log.error("[driver] eval batch %d unanswered after %.0f s: sending it again",
                           b, lost_s)
