@@ -29,6 +29,19 @@ of every process (driver, broker, workers, redis-server) are sampled while the r
     python scripts/bench_pipeline.py --model fcn4 --epochs 3 --json out.json
     python scripts/bench_pipeline.py --runners zdni-cdni --stages 3 --json out.json --append
     python scripts/bench_pipeline.py --report out.json            # print the tables again
+
+The pipeline papers' form (one device per stage, K = 1, 2, 4, 8, against one device):
+
+    python scripts/bench_pipeline.py --pin --model fcn8 --model-arg width=1024 \
+        --stages 1,2,4,8 --bp-stages 2,4,8 --torch-threads 1,2,4,8 --json out.json
+    python scripts/bench_pipeline.py --gpu --runners torch,zdni-cdni,zdni-bp --stages 1,4 ...
+
+--pin: torch with t threads runs pinned to cores 0..t-1 (1 thread: the one-device baseline;
+t = K: the honest row, all K devices' cores as threads of one process); zdni stage i is pinned
+to core i-1 (`--devices 'cpu:0 cpu:1 ...'`, one thread each, the broker, driver and Redis on
+the other cores); pipelining rank r to core r, one thread; the bound in one thread on core 0.
+Efficiency is then samples/s against the slowest stage's own rate (its synthesizer included).
+--gpu: a torch row on cuda:0 besides the CPU ones, and every zdni stage on cuda:0.
 """
 
 from __future__ import annotations
@@ -59,8 +72,9 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 from zdni import keys  # noqa: E402
 from zdni.buffer import RedisRing, RingWriter  # noqa: E402
 from zdni.config import RunConfig  # noqa: E402
-from zdni.data import BatchFeeder, load_dataset  # noqa: E402
-from zdni.models import INPUT_SHAPES, build_stages, build_units, stage_shapes  # noqa: E402
+from zdni.data import BatchFeeder  # noqa: E402
+from zdni.loop import load_data  # noqa: E402
+from zdni.models import build_stages, build_units, stage_shapes  # noqa: E402
 from zdni.redisserver import EmbeddedRedis, connect  # noqa: E402
 from zdni.stage import Stage  # noqa: E402
 from zdni.trainer import run_iteration  # noqa: E402
@@ -71,12 +85,35 @@ CORES = os.cpu_count() or 1
 
 def config(args: argparse.Namespace, **changes: Any) -> RunConfig:
     """The run settings every runner shares; `changes` sets mode, stages and the run id."""
-    base: dict[str, Any] = dict(model=args.model, data_dir=args.data_dir, epochs=args.epochs,
+    base: dict[str, Any] = dict(model=args.model, model_args=args.model_args,
+                                dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
                                 batch_size=args.batch_size, train_limit=args.train_limit,
                                 test_limit=args.test_limit, max_inflight=args.max_inflight,
-                                checkpoint_every=0, stages=len(build_units(args.model)))
+                                checkpoint_every=0, synth_hidden=args.synth_hidden,
+                                synth_width=args.synth_width,
+                                stages=len(build_units(args.model, args.model_args)))
     base.update(changes)
     return RunConfig(**base).validate()
+
+
+def data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training and test sets: a zoo dataset or a user's .npz file (zdni.loop.load_data)."""
+    d = load_data(cfg)
+    return d.x_train, d.y_train, d.x_test, d.y_test
+
+
+@contextlib.contextmanager
+def pinned(cores: int | None) -> Any:
+    """This process on cores 0..cores-1 for the block (no pinning for None)."""
+    if not cores:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, range(cores))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def result(name: str, runner: str, stages: int, history: list[tuple[int, float, float]],
@@ -103,29 +140,33 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> 
     return correct / len(x)
 
 
-def run_torch(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """Plain PyTorch backprop on the whole model, with `threads` torch threads."""
+def run_torch(args: argparse.Namespace, threads: int, device: str = "cpu") -> dict[str, Any]:
+    """Plain PyTorch backprop on the whole model, with `threads` torch threads (pinned to as
+    many cores with --pin), or on a GPU."""
     outer = time.monotonic()
     torch.set_num_threads(threads)
     cfg = config(args, mode="backprop")
-    x, y = load_dataset(cfg.dataset, cfg.data_dir, True, limit=cfg.train_limit)
-    xt, yt = load_dataset(cfg.dataset, cfg.data_dir, False, limit=cfg.test_limit)
+    x, y, xt, yt = data(cfg)
     feeder = BatchFeeder(x, y, cfg.batch_size, cfg.seed)
-    model = nn.Sequential(*build_stages(cfg))
+    model = nn.Sequential(*build_stages(cfg)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history, samples = [], 0
-    start = time.monotonic()
-    for epoch in range(cfg.epochs):
-        for _, xb, yb in feeder.iter_epoch(epoch):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            samples += len(xb)
-        history.append((epoch + 1, round(time.monotonic() - start, 3),
-                        accuracy(model, xt, yt, cfg.eval_batch_size)))
-    wall = time.monotonic() - start
-    return result(f"torch backprop, {threads} thread(s)", "torch", 1, history, samples, wall,
-                  time.monotonic() - outer, args.target, threads=threads)
+    with pinned(threads if args.pin and device == "cpu" else None):
+        start = time.monotonic()
+        for epoch in range(cfg.epochs):
+            for _, xb, yb in feeder.iter_epoch(epoch):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xb.to(device)), yb.to(device)).backward()
+                opt.step()
+                samples += len(xb)
+            history.append((epoch + 1, round(time.monotonic() - start, 3),
+                            accuracy(model, xt.to(device), yt.to(device), cfg.eval_batch_size)))
+        wall = time.monotonic() - start
+    where = "cuda:0" if device != "cpu" else f"{threads} thread(s)" + (
+        f" on {threads} core(s)" if args.pin else "")
+    return result(f"torch backprop, {where}", "torch" if device == "cpu" else "torch-gpu", 1,
+                  history, samples, wall, time.monotonic() - outer, args.target,
+                  threads=threads, device=device)
 
 
 # -- zdni ------------------------------------------------------------------------------------------
@@ -161,7 +202,7 @@ def run_inproc(args: argparse.Namespace, mode: str, conditioned: bool) -> dict[s
 
 
 def run_zdni(args: argparse.Namespace, mode: str, conditioned: bool, stages: int,
-             redis_url: str) -> dict[str, Any]:
+             redis_url: str, gpu: bool = False) -> dict[str, Any]:
     from zdni.cluster import train_distributed
 
     outer = time.monotonic()
@@ -170,50 +211,62 @@ def run_zdni(args: argparse.Namespace, mode: str, conditioned: bool, stages: int
     window = args.bp_inflight if mode == "backprop" else args.max_inflight
     cfg = config(args, mode=mode, conditioned=conditioned, stages=stages, max_inflight=window,
                  run_id=f"bench-{mode}{int(conditioned)}-{stages}-{os.getpid()}-{int(time.time())}")
-    name = f"zdni {tag}, {stages} workers, window {window}"
+    devices = None
+    if gpu:
+        devices = " ".join(["cuda:0"] * stages)
+    elif args.pin:
+        devices = " ".join(f"cpu:{i}" for i in range(stages))
+    where = ", all on cuda:0" if gpu else ", pinned" if args.pin else ""
+    name = f"zdni {tag}, {stages} workers{where}, window {window}"
     logs = Path(tempfile.gettempdir()) / "zdni-bench-logs" / cfg.run_id
     client = connect(redis_url)
     try:
         with CpuSampler(lambda: client.hget(keys.state(cfg.run_id), "status") == b"running"
                         ) as sampler:
             summary = train_distributed(cfg, quiet=True, redis_url=redis_url, log_dir=str(logs),
-                                        restart=False)  # a benchmark fails, it does not recover
+                                        restart=False,  # a benchmark fails, it does not recover
+                                        devices=devices)
     except Exception as exc:  # one failed configuration must not lose the others' results
         return {"name": name, "runner": f"zdni-{mode}", "stages": stages,
                 "error": f"{type(exc).__name__}: {exc} (worker logs: {logs})"}
     finally:
         client.close()
-    threads = max(1, CORES // stages)  # what train_distributed gives each worker
-    return from_summary(name, "zdni-cdni" if conditioned else f"zdni-{mode}", summary,
+    threads = 1 if devices else max(1, CORES // stages)  # what each worker computes with
+    runner = "zdni-cdni" if conditioned else f"zdni-{mode}"
+    return from_summary(name, runner + ("-gpu" if gpu else ""), summary,
                         time.monotonic() - outer, args.target, mode=tag, worker_threads=threads,
-                        window=window, cpu_s=sampler.by_role())
+                        window=window, cpu_s=sampler.by_role(), devices=devices)
 
 
 # -- torch.distributed.pipelining --------------------------------------------------------------------
 def pipe_rank(rank: int, world: int, port: int, cfg_json: str, microbatches: int,
-              out: Any) -> None:
-    """One pipelining stage process; the last rank reports the history."""
+              out: Any, pin: bool = False) -> None:
+    """One pipelining stage process (pinned to core `rank` with `pin`); the last rank reports
+    the history."""
     try:
         import torch.distributed as dist
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-        torch.set_num_threads(max(1, CORES // world))
+        if pin:
+            os.sched_setaffinity(0, {rank})
+        torch.set_num_threads(1 if pin else max(1, CORES // world))
         cfg = RunConfig.from_json(cfg_json)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
         modules = build_stages(cfg)
-        shapes = stage_shapes(modules, INPUT_SHAPES[cfg.dataset])
+        x, y, xt, yt = data(cfg)
+        shapes = stage_shapes(modules, tuple(x.shape[1:]))
         module = modules[rank]
         stage = PipelineStage(module, rank, world, torch.device("cpu"))
         schedule = ScheduleGPipe(stage, microbatches, loss_fn=F.cross_entropy)
         opt = torch.optim.Adam(module.parameters(), lr=cfg.lr)
-        x, y = load_dataset(cfg.dataset, cfg.data_dir, True, limit=cfg.train_limit)
-        xt, yt = load_dataset(cfg.dataset, cfg.data_dir, False, limit=cfg.test_limit)
         feeder = BatchFeeder(x, y, cfg.batch_size, cfg.seed)
         last = rank == world - 1
 
         def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
-            if rank == 0:
+            if rank == 0 and last:  # K = 1: one stage is the whole model
+                schedule.step(xb, target=yb)
+            elif rank == 0:
                 schedule.step(xb)
             elif last:
                 schedule.step(target=yb)
@@ -277,11 +330,12 @@ def run_pipelining(args: argparse.Namespace, stages: int) -> dict[str, Any]:
     out = ctx.Queue()
     port = free_port_range(1)
     procs = [ctx.Process(target=pipe_rank, args=(r, stages, port, cfg.to_json(),
-                                                 args.microbatches, out))
+                                                 args.microbatches, out, args.pin))
              for r in range(stages)]
     for p in procs:
         p.start()
-    name = f"torch pipelining GPipe, {stages} procs, {args.microbatches} micro-batches"
+    name = f"torch pipelining GPipe, {stages} procs{', pinned' if args.pin else ''}, " \
+        f"{args.microbatches} micro-batches"
     try:
         got = out.get(timeout=args.timeout)
     except queue.Empty:
@@ -298,7 +352,7 @@ def run_pipelining(args: argparse.Namespace, stages: int) -> dict[str, Any]:
     history = [tuple(h) for h in got["history"]]
     return result(name, "pipelining", stages, history, got["samples"], got["wall_s"],
                   time.monotonic() - outer, args.target, microbatches=args.microbatches,
-                  worker_threads=max(1, CORES // stages))
+                  worker_threads=1 if args.pin else max(1, CORES // stages))
 
 
 # -- per-stage bound -----------------------------------------------------------------------------------
@@ -315,7 +369,8 @@ def stage_bound(args: argparse.Namespace, mode: str, conditioned: bool, stages: 
     cfg = config(args, mode=mode, conditioned=conditioned, stages=stages,
                  run_id=f"bench-bound-{os.getpid()}")
     modules = build_stages(cfg)
-    shapes = stage_shapes(modules, INPUT_SHAPES[cfg.dataset])
+    x, y, _, _ = data(cfg)
+    shapes = stage_shapes(modules, tuple(x.shape[1:]))
     client = connect(redis_url) if redis_url and rings != "memory" else None
     cpu: dict[int, float] = defaultdict(float)
     wall: dict[int, float] = defaultdict(float)
@@ -336,7 +391,6 @@ def stage_bound(args: argparse.Namespace, mode: str, conditioned: bool, stages: 
         for event in ("train_input", "train_grad", "train_batch"):
             setattr(stage, event, timed(getattr(stage, event), i, wall, cpu))
         pipeline.append(stage)
-    x, y = load_dataset(cfg.dataset, cfg.data_dir, True, limit=cfg.train_limit)
     feeder = BatchFeeder(x, y, cfg.batch_size, cfg.seed)
     warmup, iters = 10, args.bound_iters
     writer_cpu0: dict[int, float] = {}
@@ -480,31 +534,44 @@ def fmt(v: float | None, spec: str = ".0f", none: str = "-") -> str:
 
 
 def tables(results: list[dict[str, Any]], target: float) -> str:
-    """The runs (ratios against the best single-process PyTorch), the bounds, the CPU split."""
+    """The runs against one device (single-process PyTorch on one thread, or on the GPU for GPU
+    rows) and against torch pipelining at the same K; the bounds; the CPU split."""
     runs = [r for r in results if r["runner"] != "bound" and "error" not in r]
     torch_runs = [r for r in runs if r["runner"] == "torch"]
-    fastest = max(torch_runs, key=lambda r: r["samples_per_s"], default=None)
-    soonest = min((r for r in torch_runs if r["ttt_s"]), key=lambda r: r["ttt_s"], default=None)
+    one = next((r for r in torch_runs if r.get("threads") == 1), None) or max(
+        torch_runs, key=lambda r: r["samples_per_s"], default=None)
+    gpu = next((r for r in runs if r["runner"] == "torch-gpu"), None)
+    pipes = {r["stages"]: r for r in runs if r["runner"] == "pipelining"}
     bounds = {(b["mode"], b["stages"], b["rings"]): b for b in results if b["runner"] == "bound"}
-    lines = [f"ratios: samples/s against {fastest['name'] if fastest else '-'}; time to "
-             f"{target:.0%} against {soonest['name'] if soonest else '-'}",
-             f"{'runner':<52} {'K':>2} {'samples/s':>9} {'x torch':>7} "
-             f"{'t->' + format(target, '.0%'):>8} {'x torch':>7} {'epoch':>5} {'final':>6} "
-             f"{'eff':>5} {'start':>5} {'load':>5}", "-" * 124]
+    lines = [f"x 1 dev: samples/s (and time to {target:.0%}) against "
+             f"{one['name'] if one else '-'} (GPU rows: against {gpu['name'] if gpu else '-'}); "
+             "x pipe: samples/s against torch pipelining at the same K; eff: samples/s against "
+             "the bound (pinned: the slowest stage's rate; else: the core-aware bound)",
+             f"{'runner':<56} {'K':>2} {'samples/s':>9} {'x 1 dev':>7} "
+             f"{'t->' + format(target, '.0%'):>8} {'x 1 dev':>7} {'epoch':>5} {'final':>6} "
+             f"{'x pipe':>6} {'eff':>5} {'start':>5} {'load':>5}", "-" * 132]
     for r in runs:
-        ratio = fmt(r["samples_per_s"] / fastest["samples_per_s"], ".2f") if fastest else "-"
-        t_ratio = fmt(r["ttt_s"] / soonest["ttt_s"], ".2f") if soonest and r["ttt_s"] else "-"
+        base = gpu if r["runner"].endswith("-gpu") else one
+        ratio = fmt(r["samples_per_s"] / base["samples_per_s"], ".2f") if base else "-"
+        t_ratio = fmt(r["ttt_s"] / base["ttt_s"], ".2f") if base and base["ttt_s"] and \
+            r["ttt_s"] else "-"
+        pipe = pipes.get(r["stages"])
+        x_pipe = fmt(r["samples_per_s"] / pipe["samples_per_s"], ".2f") \
+            if pipe and r["runner"] in ("zdni-cdni", "zdni-backprop") else "-"
         bound = bounds.get((r.get("mode", "backprop"), r["stages"], "writer")) \
             or bounds.get((r.get("mode", "backprop"), r["stages"], "memory"))
-        eff = fmt(r["samples_per_s"] / bound["cores_bound_sps"], ".2f") \
+        key = "bound_sps" if r.get("devices") or (r["runner"] == "pipelining" and
+                                                  r.get("worker_threads") == 1) else \
+            "cores_bound_sps"
+        eff = fmt(r["samples_per_s"] / bound[key], ".2f") \
             if bound and r["runner"] in ("zdni-cdni", "zdni-backprop", "pipelining") else "-"
-        lines.append(f"{r['name']:<52} {r['stages']:>2} {r['samples_per_s']:>9.0f} {ratio:>7} "
+        lines.append(f"{r['name']:<56} {r['stages']:>2} {r['samples_per_s']:>9.0f} {ratio:>7} "
                      f"{fmt(r['ttt_s'], '.1f', 'never'):>8} {t_ratio:>7} "
-                     f"{fmt(r['ttt_epoch'], 'd'):>5} {r['final_acc']:>6.4f} {eff:>5} "
-                     f"{r['startup_s']:>5.1f} {fmt(r.get('load_after'), '.1f'):>5}")
+                     f"{fmt(r['ttt_epoch'], 'd'):>5} {r['final_acc']:>6.4f} {x_pipe:>6} "
+                     f"{eff:>5} {r['startup_s']:>5.1f} {fmt(r.get('load_after'), '.1f'):>5}")
     for r in results:
         if "error" in r:
-            lines.append(f"{r['name']:<52} {r['stages']:>2} FAILED: "
+            lines.append(f"{r['name']:<56} {r['stages']:>2} FAILED: "
                          f"{r['error'].strip().splitlines()[-1][:120]}")
     if bounds:
         lines += ["", "per-stage cost, 1 thread, no sockets (CPU ms per iteration; ring put in wall "
@@ -542,7 +609,17 @@ def tables(results: list[dict[str, Any]], target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="fcn3", help="fcn3 (3 units: K <= 3) .. fcn6")
+    parser.add_argument("--model", default="fcn3",
+                        help="fcn3 (3 units: K <= 3) .. fcn16, dni-cnn, or a file.py:factory")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="a model argument, VALUE as JSON (e.g. width=1024)")
+    parser.add_argument("--dataset", default="mnist", help="mnist, cifar10 or a .npz file")
+    parser.add_argument("--synth-hidden", type=int, default=0, help="M's hidden layers")
+    parser.add_argument("--synth-width", type=int, default=1024, help="M's hidden width")
+    parser.add_argument("--pin", action="store_true",
+                        help="one core per stage / per torch thread (the papers' form)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="a torch row on cuda:0 too, and every zdni stage on cuda:0")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mnist"))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -572,13 +649,23 @@ def main() -> None:
         return
     if args.quick:
         args.epochs, args.train_limit, args.test_limit, args.bound_iters = 1, 6400, 2000, 30
-    units = len(build_units(args.model))
+    from zdni.usercode import parse_args
+
+    args.model_args = parse_args(args.model_arg)
+    units = len(build_units(args.model, args.model_args))
     stage_list = [int(s) for s in args.stages.split(",") if s]
     for k in [k for k in stage_list if k > units]:
         print(f"[bench] {args.model} has {units} units: skipping K={k} (use --model fcn4..fcn6)",
               file=sys.stderr)
-    stage_list = [k for k in stage_list if k <= units]
-    bp_list = [k for k in (int(s) for s in args.bp_stages.split(",") if s) if k <= units]
+    if args.pin:
+        for k in [k for k in stage_list if k > CORES]:
+            print(f"[bench] --pin: skipping K={k}, this machine has {CORES} cores", file=sys.stderr)
+    most = min(units, CORES) if args.pin else units
+    stage_list = [k for k in stage_list if k <= most]
+    bp_list = [k for k in (int(s) for s in args.bp_stages.split(",") if s) if k <= most]
+    if args.pin:
+        args.torch_threads = ",".join(t for t in args.torch_threads.split(",")
+                                      if t and int(t) <= CORES)
     runners = args.runners.split(",")
     load_before = os.getloadavg()
     results: list[dict[str, Any]] = []
@@ -595,6 +682,9 @@ def main() -> None:
     def save() -> None:
         if args.json_out:
             env = {"cpus": CORES, "torch": torch.__version__, "model": args.model,
+                   "model_args": args.model_args, "dataset": args.dataset, "pin": args.pin,
+                   "gpu": torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available()
+                   else None,
                    "epochs": args.epochs, "batch_size": args.batch_size, "target": args.target,
                    "max_inflight": args.max_inflight, "load_before": load_before,
                    "load_after": os.getloadavg(), "quick": args.quick,
@@ -606,8 +696,14 @@ def main() -> None:
         if {"zdni-bp", "zdni-cdni", "bound"} & set(runners):
             redis_url = stack.enter_context(EmbeddedRedis()).url
         if "torch" in runners:
-            for t in (int(s) for s in args.torch_threads.split(",")):
+            for t in (int(s) for s in args.torch_threads.split(",") if s):
                 record(run_torch(args, t))
+            if args.gpu:
+                try:
+                    record(run_torch(args, 1, "cuda:0"))
+                except Exception as exc:  # the zdni GPU rows still run and say why
+                    record({"name": "torch backprop, cuda:0", "runner": "torch-gpu", "stages": 1,
+                            "error": f"{type(exc).__name__}: {exc}"})
         if "inproc" in runners:
             record(run_inproc(args, "backprop", False))
             record(run_inproc(args, "sg", True))
@@ -617,21 +713,25 @@ def main() -> None:
                 for mode, cond in (("sg", True), ("backprop", False)):
                     if mode == "backprop" and k not in bp_list:
                         continue
-                    for rings in ("memory", "redis", "writer") if mode == "sg" else ("memory",):
-                        record(stage_bound(args, mode, cond, k, rings, redis_url))
-        if "zdni-bp" in runners:
-            assert redis_url is not None
-            for k in bp_list:
-                record(run_zdni(args, "backprop", False, k, redis_url))
-        if "zdni-cdni" in runners:
-            assert redis_url is not None
-            for k in stage_list:
-                record(run_zdni(args, "sg", True, k, redis_url))
+                    rings_list = ("memory", "redis", "writer") if mode == "sg" and not args.pin \
+                        else ("writer",) if mode == "sg" else ("memory",)
+                    for rings in rings_list:
+                        with pinned(1 if args.pin else None):
+                            record(stage_bound(args, mode, cond, k, rings, redis_url))
+        for gpu in (args.gpu,):
+            if "zdni-bp" in runners:
+                assert redis_url is not None
+                for k in bp_list:
+                    record(run_zdni(args, "backprop", False, k, redis_url, gpu))
+            if "zdni-cdni" in runners:
+                assert redis_url is not None
+                for k in stage_list:
+                    record(run_zdni(args, "sg", True, k, redis_url, gpu))
         if "pipelining" in runners:
             for k in stage_list:
                 record(run_pipelining(args, k))
     save()
-    print(f"# {CORES} cores, torch {torch.__version__}, model {args.model}, batch "
+    print(f"# {CORES} cores, torch {torch.__version__}, model {args.model} {args.model_args}, batch "
           f"{args.batch_size}, {args.epochs} epochs, load {load_before} -> {os.getloadavg()}")
     print(tables(results, args.target))
 

