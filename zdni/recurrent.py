@@ -1,5 +1,5 @@
-"""Synthetic gradients through time, in one process (the reference): an LSTM unrolled in chunks
-of T steps, trained by truncated BPTT or by DNI.
+"""Synthetic gradients through time, in one process (the reference): an LSTM or GRU unrolled in
+chunks of T steps, trained by truncated BPTT or by DNI.
 
 Truncated BPTT backpropagates each chunk's loss within the chunk and drops the gradient from
 the future. DNI adds it back as a prediction: at a chunk's last state s_T, a synthesizer M gives
@@ -8,65 +8,85 @@ M(s_T) ~ dL_future/ds_T, which is backpropagated through the chunk with its loss
 chunk's start state, which is its own loss's gradient plus M's prediction at its own end.
 With M replaced by an oracle returning the true future gradient, the chunks' gradients add up
 to full BPTT's exactly (tests/test_recurrent.py).
+
+A state is a tuple of tensors: (h, c) for an LSTM, (h,) for a GRU; M predicts one gradient per
+part. The loss of a chunk is a function of (readouts, targets, mask): bit cross-entropy for the
+algorithmic tasks (chunk_loss), character cross-entropy for language modelling (char_loss).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RecurrentNet", "StateSynthesizer", "chunk_loss", "full_bptt", "train_sequence"]
+__all__ = ["CELLS", "RecurrentNet", "StateSynthesizer", "char_loss", "chunk_loss", "full_bptt",
+           "train_sequence"]
 
-State = tuple[torch.Tensor, torch.Tensor]
+State = tuple[torch.Tensor, ...]
 Oracle = Callable[[int, State], State]
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CELLS = {"lstm": 2, "gru": 1}  # the core, and how many tensors its state has
 
 
 class RecurrentNet(nn.Module):
-    """An LSTM core with a linear readout at every step."""
+    """An LSTM or GRU core with a linear readout at every step."""
 
-    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
+    def __init__(self, inputs: int, hidden: int, outputs: int, cell: str = "lstm") -> None:
         super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell {cell!r}: expected one of {', '.join(CELLS)}")
         self.hidden = hidden
-        self.cell = nn.LSTMCell(inputs, hidden)
+        self.parts = CELLS[cell]
+        self.cell: nn.Module = nn.LSTMCell(inputs, hidden) if cell == "lstm" else \
+            nn.GRUCell(inputs, hidden)
         self.out = nn.Linear(hidden, outputs)
 
     def zero_state(self, batch: int) -> State:
-        z = torch.zeros(batch, self.hidden)
-        return z, z.clone()
+        return tuple(torch.zeros(batch, self.hidden) for _ in range(self.parts))
+
+    def step(self, x: torch.Tensor, state: State) -> State:
+        if self.parts == 2:
+            return tuple(self.cell(x, state))
+        return (self.cell(x, state[0]),)
 
     def chunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Readouts of steps x[0..], and the state after the last one."""
-        h, c = state
         hs = []
         for t in range(x.shape[0]):
-            h, c = self.cell(x[t], (h, c))
-            hs.append(h)
-        return self.out(torch.stack(hs)), (h, c)
+            state = self.step(x[t], state)
+            hs.append(state[0])
+        return self.out(torch.stack(hs)), state
 
 
 class StateSynthesizer(nn.Module):
-    """M for an LSTM state: predicts dL_future/d(h, c) from (h, c); its last layer starts at
-    zero, so training starts as truncated BPTT."""
+    """M for a recurrent state: predicts dL_future/d(state) from the state (h and c for an LSTM,
+    h for a GRU); its last layer starts at zero, so training starts as truncated BPTT.
 
-    def __init__(self, hidden: int, width: int = 0) -> None:
+    An LSTM's cell state is unbounded (it reached magnitudes of 20-2,000 on a language model
+    whose state runs on across the text), and a linear M on it, trained with Adam, predicted
+    gradients hundreds of times too large and wrecked training (docs/RESULTS.md section 7): M
+    reads tanh(c), as the LSTM's own output does, and h, which is bounded already."""
+
+    def __init__(self, hidden: int, width: int = 0, parts: int = 2) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        d = 2 * hidden
+        d = parts * hidden
         if width:
             layers += [nn.Linear(d, width), nn.ReLU()]
             d = width
-        last = nn.Linear(d, 2 * hidden)
+        last = nn.Linear(d, parts * hidden)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         self.net = nn.Sequential(*layers, last)
         self.hidden = hidden
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> State:
-        g = self.net(torch.cat([h, c], dim=1))
-        return g[:, :self.hidden], g[:, self.hidden:]
+    def forward(self, *state: torch.Tensor) -> State:
+        bounded = [state[0], *(torch.tanh(s) for s in state[1:])]
+        return tuple(self.net(torch.cat(bounded, dim=1)).split(self.hidden, dim=1))
 
 
 def chunk_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,58 +95,72 @@ def chunk_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tor
     return (bce * mask).sum() / y.shape[1]
 
 
+def char_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Characters' cross-entropy in nats (y holds class indices), summed over the scored steps,
+    mean over the batch: divided by the steps and ln 2 it is bits per character."""
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    return (ce * mask).sum() / y.shape[1]
+
+
 def train_sequence(net: RecurrentNet, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                    T: int, mode: str = "dni", synth: StateSynthesizer | None = None,
                    opt: torch.optim.Optimizer | None = None,
                    synth_opt: torch.optim.Optimizer | None = None,
-                   oracle: Oracle | None = None) -> dict[str, float]:
+                   oracle: Oracle | None = None, loss_fn: Loss = chunk_loss,
+                   state: State | None = None, goes_on: bool = False) -> dict[str, Any]:
     """One batch of sequences in chunks of T steps; mode "bptt" (truncated) or "dni".
 
     With `opt`, the network updates after every chunk (as a DNI layer does: at once); without,
     gradients accumulate over the sequence (the oracle test). `oracle(k, state)` stands in for
-    M at the end of chunk k. Returns the summed loss and M's mean L2 loss."""
-    state = net.zero_state(x.shape[1])
+    M at the end of chunk k. `state`: where the sequence starts (zeros by default; a language
+    model carries its state from one window of text to the next, and with `goes_on` its last
+    chunk takes M's prediction too: the text goes on after x, where a Copy sequence ends).
+    Returns the summed loss, M's
+    mean L2 loss and the final state (detached)."""
+    state = state if state is not None else net.zero_state(x.shape[1])
     steps = x.shape[0]
     total, synth_losses = 0.0, []
     previous: State | None = None  # the last state of the previous chunk, for training M
     for k, a in enumerate(range(0, steps, T)):
-        h0 = state[0].detach().requires_grad_(True)
-        c0 = state[1].detach().requires_grad_(True)
-        logits, (h, c) = net.chunk(x[a:a + T], (h0, c0))
-        loss = chunk_loss(logits, y[a:a + T], mask[a:a + T])
+        start = tuple(s.detach().requires_grad_(True) for s in state)
+        logits, end = net.chunk(x[a:a + T], start)
+        loss = loss_fn(logits, y[a:a + T], mask[a:a + T])
         last = a + T >= steps
-        if mode == "dni" and not last:
+        if mode == "dni" and (not last or goes_on):
             if oracle is not None:
-                g_h, g_c = oracle(k, (h, c))
+                grads = oracle(k, end)
             else:
                 assert synth is not None, "dni needs a synthesizer or an oracle"
                 with torch.no_grad():
-                    g_h, g_c = synth(h.detach(), c.detach())
-            torch.autograd.backward([loss, h, c], [None, g_h, g_c])
+                    grads = synth(*(s.detach() for s in end))
+            torch.autograd.backward([loss, *end], [None, *grads])
         else:
             loss.backward()
         if mode == "dni" and synth is not None and previous is not None and synth_opt is not None:
             # The bootstrapped target: what reached this chunk's start (its own loss's gradient
             # and, through it, M's prediction at its end).
-            assert h0.grad is not None and c0.grad is not None
-            pred_h, pred_c = synth(*previous)
-            m_loss = F.mse_loss(pred_h, h0.grad) + F.mse_loss(pred_c, c0.grad)
+            targets = [s.grad for s in start]
+            m_loss = torch.zeros(())
+            for p, t in zip(synth(*previous), targets):
+                assert t is not None
+                m_loss = m_loss + F.mse_loss(p, t)
             synth_opt.zero_grad(set_to_none=True)
             m_loss.backward()
             synth_opt.step()
-            synth_losses.append(m_loss.item())
+            synth_losses.append(float(m_loss.detach()))
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         total += loss.item()
-        previous = (h.detach(), c.detach())
+        previous = tuple(s.detach() for s in end)
         state = previous
     return {"loss": total,
-            "synth_loss": sum(synth_losses) / len(synth_losses) if synth_losses else 0.0}
+            "synth_loss": sum(synth_losses) / len(synth_losses) if synth_losses else 0.0,
+            "state": state}
 
 
 def full_bptt(net: RecurrentNet, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-              T: int) -> list[State]:
+              T: int, loss_fn: Loss = chunk_loss) -> list[State]:
     """Backpropagate the whole sequence's loss through every step (gradients accumulate in
     net), and return, for each chunk boundary k, the true gradient of all later chunks' loss
     with respect to the state at the end of chunk k: what a perfect M would predict."""
@@ -135,16 +169,15 @@ def full_bptt(net: RecurrentNet, x: torch.Tensor, y: torch.Tensor, mask: torch.T
     total = torch.zeros(())
     for a in range(0, x.shape[0], T):
         if a:  # an identity link at the boundary: its gradient is the future's alone
-            h_in, c_in = state[0] * 1.0, state[1] * 1.0
-            h_in.retain_grad()
-            c_in.retain_grad()
-            links.append((h_in, c_in))
-            state = (h_in, c_in)
+            state = tuple(s * 1.0 for s in state)
+            for s in state:
+                s.retain_grad()
+            links.append(state)
         logits, state = net.chunk(x[a:a + T], state)
-        total = total + chunk_loss(logits, y[a:a + T], mask[a:a + T])
+        total = total + loss_fn(logits, y[a:a + T], mask[a:a + T])
     total.backward()
     out = []
-    for h_in, c_in in links:
-        assert h_in.grad is not None and c_in.grad is not None
-        out.append((h_in.grad.clone(), c_in.grad.clone()))
+    for link in links:
+        assert all(s.grad is not None for s in link)
+        out.append(tuple(s.grad.clone() for s in link))  # type: ignore[union-attr]
     return out

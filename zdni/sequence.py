@@ -1,5 +1,7 @@
-"""The DNI paper's algorithmic sequence tasks, generated on the fly: Copy and Repeat Copy, with
-the curriculum that lengthens them once the model solves the current length.
+"""The DNI paper's sequence tasks: Copy and Repeat Copy generated on the fly, with the curriculum
+that lengthens them once the model solves the current length; and character-level language
+modelling on any text file (Corpus: a vocabulary from the file, a train/test split, bits per
+character on the test part). Nothing is downloaded.
 
 A batch is (x, y, mask), time-major: x (steps, batch, bits + 2), y (steps, batch, bits + 1),
 mask (steps, batch), 1 where the output is scored. Copy shows `length` random bit vectors, then
@@ -10,11 +12,17 @@ marker on the extra output channel.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-__all__ = ["Curriculum", "copy_batch", "repeat_copy_batch", "bit_errors"]
+from zdni.data import DataError
+
+__all__ = ["Corpus", "Curriculum", "bit_errors", "bits_per_char", "copy_batch",
+           "repeat_copy_batch"]
 
 SOLVED_BITS = 0.15  # the paper's criterion: under 0.15 wrong bits per sequence, on average
 
@@ -83,3 +91,76 @@ class Curriculum:
             self.recent = []
             return True
         return False
+
+
+@dataclass
+class Corpus:
+    """A text file as character indices: `vocab` is its sorted set of characters, the last
+    `test_fraction` of the text is the test part."""
+
+    vocab: str
+    train: torch.Tensor  # int64 character indices
+    test: torch.Tensor
+
+    @classmethod
+    def from_file(cls, path: str | Path, test_fraction: float = 0.1,
+                  max_vocab: int = 512) -> Corpus:
+        """Read a UTF-8 text file; a file that is missing, not text, or too short to split is
+        a DataError saying so."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such text file") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        vocab = "".join(sorted(set(text)))
+        if len(vocab) > max_vocab:
+            raise DataError(f"{path}: {len(vocab)} distinct characters, more than {max_vocab}: "
+                            "is it text?")
+        cut = int(len(text) * (1 - test_fraction))
+        if cut < 1000 or len(text) - cut < 100:
+            raise DataError(f"{path}: {len(text)} characters are too few for a language model "
+                            "(1,000 to train on and 100 to test on, at least)")
+        index = {ch: i for i, ch in enumerate(vocab)}
+        ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
+        return cls(vocab, ids[:cut], ids[cut:])
+
+    @property
+    def size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """One-hot inputs, float32, ids' shape + (vocab,)."""
+        return torch.nn.functional.one_hot(ids, self.size).float()
+
+    def streams(self, part: torch.Tensor, batch: int, length: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The text cut into `batch` contiguous streams, read `length` characters at a time:
+        (x one-hot (length, batch, vocab), y next characters (length, batch), mask of ones).
+        A model carries its state from one window to the next: the text goes on."""
+        per = (len(part) - 1) // batch
+        if per < length:
+            raise DataError(f"{len(part)} characters cannot fill {batch} streams of {length}")
+        cols = part[:per * batch + 1]
+        x_all = cols[:-1][:per * batch].view(batch, per).t()
+        y_all = cols[1:][:per * batch].view(batch, per).t()
+        for a in range(0, per - length + 1, length):
+            yield self.encode(x_all[a:a + length]), y_all[a:a + length], torch.ones(length, batch)
+
+
+@torch.no_grad()
+def bits_per_char(net: torch.nn.Module, corpus: Corpus, streams: int = 16,
+                  length: int = 100) -> float:
+    """The model's bits per character on the corpus's test part, read as `streams` contiguous
+    streams with the state carried across windows (fewer and shorter for a short test part)."""
+    n = len(corpus.test) - 1
+    streams = max(1, min(streams, n // length))
+    length = min(length, n // streams)
+    state = net.zero_state(streams)  # type: ignore[operator]
+    nats, count = 0.0, 0
+    for x, y, _ in corpus.streams(corpus.test, streams, length):
+        logits, state = net.chunk(x, state)  # type: ignore[operator]
+        nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                        reduction="sum"))
+        count += y.numel()
+    return nats / count / math.log(2)
