@@ -28,7 +28,7 @@ def test_broker_address_is_checked() -> None:
 
 
 COMMANDS = {"train", "run", "broker", "worker", "synth", "status", "rollback", "keys", "redis",
-            "report", "experiment"}
+            "report", "experiment", "sequence"}
 
 
 def test_help_lists_every_command() -> None:
@@ -49,7 +49,7 @@ def test_python_m_zdni_is_the_command() -> None:
     assert "rollback" in out.stdout.split("Commands:")[1]
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS - {"report", "keys", "redis"}))
+@pytest.mark.parametrize("command", sorted(COMMANDS - {"report", "keys", "redis", "sequence"}))
 def test_every_shared_option_shows_its_env_var(command: str) -> None:
     """Each command's --help names the ZDNI_* variable of every shared option it takes."""
     out = CliRunner().invoke(main, [command, "--help"]).output

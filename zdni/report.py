@@ -112,16 +112,26 @@ def table(variants: list[Variant], target: float) -> str:
 def build_report(paths: list[str], out_dir: str, target: float = 0.97,
                  title: str = "zdni runs") -> str:
     """Write the plots and OUT/report.md for the runs under `paths`; returns report.md's path."""
-    runs = find_runs(paths)
-    variants = group(runs)
+    from zdni.seqreport import is_sequence, sequence_report
+
+    found = find_runs(paths)
+    runs = [r for r in found if not is_sequence(r)]
     os.makedirs(out_dir, exist_ok=True)
-    drawn = plots.draw_all(variants, runs, out_dir)
-    text = [f"# {title}", "", f"{len(runs)} runs, {len(variants)} variants; {plots.context(runs)}. "
-            "Accuracy is on the test set; ± is the standard deviation over seeds; wall time and "
-            "samples/s include evaluation. Iteration curves put what the stages reported at "
-            "the number of batches fed when it arrived (up to max-inflight later).", "",
-            table(variants, target), ""]
-    text += [f"![{p[:-4]}]({p})" for p in drawn]
+    text = [f"# {title}", ""]
+    if runs:
+        variants = group(runs)
+        drawn = plots.draw_all(variants, runs, out_dir)
+        text += [f"{len(runs)} runs, {len(variants)} variants; {plots.context(runs)}. Accuracy "
+                 "is on the test set; ± is the standard deviation over seeds; wall time and "
+                 "samples/s include evaluation. Iteration curves put what the stages reported "
+                 "at the number of batches fed when it arrived (up to max-inflight later).", "",
+                 table(variants, target), ""]
+        text += [f"![{p[:-4]}]({p})" for p in drawn]
+    sequences = [r for r in found if is_sequence(r)]
+    if sequences:
+        lines, drawn = sequence_report(sequences, out_dir)
+        text += ["", "## Recurrent runs (zdni sequence)", "", *lines, ""]
+        text += [f"![{p[:-4]}]({p})" for p in drawn]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(text) + "\n")

@@ -93,6 +93,6 @@ def load_run(path: str) -> Run:
     starts = [r for r in records if r.get("kind") == "start"]
     if not starts:
         raise ReportError(f"{path}/metrics.jsonl has no 'start' record")
-    if not any(r["kind"] == "epoch" for r in records):
+    if not any(r["kind"] in ("epoch", "done") for r in records):  # done: zdni sequence
         raise UnfinishedRun(f"{path}: no finished epoch (interrupted, or still running)")
     return Run(path, starts[0], records)

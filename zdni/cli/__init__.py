@@ -4,7 +4,7 @@ and one module per family of commands, each registering its commands on the grou
 The CLI is the one place in zdni/ that imports broker/ and workers/: it starts them.
 """
 
-from zdni.cli import admin, processes, training  # noqa: F401 - register the commands
+from zdni.cli import admin, processes, sequence, training  # noqa: F401 - register the commands
 from zdni.cli.group import main
 
 __all__ = ["main"]
