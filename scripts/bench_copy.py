@@ -20,12 +20,13 @@ from zdni.recurrent import RecurrentNet, StateSynthesizer, train_sequence  # noq
 from zdni.sequence import Curriculum, bit_errors, copy_batch  # noqa: E402
 
 
-def run(mode: str, T: int, iterations: int, seed: int, hidden: int, batch: int) -> dict:
+def run(mode: str, T: int, iterations: int, seed: int, hidden: int, batch: int,
+        cell: str = "lstm") -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    net = RecurrentNet(10, hidden, 9)
+    net = RecurrentNet(10, hidden, 9, cell)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    synth = StateSynthesizer(hidden) if mode == "dni" else None
+    synth = StateSynthesizer(hidden, parts=net.parts) if mode == "dni" else None
     synth_opt = torch.optim.Adam(synth.parameters(), lr=1e-4) if synth else None
     cur = Curriculum()
     start = time.monotonic()
@@ -35,7 +36,7 @@ def run(mode: str, T: int, iterations: int, seed: int, hidden: int, batch: int) 
         with torch.no_grad():
             logits, _ = net.chunk(x, net.zero_state(batch))
         cur.observe(bit_errors(logits, y, mask))
-    return {"mode": mode, "T": T, "seed": seed, "iterations": iterations,
+    return {"mode": mode, "T": T, "seed": seed, "iterations": iterations, "cell": cell,
             "longest_solved": cur.best_solved, "wall_s": round(time.monotonic() - start, 1)}
 
 
@@ -46,15 +47,19 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--cell", default="lstm", choices=["lstm", "gru"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [run(mode, T, args.iterations, int(seed), args.hidden, args.batch)
-            for T in args.T for seed in args.seeds.split(",") for mode in ("bptt", "dni")]
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+    rows = []
+    for T in args.T:
+        for seed in args.seeds.split(","):
+            for mode in ("bptt", "dni"):
+                rows.append(run(mode, T, args.iterations, int(seed), args.hidden, args.batch,
+                                args.cell))
+                print(json.dumps(rows[-1]), flush=True)
+                if args.out:  # after every run: a long table survives an interruption
+                    Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
