@@ -47,7 +47,8 @@ def assert_workers_equal_pytorch(client: redis.Redis, cfg: RunConfig) -> None:
 def batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first epoch's batches, as the run's driver feeds them."""
     data = load_data(cfg)
-    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed)
+    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed,
+                         shuffle=not data.ordered)
     return [(xb, yb) for _, xb, yb in feeder.iter_epoch(0)]
 
 

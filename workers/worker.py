@@ -64,6 +64,7 @@ class Worker:
         if not 1 <= stage <= len(modules):
             raise SystemExit(f"{self.who} run {self.run} has stages 1..{len(modules)}")
         self.shapes = stage_shapes(modules, input_shape(self.cfg))
+        self.labels = tuple(self.cfg.label_shape)  # per-sample label shape ([] : one class)
         # Ring slots go to Redis from a thread: the stage reads its own slots from memory and
         # needs Redis only after a restart, so it need not wait for the write.
         self.writer = RingWriter(self.redis, depth=self.cfg.ring_size)
@@ -212,11 +213,12 @@ class Worker:
                 x = check_tensor("x", t.get("x"), self.shapes[0], torch.float32)
             if self.inbox.needs_y:
                 y = check_labels(t.get("y"), x.shape[0] if x is not None else None,
-                                 self.cfg.classes)
+                                 self.cfg.classes, self.labels)
             self._run_events(it, self.inbox.add_batch(it, x, y))
         elif kind == protocol.ACT:
             h = check_tensor("h", t.get("h"), self.shapes[self.index - 1], torch.float32)
-            y = check_labels(t.get("y"), h.shape[0], self.cfg.classes) if self.inbox.act_labels \
+            y = check_labels(t.get("y"), h.shape[0], self.cfg.classes, self.labels) \
+                if self.inbox.act_labels \
                 else None
             self._run_events(it, self.inbox.add_act(it, h, y))
         elif kind == protocol.GRAD:
@@ -292,7 +294,7 @@ class Worker:
 
     def _evaluate(self, msg: Message) -> None:
         h = check_tensor("h", msg.tensors.get("h"), self.shapes[self.index - 1], torch.float32)
-        y = check_labels(msg.tensors.get("y"), h.shape[0], self.cfg.classes)
+        y = check_labels(msg.tensors.get("y"), h.shape[0], self.cfg.classes, self.labels)
         out = self.stage.evaluate(h)
         if self.index < self.count:
             self._send(protocol.EVAL, msg.it, self.index + 1, {"h": out, "y": y}, msg.meta)

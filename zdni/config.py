@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,10 +15,12 @@ from zdni.protocol import RUN_ID_RE
 from zdni.usercode import is_reference, tag
 
 MODES = ("backprop", "sg", "full")
-MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn")  # shown in help
+MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn",
+          "copy-lstm", "copy-gru")  # shown in help
 ZOO = MODELS + tuple(f"fcn{k}" for k in (2, *range(7, 17)))  # fcn2..fcn16 all build
-ZOO_TEXT = "seed-mlp, fcn2..fcn16, seed-cnn, dni-cnn"
+ZOO_TEXT = "seed-mlp, fcn2..fcn16, seed-cnn, dni-cnn, copy-lstm, copy-gru"
 DATASETS = ("mnist", "cifar10")
+COPY_DATA = re.compile(r"^copy-L(\d{1,3})-T(\d{1,3})$")  # chunked Copy (zdni/sequence.py)
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("local", "remote")
 BALANCES = ("time", "params")
@@ -53,6 +56,7 @@ class RunConfig:
     # the number of classes (labels 0..classes-1).
     input_shape: list[int] | None = None
     classes: int = 10
+    label_shape: list[int] = field(default_factory=list)  # per-sample label shape: [] = one class
     epochs: int = 5  # fcn3 reaches 98% within 5 epochs of Adam at lr 1e-3
     batch_size: int = 128  # samples; the DNI paper's MNIST batch size
     lr: float = 1e-3  # Adam learning rate of the stages
@@ -84,16 +88,35 @@ class RunConfig:
         if not (self.model in ZOO or is_reference(self.model) or self.model == LIVE):
             raise ConfigError(f"model {self.model!r} is neither a zoo model ({ZOO_TEXT})"
                               " nor a reference: package.module:factory or file.py:factory")
-        if not (self.dataset in DATASETS or is_reference(self.dataset)
+        copy = parse_copy_data(self.dataset)
+        if not (self.dataset in DATASETS or is_reference(self.dataset) or copy
                 or self.dataset.endswith(DATA_FILES) or self.dataset == LIVE):
-            raise ConfigError(f"dataset {self.dataset!r} is not {' or '.join(DATASETS)}, a .npz "
-                              "or .pt file, or a reference (package.module:factory)")
+            raise ConfigError(f"dataset {self.dataset!r} is not {' or '.join(DATASETS)}, "
+                              "copy-L<length>-T<steps>, a .npz or .pt file, or a reference "
+                              "(package.module:factory)")
+        if copy and self.eval_batch_size != self.batch_size:
+            raise ConfigError(f"dataset {self.dataset}: a batch is one chunk of batch_size "
+                              f"sequences, so eval_batch_size must equal batch_size "
+                              f"({self.batch_size}), got {self.eval_batch_size}")
+        recurrent = self.model in ("copy-lstm", "copy-gru")
+        if recurrent and not copy or copy and self.model in ZOO and not recurrent:
+            raise ConfigError(f"model {self.model} and dataset {self.dataset} do not go together: "
+                              "the copy-lstm and copy-gru models train on copy-L<len>-T<steps>")
+        if copy and self.conditioned:
+            raise ConfigError("cDNI conditions M on one class per sample; a chunk of Copy has a "
+                              "label per step and bit: drop --conditioned")
+        if copy and self.mode == "full":
+            raise ConfigError("a recurrent run cannot use full mode (it would run each chunk "
+                              "twice and advance its state twice): use sg or backprop")
         if self.balance is not None:
             _choice("balance", self.balance, BALANCES)
         if not isinstance(self.model_args, dict) or not all(
                 isinstance(k, str) and k.isidentifier() for k in self.model_args):
             raise ConfigError(f"model_args must map argument names to values, got "
                               f"{self.model_args!r:.80}")
+        if not (isinstance(self.label_shape, list) and len(self.label_shape) <= 4
+                and all(isinstance(d, int) and d >= 1 for d in self.label_shape)):
+            raise ConfigError(f"label_shape must be 0-4 positive sizes, got {self.label_shape!r}")
         if self.input_shape is not None and not (
                 isinstance(self.input_shape, list) and 1 <= len(self.input_shape) <= 5
                 and all(isinstance(d, int) and d >= 1 for d in self.input_shape)):
@@ -190,3 +213,11 @@ def new_run_id(cfg: RunConfig) -> str:
     """A readable, unique run id: mode, model, a timestamp and the process id."""
     mode = cfg.mode + ("-c" if cfg.conditioned else "")
     return f"{mode}-{tag(cfg.model)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000}"
+
+
+def parse_copy_data(name: str) -> tuple[int, int] | None:
+    """(length, T) of a chunked-Copy dataset name such as copy-L4-T3, or None."""
+    m = COPY_DATA.match(name)
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        return None
+    return int(m[1]), int(m[2])

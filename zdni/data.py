@@ -299,7 +299,8 @@ def load_dataset(
 class BatchFeeder:
     """Shuffled mini-batches; the same (seed, epoch, index) gives the same batch in any process."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
+                 shuffle: bool = True) -> None:
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         if len(x) == 0:
@@ -309,6 +310,7 @@ class BatchFeeder:
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.seed = seed
+        self.shuffle = shuffle  # False: every epoch in the data's order (chunks of sequences)
         self._order: tuple[int, torch.Tensor] | None = None  # last epoch's permutation
 
     @property
@@ -326,7 +328,9 @@ class BatchFeeder:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if self._order is None or self._order[0] != epoch:
             gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.x), generator=gen))
+            order = torch.randperm(len(self.x), generator=gen) if self.shuffle else \
+                torch.arange(len(self.x))
+            self._order = (epoch, order)
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> Pair:

@@ -70,7 +70,7 @@ class Driver:
         if size < cfg.max_inflight:
             log.warning("[driver] backprop mode: one batch in flight (update locking), not %d",
                         cfg.max_inflight)
-        elif size <= self.stages:  # measured: docs/BENCHMARKS.md section 6
+        elif cfg.mode != "backprop" and size <= self.stages:  # docs/BENCHMARKS.md section 6
             log.warning("[driver] %d batches in flight keep at most %d of %d stages busy; "
                         "--max-inflight %d lets every stage work", size, size, self.stages,
                         min(2 * self.stages, cfg.ring_size - 1))

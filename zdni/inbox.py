@@ -59,9 +59,9 @@ def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtyp
 
 
 def check_labels(y: torch.Tensor | None, batch: int | None = None,
-                 classes: int = NUM_CLASSES) -> torch.Tensor:
-    """Labels: int64 (B,) within 0..classes-1."""
-    y = check_tensor("y", y, (), torch.int64, batch)
+                 classes: int = NUM_CLASSES, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """Labels: int64 (B, *shape) within 0..classes-1 (shape: the run's per-sample labels)."""
+    y = check_tensor("y", y, shape, torch.int64, batch)
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
         raise MessageError("value", f"y: labels must be within 0..{classes - 1}")
     return y

@@ -15,11 +15,12 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from zdni.config import DATASETS, RunConfig
+from zdni.config import DATASETS, RunConfig, parse_copy_data
 from zdni.data import BatchFeeder, load_dataset
 from zdni.errors import ZdniError
 from zdni.metrics import MetricsWriter
 from zdni.progress import Progress
+from zdni.sequence import copy_chunks
 from zdni.summary import build_summary
 
 __all__ = ["Data", "RunError", "Runner", "load_data", "score", "train"]
@@ -34,6 +35,7 @@ class Data(NamedTuple):
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    ordered: bool = False  # fed in order, unshuffled: chunks of sequences (copy-L*-T*)
 
 
 class Runner(Protocol):
@@ -86,14 +88,27 @@ class Runner(Protocol):
 
 
 def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-    """Summed cross-entropy and the count of correct predictions of one evaluation batch."""
+    """Summed cross-entropy and the count of correct predictions of one evaluation batch. With
+    labels shaped per sample (a chunk of a sequence's outputs), a sample is correct when every
+    one of its positions is, and its loss is the sum over them."""
     y = y.to(logits.device)
-    return F.cross_entropy(logits, y, reduction="sum").item(), int((logits.argmax(1) == y).sum())
+    right = (logits.argmax(1) == y).reshape(len(y), -1).all(dim=1)
+    return F.cross_entropy(logits, y, reduction="sum").item(), int(right.sum())
 
 
 def load_data(cfg: RunConfig, download: bool = False) -> Data:
     """The run's training and test sets (cached per process: a second call is free): a zoo
     dataset from cfg.data_dir, or a user's file or factory (zdni/userdata.py)."""
+    copy = parse_copy_data(cfg.dataset)
+    if copy:  # generated: sequence batches of chunks, in order (zdni.sequence.copy_chunks)
+        length, T = copy
+        chunks = -(-(2 * length + 1) // T)
+        per_batch = chunks * cfg.batch_size
+        train = max(1, (cfg.train_limit or 100 * per_batch) // per_batch)
+        test = max(1, (cfg.test_limit or 10 * per_batch) // per_batch)
+        x_train, y_train = copy_chunks(train, cfg.batch_size, length, T, seed=cfg.seed)
+        x_test, y_test = copy_chunks(test, cfg.batch_size, length, T, seed=cfg.seed + 10_007)
+        return Data(x_train, y_train, x_test, y_test, ordered=True)
     if cfg.dataset in DATASETS:
         x_train, y_train = load_dataset(cfg.dataset, cfg.data_dir, True, download,
                                         cfg.train_limit)
@@ -109,7 +124,8 @@ def load_data(cfg: RunConfig, download: bool = False) -> Data:
 def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
           quiet: bool = False) -> dict[str, Any]:
     """Train cfg.epochs epochs through `runner`; returns the summary."""
-    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed)
+    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed,
+                         shuffle=not data.ordered)
     per_epoch = feeder.batches_per_epoch
     progress = Progress(per_epoch * cfg.epochs, runner.label, quiet=quiet)
     history: list[dict[str, Any]] = []

@@ -14,6 +14,9 @@ Models:
               conv3x3x64, conv3x3x64, maxpool, dropout 0.5, dense 512, dropout 0.5, dense 10
     dni-cnn   the DNI paper's CIFAR-10 CNN: 3 conv layers of 128 5x5 filters with BatchNorm and
               ReLU (max-pooling after the first two), then a linear output layer (4 units)
+    copy-lstm a stacked LSTM (copy-gru: GRU) for chunked Copy (--dataset copy-L<len>-T<steps>),
+              one unit per layer (--model-arg layers=3 hidden=64; tdni=0 turns DNI through
+              time off); zdni/recurrent.py ChunkLayer
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from zdni.usercode import UserCodeError, call, is_reference
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 NUM_CLASSES = 10  # of the zoo's datasets; a user's data set has cfg.classes
-ZOO_ARGS = {"fcnK": {"width"}, "seed-cnn": {"channels"}, "dni-cnn": {"channels"}}  # --model-arg
+ZOO_ARGS = {"fcnK": {"width"}, "seed-cnn": {"channels"}, "dni-cnn": {"channels"},
+            "copy-lstm": {"layers", "hidden", "tdni"}, "copy-gru": {"layers", "hidden", "tdni"}}
 
 
 def input_shape(cfg: RunConfig) -> tuple[int, ...]:
@@ -68,9 +72,15 @@ def build_units(model: str, args: dict[str, Any] | None = None) -> list[nn.Modul
         raise ConfigError(f"model {model} is a zoo model: it takes {takes}, not "
                           f"{', '.join(sorted(set(args) - allowed))}")
     for name, value in args.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65536:
-            raise ConfigError(f"model {model}: {name} must be a whole number 1..65536, "
+        low = 0 if name == "tdni" else 1  # tdni: DNI through time in each layer (1) or not (0)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65536:
+            raise ConfigError(f"model {model}: {name} must be a whole number {low}..65536, "
                               f"got {value!r}")
+    if model in ("copy-lstm", "copy-gru"):
+        from zdni.recurrent import copy_stack
+
+        return list(copy_stack(args.get("layers", 3), args.get("hidden", 64), 8, model[5:],
+                               bool(args.get("tdni", 1))))
     if model == "seed-mlp":
         return [
             nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.Sigmoid()),

@@ -43,9 +43,11 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
         raise UserCodeError(f"model {cfg.model}: a forward pass on inputs of shape "
                             f"{tuple(cfg.input_shape)} raised {type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:160]}") from None
-    if len(out) != 1 or out[0] < needed:
+    cfg.label_shape = [int(d) for d in data.y_train.shape[1:]]  # [] for one class per sample
+    want = (needed, *cfg.label_shape)
+    if len(out) != len(want) or out[0] < needed or tuple(out[1:]) != want[1:]:
         raise ConfigError(f"model {cfg.model} outputs {out} per sample, but the data's labels "
-                          f"need {needed} classes: the output must be ({needed},) or wider")
+                          f"need {needed} classes: the output must be {want} (or more classes)")
     cfg.classes = out[0]  # a subset of the data may not show every class; the model knows
     record: dict[str, Any] = {}
     if cfg.balance is not None:

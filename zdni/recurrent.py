@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CELLS", "RecurrentNet", "StateSynthesizer", "char_loss", "chunk_loss", "full_bptt",
-           "train_sequence"]
+__all__ = ["CELLS", "ChunkLayer", "RecurrentNet", "StateSynthesizer", "char_loss", "chunk_loss",
+           "copy_stack", "full_bptt", "train_sequence"]
 
 State = tuple[torch.Tensor, ...]
 Oracle = Callable[[int, State], State]
@@ -55,11 +55,16 @@ class RecurrentNet(nn.Module):
 
     def chunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Readouts of steps x[0..], and the state after the last one."""
+        hs, state = self.run(x, state)
+        return self.out(hs), state
+
+    def run(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Hidden outputs h of steps x[0..] (steps, batch, hidden), and the last state."""
         hs = []
         for t in range(x.shape[0]):
             state = self.step(x[t], state)
             hs.append(state[0])
-        return self.out(torch.stack(hs)), state
+        return torch.stack(hs), state
 
 
 class StateSynthesizer(nn.Module):
@@ -181,3 +186,118 @@ def full_bptt(net: RecurrentNet, x: torch.Tensor, y: torch.Tensor, mask: torch.T
         assert all(s.grad is not None for s in link)
         out.append(tuple(s.grad.clone() for s in link))  # type: ignore[union-attr]
     return out
+
+
+# -- a recurrent layer as a pipeline stage's unit --------------------------------------------------
+class _Inject(torch.autograd.Function):
+    """The identity on a chunk's outputs whose backward also hands fixed gradients (M's
+    prediction) to the chunk's last state: whatever backward reaches the outputs (the loss, a
+    synthetic gradient from above, the true one) carries the future's gradient in time too."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        ctx.parts = len(rest) // 2
+        ctx.grads = rest[ctx.parts:]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (g, *ctx.grads, *([None] * ctx.parts))
+
+
+class ChunkLayer(nn.Module):
+    """One recurrent layer as a pipeline unit. It reads a chunk (batch, T, 1 + inputs), whose
+    channel 0 flags a sequence's first chunk, and returns (batch, T, 1 + hidden) with the flag
+    passed on, or with `readout` the class scores (batch, 3, T, readout) of chunked Copy's labels
+    (zdni.sequence.copy_chunks).
+
+    Between chunks it carries its state (reset where the flag is set; evaluation has a state of
+    its own). With `dni`, the chunk's last state takes M's synthetic gradient in the same
+    backward as its outputs, and at the next chunk M trains (L2) on the gradient that reached
+    the chunk's start: DNI through time inside the layer, so a stage holding it needs nothing
+    else. M is kept out of the module's parameters (the stage's optimizer does not step it, and
+    backups do not hold it: a restarted layer starts a fresh M). Chunks must come in order; a
+    mode that runs a chunk twice (full) does not fit."""
+
+    synth: StateSynthesizer  # set with object.__setattr__: not a submodule
+    synth_opt: torch.optim.Optimizer
+
+    def __init__(self, inputs: int, hidden: int, cell: str = "lstm", dni: bool = True,
+                 readout: int = 0, synth_lr: float = 1e-4) -> None:
+        super().__init__()
+        self.core = RecurrentNet(inputs, hidden, 3 * readout if readout else 1, cell)
+        if not readout:
+            self.core.out = nn.Identity()  # type: ignore[assignment]  # h goes on as it is
+        self.readout = readout
+        self.dni = dni
+        synth = StateSynthesizer(hidden, parts=self.core.parts)
+        object.__setattr__(self, "synth", synth)  # not a submodule: see above
+        object.__setattr__(self, "synth_opt", torch.optim.Adam(synth.parameters(), lr=synth_lr))
+        self.state: State | None = None
+        self.eval_state: State | None = None
+        self.start: State | None = None  # the last chunk's start (a leaf), for M's target
+        self.start_fresh = True  # that chunk began a sequence: no target for M
+        self.m_input: State | None = None  # the state M predicted at, before that chunk
+        self.synth_loss = 0.0
+
+    def _carry(self, state: State | None, flag: torch.Tensor, batch: int) -> State:
+        if state is None or state[0].shape[0] != batch:
+            return self.core.zero_state(batch)
+        keep = (~flag).float()[:, None]
+        return tuple(s * keep for s in state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flag, feats = x[:, 0, 0] > 0.5, x[:, :, 1:].transpose(0, 1)
+        if not self.training or not torch.is_grad_enabled():  # evaluation, or a shape probe
+            state = self._carry(self.eval_state if not self.training else None, flag, len(x))
+            hs, end = self.core.run(feats, state)
+            if not self.training:
+                self.eval_state = end
+            return self._output(x, hs)
+        self._train_synth()
+        state = self._carry(self.state, flag, len(x))
+        start = tuple(s.detach().requires_grad_(True) for s in state)
+        hs, end = self.core.run(feats, start)
+        out = self._output(x, hs)
+        if self.dni:
+            with torch.no_grad():
+                grads = self.synth(*end)
+            out = _Inject.apply(out, *end, *grads)
+        self.m_input, self.start, self.start_fresh = self.state, start, bool(flag.any())
+        self.state = tuple(s.detach() for s in end)
+        return out
+
+    def _output(self, x: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+        """hs (T, batch, hidden) as the unit's output: the next layer's input with the flag, or
+        the class scores (batch, 3, T, bits)."""
+        if self.readout:
+            t, b = hs.shape[:2]
+            return self.core.out(hs).view(t, b, 3, self.readout).permute(1, 2, 0, 3)
+        return torch.cat([x[:, :, :1], hs.transpose(0, 1)], dim=2)
+
+    def _train_synth(self) -> None:
+        """M on the previous chunk's bootstrapped target, once its backward has run."""
+        if not self.dni or self.start is None or self.m_input is None or self.start_fresh:
+            return
+        targets = [s.grad for s in self.start]
+        if any(t is None for t in targets):
+            return  # its backward has not run (or reached no state): nothing to learn from
+        loss = torch.zeros(())
+        for p, t in zip(self.synth(*self.m_input), targets):
+            assert t is not None
+            loss = loss + F.mse_loss(p, t)
+        self.synth_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.synth_opt.step()
+        self.synth_loss = float(loss.detach())
+        self.start = None
+
+
+def copy_stack(layers: int = 3, hidden: int = 64, bits: int = 8, cell: str = "lstm",
+               dni: bool = True) -> nn.Sequential:
+    """A stacked recurrent network for chunked Copy, one unit per layer (a stage each): the
+    last layer reads out the class scores of every bit."""
+    sizes = [bits + 2] + [hidden] * layers
+    return nn.Sequential(*(ChunkLayer(sizes[i], hidden, cell, dni,
+                                      readout=bits if i == layers - 1 else 0)
+                           for i in range(layers)))

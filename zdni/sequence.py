@@ -21,10 +21,11 @@ import torch
 
 from zdni.data import DataError
 
-__all__ = ["Corpus", "Curriculum", "bit_errors", "bits_per_char", "copy_batch",
+__all__ = ["Corpus", "Curriculum", "bit_errors", "bits_per_char", "copy_batch", "copy_chunks",
            "repeat_copy_batch"]
 
 SOLVED_BITS = 0.15  # the paper's criterion: under 0.15 wrong bits per sequence, on average
+UNSCORED = 2  # a chunk label: no output is due at this step and bit
 
 
 def copy_batch(batch: int, length: int, bits: int = 8,
@@ -164,3 +165,32 @@ def bits_per_char(net: torch.nn.Module, corpus: Corpus, streams: int = 16,
                                                         reduction="sum"))
         count += y.numel()
     return nats / count / math.log(2)
+
+
+def copy_chunks(sequences: int, batch: int, length: int, T: int, bits: int = 8,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy sequences as a pipeline's samples: one sample is one chunk of T steps of one
+    sequence, and rows [i*batch, (i+1)*batch) are iteration i's batch, chunk after chunk of
+    `sequences` batches of sequences (feed them in order).
+
+    x: (rows, T, 1 + bits + 2): channel 0 flags the first chunk of a sequence (a recurrent layer
+    resets its state there and passes the flag on), then Copy's inputs. y: (rows, T, bits)
+    class labels: the bit due at that step, or UNSCORED where no output is due. The steps of a
+    sequence (2 * length + 1) are padded with silent, unscored steps to a multiple of T."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = 2 * length + 1
+    chunks = -(-steps // T)
+    xs, ys = [], []
+    for _ in range(sequences):
+        x, y, mask = copy_batch(batch, length, bits, gen)
+        pad = chunks * T - steps
+        x = torch.cat([torch.zeros(steps + pad, batch, 1),
+                       torch.cat([x, torch.zeros(pad, batch, bits + 2)])], dim=2)
+        x[0, :, 0] = 1.0
+        labels = y[:, :, :bits].long()
+        labels[mask == 0] = UNSCORED
+        labels = torch.cat([labels, torch.full((pad, batch, bits), UNSCORED)])
+        for k in range(chunks):  # (T, batch, ...) -> (batch, T, ...)
+            xs.append(x[k * T:(k + 1) * T].transpose(0, 1))
+            ys.append(labels[k * T:(k + 1) * T].transpose(0, 1))
+    return torch.cat(xs).contiguous(), torch.cat(ys).contiguous()

@@ -125,7 +125,8 @@ class SynthService:
         if synth is None:
             raise MessageError("endpoint", f"stage {msg.src} has no synthesizers in this run")
         i, t = msg.src, msg.tensors
-        y = check_labels(t["y"], None, self.cfg.classes) if "y" in t else None
+        y = check_labels(t["y"], None, self.cfg.classes, tuple(self.cfg.label_shape)) \
+            if "y" in t else None
         out: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"op": op}
         if op == protocol.SYNTH_GRAD:
