@@ -33,13 +33,14 @@ def config(run_id: str, **changes: object) -> RunConfig:
     return RunConfig(**base).validate()  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("mode", ["sg", "backprop"])
+@pytest.mark.parametrize("mode,conditioned", [("sg", False), ("sg", True), ("backprop", False)])
 def test_stacked_lstm_through_broker_equals_inprocess_reference(
-        redis_url: str, redis_client: redis.Redis, mode: str) -> None:
+        redis_url: str, redis_client: redis.Redis, mode: str, conditioned: bool) -> None:
     """With one chunk in flight, three LSTM layers in three workers end with the in-process
-    reference's parameters (and, in sg, the same M between layers): chunks arrive in order,
-    each layer carries its state between them and trains its M through time the same way."""
-    cfg = config(f"rnn-{mode}", mode=mode)
+    reference's parameters (and, in sg, the same M between layers, conditioned on the chunk's
+    targets with cDNI): chunks arrive in order, each layer carries its state between them and
+    trains its M through time the same way."""
+    cfg = config(f"rnn-{mode}-{int(conditioned)}", mode=mode, conditioned=conditioned)
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     assert summary["iterations"] == 12
     plan(cfg, load_data(cfg))

@@ -9,6 +9,7 @@ Profiling and splitting are separate: `split` is table-tested on costs the tests
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -101,7 +102,8 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
     dev = torch.device(device)
     shapes = stage_shapes([nn.Sequential(u) for u in units], input_shape)
     batch = cfg.batch_size
-    y = torch.randint(0, cfg.classes, (batch,), device=dev)
+    y = torch.randint(0, cfg.classes, (batch, *cfg.label_shape), device=dev)
+    positions = math.prod(cfg.label_shape)
     unit_costs = []
     for u, shape in zip(units, shapes):
         u.to(dev).train()
@@ -121,7 +123,7 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
     for b in range(1, n):
         if cfg.needs_synth:
             m = GradientSynthesizer(shapes[b], cfg.synth_hidden, cfg.synth_width,
-                                    cfg.conditioned, cfg.classes).to(dev)
+                                    cfg.conditioned, cfg.classes, positions).to(dev)
             m_opt = make_optimizer(cfg, list(m.parameters()), cfg.synth_lr)
             h = torch.randn(batch, *shapes[b], device=dev)
 
@@ -136,7 +138,7 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
             exit_costs[b] = _median_time(m_step, dev)
         if cfg.mode == "full":
             i_net = InputSynthesizer(shapes[0], shapes[b], cfg.synth_hidden, cfg.synth_width,
-                                     cfg.conditioned, cfg.classes).to(dev)
+                                     cfg.conditioned, cfg.classes, positions).to(dev)
             i_opt = make_optimizer(cfg, list(i_net.parameters()), cfg.synth_lr)
             target = torch.zeros(batch, *shapes[b], device=dev)
 

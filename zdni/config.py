@@ -102,9 +102,6 @@ class RunConfig:
         if recurrent and not copy or copy and self.model in ZOO and not recurrent:
             raise ConfigError(f"model {self.model} and dataset {self.dataset} do not go together: "
                               "the copy-lstm and copy-gru models train on copy-L<len>-T<steps>")
-        if copy and self.conditioned:
-            raise ConfigError("cDNI conditions M on one class per sample; a chunk of Copy has a "
-                              "label per step and bit: drop --conditioned")
         if copy and self.mode == "full":
             raise ConfigError("a recurrent run cannot use full mode (it would run each chunk "
                               "twice and advance its state twice): use sg or backprop")

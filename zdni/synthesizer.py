@@ -31,12 +31,13 @@ def _zero_last(module: nn.Module) -> nn.Module:
 
 
 def _with_label(t: torch.Tensor, y: torch.Tensor | None, classes: int) -> torch.Tensor:
-    """Append the one-hot label as features (2-D input) or constant channels (4-D input)."""
+    """Append the one-hot label as features (2-D input) or constant channels (4-D input); a
+    label shaped per sample (a chunk's targets) is one-hot at every position, flattened."""
     if y is None:
         return t
     onehot = F.one_hot(y, classes).to(t.dtype)
     if t.dim() == 2:
-        return torch.cat([t, onehot], dim=1)
+        return torch.cat([t, onehot.reshape(len(y), -1)], dim=1)
     planes = onehot[:, :, None, None].expand(-1, -1, *t.shape[2:])
     return torch.cat([t, planes], dim=1)
 
@@ -64,13 +65,13 @@ class GradientSynthesizer(nn.Module):
 
     def __init__(
         self, shape: tuple[int, ...], hidden: int, width: int, conditioned: bool,
-        classes: int = NUM_CLASSES,
+        classes: int = NUM_CLASSES, labels: int = 1,
     ) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.conditioned = conditioned
         self.classes = classes
-        extra = classes if conditioned else 0
+        extra = classes * labels if conditioned else 0  # labels: positions per sample
         if len(self.shape) == 3:
             self.net = _convnet(self.shape[0] + extra, self.shape[0], hidden,
                                 min(width, CONV_WIDTH_CAP))
@@ -95,12 +96,13 @@ class InputSynthesizer(nn.Module):
         width: int,
         conditioned: bool,
         classes: int = NUM_CLASSES,
+        labels: int = 1,
     ) -> None:
         super().__init__()
         self.target_shape = tuple(target_shape)
         self.conditioned = conditioned
         self.classes = classes
-        extra = classes if conditioned else 0
+        extra = classes * labels if conditioned else 0
         self.image = len(self.target_shape) == 3 and len(x_shape) == 3
         if self.image:
             c_out, height, width_px = self.target_shape
@@ -162,12 +164,13 @@ class LocalSynth:
         self.I: nn.Module | None = None  # noqa: E741
         if cfg.needs_synth and index < count:
             self.M = GradientSynthesizer(
-                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned, cfg.classes
+                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned, cfg.classes,
+                math.prod(cfg.label_shape),
             ).to(device)
         if cfg.mode == "full" and index > 1:
             self.I = InputSynthesizer(
                 shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned,
-                cfg.classes,
+                cfg.classes, math.prod(cfg.label_shape),
             ).to(device)
         torch.random.set_rng_state(generator_state)
         self.m_opt = make_optimizer(cfg, list(self.M.parameters()), cfg.synth_lr) if self.M else None
