@@ -6,16 +6,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+import psutil
 import redis
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zdni import checkpoint
+from zdni import checkpoint, keys
 from zdni.config import RunConfig
 from zdni.data import BatchFeeder
 from zdni.loop import load_data
@@ -94,3 +96,38 @@ def clean_env() -> dict[str, str]:
 
 def logs(procs: list[Process]) -> str:
     return "\n".join(p.tail() for p in procs)
+
+
+def kill_stage_when(client: redis.Redis, run: str, stage: int, iteration: int,
+                    record: dict[str, object]) -> None:
+    """Watch the stage's heartbeat; once past `iteration`, SIGKILL its worker."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        it = client.hget(keys.heartbeat(run, stage), "iteration")
+        if it is not None and int(it) >= iteration:
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = proc.info["cmdline"] or []
+                if "worker" in cmd and run in cmd and cmd[cmd.index("--stage") + 1] == str(stage):
+                    proc.kill()
+                    record["killed_at"] = time.time()
+                    record["iteration"] = int(it)
+                    return
+        time.sleep(0.05)
+
+
+def train_while_killing(cfg: RunConfig, redis_url: str, client: redis.Redis, stage: int,
+                        iteration: int) -> tuple[dict[str, Any], dict[str, object]]:
+    """Train cfg distributed while a thread SIGKILLs stage's worker past `iteration`; returns
+    the summary and what the killer recorded (it did kill)."""
+    import threading
+
+    from zdni.cluster import train_distributed
+
+    record: dict[str, object] = {}
+    killer = threading.Thread(target=kill_stage_when,
+                              args=(client, cfg.run_id, stage, iteration, record), daemon=True)
+    killer.start()
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
+    killer.join(1)
+    assert "killed_at" in record, "the worker was never killed"
+    return summary, record

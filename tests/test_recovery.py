@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+from procs import train_while_killing
 
 from zdni import checkpoint, keys
 from zdni.cluster import train_distributed
@@ -26,23 +27,6 @@ def config(mnist_dir: Path, run_id: str) -> RunConfig:
                      heartbeat_s=0.5, max_inflight=1).validate()
 
 
-def kill_stage_when(client: redis.Redis, run: str, stage: int, iteration: int,
-                    record: dict[str, object]) -> None:
-    """Watch the stage's heartbeat; once past `iteration`, SIGKILL its worker."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        it = client.hget(keys.heartbeat(run, stage), "iteration")
-        if it is not None and int(it) >= iteration:
-            for proc in psutil.process_iter(["cmdline"]):
-                cmd = proc.info["cmdline"] or []
-                if "worker" in cmd and run in cmd and cmd[cmd.index("--stage") + 1] == str(stage):
-                    proc.kill()
-                    record["killed_at"] = time.time()
-                    record["iteration"] = int(it)
-                    return
-        time.sleep(0.05)
-
-
 def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
                                 redis_client: redis.Redis) -> None:
     """SIGKILL of stage 2: failed within two intervals, restarted, resumed, same accuracy."""
@@ -51,16 +35,10 @@ def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
     events: list[dict[str, object]] = []
     pubsub = redis_client.pubsub()
     pubsub.subscribe(keys.events(cfg.run_id))
-    record: dict[str, object] = {}
-    killer = threading.Thread(target=kill_stage_when,
-                              args=(redis_client, cfg.run_id, 2, 60, record), daemon=True)
-    killer.start()
-    summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
-    killer.join(1)
+    summary, record = train_while_killing(cfg, redis_url, redis_client, 2, 60)
     while (m := pubsub.get_message(timeout=0.1)) is not None:
         if m["type"] == "message":
             events.append(json.loads(m["data"]))
-    assert "killed_at" in record, "the worker was never killed"
     failed = [e for e in events if e["stage"] == 2 and e["state"] == "failed"]
     assert failed, f"no failure published: {events}"
     assert failed[0]["time"] - record["killed_at"] <= 2 * cfg.heartbeat_s + 0.6  # two checks

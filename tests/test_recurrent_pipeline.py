@@ -3,13 +3,10 @@ real Redis, real ZeroMQ, real worker processes."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import redis
 import torch
-from procs import batches, worker_state
-from test_recovery import kill_stage_when
+from procs import batches, train_while_killing, worker_state
 
 from zdni.cluster import train_distributed
 from zdni.config import RunConfig
@@ -64,13 +61,7 @@ def test_stacked_lstm_survives_a_killed_worker(redis_url: str,
     """SIGKILL of layer 2's worker mid-run: restarted from its backup (a fresh state and M
     through time), the lost chunks fed again, the run finishes."""
     cfg = config("rnn-crash", train_limit=8 * 3 * 40, checkpoint_every=10, heartbeat_s=0.5)
-    record: dict[str, object] = {}
-    killer = threading.Thread(target=kill_stage_when,
-                              args=(redis_client, cfg.run_id, 2, 40, record), daemon=True)
-    killer.start()
-    summary = train_distributed(cfg, quiet=True, redis_url=redis_url)
-    killer.join(1)
-    assert "killed_at" in record, "the worker was never killed"
+    summary, _ = train_while_killing(cfg, redis_url, redis_client, 2, 40)
     tally = summary["tally"]
     assert tally["restarts"] == 1 and summary["counts"]["stage:2"]["resumed"] == 1
     assert tally["fed"] == summary["iterations"] == 120 + tally["replayed"]
