@@ -97,7 +97,8 @@ class RunConfig:
         if copy and self.eval_batch_size != self.batch_size:
             raise ConfigError(f"dataset {self.dataset}: a batch is one chunk of batch_size "
                               f"sequences, so eval_batch_size must equal batch_size "
-                              f"({self.batch_size}), got {self.eval_batch_size}")
+                              f"({self.batch_size}), got {self.eval_batch_size}: pass "
+                              f"--eval-batch-size {self.batch_size}")
         recurrent = self.model in ("copy-lstm", "copy-gru")
         if recurrent and not copy or copy and self.model in ZOO and not recurrent:
             raise ConfigError(f"model {self.model} and dataset {self.dataset} do not go together: "
