@@ -93,3 +93,22 @@ def test_beat_expiry_and_overwrite(redis_client: redis.Redis) -> None:
     assert redis_client.hget(keys.heartbeat("r1", 1), "iteration") == b"3"
     assert redis_client.ttl(keys.heartbeat("r1", 1)) == -1  # a stopped beat stays: the last word
     assert redis_client.hget(keys.counters("r1", "stage:1"), "trained") == b"3"
+
+
+def test_published_events_are_kept_in_the_event_log(redis_client: redis.Redis) -> None:
+    """publish() announces on the channel and keeps the event in the run's stream, in order."""
+    import json
+
+    from zdni.health import publish
+
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(keys.events("r1"))
+    pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+    publish(redis_client, "r1", {"stage": 2, "state": "failed", "time": 1.0})
+    publish(redis_client, "r1", {"stage": 2, "state": "alive", "time": 2.0})
+    kept = [json.loads(fields[b"json"]) for _, fields in
+            redis_client.xrange(keys.event_log("r1"))]
+    assert [e["state"] for e in kept] == ["failed", "alive"]
+    message = pubsub.get_message(timeout=1.0)
+    assert message is not None and json.loads(message["data"])["state"] == "failed"
+    pubsub.close()

@@ -376,7 +376,7 @@ class Worker:
 
     def _beat(self, status: str) -> None:
         self.watch.call(beat, self.redis, self.run, self.index, status, self.iteration,
-                        self.counts, self.device, self.cfg.heartbeat_s)
+                        self.counts, self.device, self.cfg.heartbeat_s, self.checkpoint_dir)
 
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,

@@ -18,36 +18,20 @@ from typing import Any
 import redis
 
 from zdni import keys
-
-_process: Any = None
-
-
-def utilization(device: str) -> dict[str, float]:
-    """CPU %, resident memory and, on CUDA, GPU memory and utilization of this process."""
-    global _process
-    import psutil
-
-    if _process is None:
-        _process = psutil.Process()
-        _process.cpu_percent(None)  # the first reading is meaningless; it starts the clock
-    out = {"cpu_percent": _process.cpu_percent(None), "rss_mb": _process.memory_info().rss / 2**20}
-    if device.startswith("cuda"):
-        import torch
-
-        out["gpu_mem_mb"] = torch.cuda.memory_allocated(device) / 2**20
-        try:
-            out["gpu_util_percent"] = float(torch.cuda.utilization(device))
-        except Exception:  # pynvml missing: memory is still reported
-            pass
-    return out
+from zdni.usage import utilization
 
 
 def beat(client: redis.Redis, run: str, stage: int, status: str, iteration: int,
-         counts: Mapping[str, int], device: str, interval: float = 1.0) -> None:
-    """Write the stage's heartbeat (expiring after 5 intervals) and its counters, in one trip."""
+         counts: Mapping[str, int], device: str, interval: float = 1.0,
+         disk_path: str | None = None) -> None:
+    """Write the stage's heartbeat (expiring after 5 intervals) and its counters, in one trip.
+
+    The beat carries zdni.usage.utilization: CPU, memory, the disk of `disk_path` (the worker's
+    checkpoint directory; default its working directory) and, on CUDA, the GPU's figures.
+    """
     fields: dict[str, Any] = {
         "status": status, "time": time.time(), "iteration": iteration, "pid": os.getpid(),
-        "host": socket.gethostname(), "device": device, **utilization(device),
+        "host": socket.gethostname(), "device": device, **utilization(device, disk_path),
         "cores": ",".join(map(str, sorted(os.sched_getaffinity(0)))) if hasattr(
             os, "sched_getaffinity") else "",
     }
@@ -88,6 +72,14 @@ def check(previous: Liveness, beat_time: float | None, stopped: bool = False) ->
     return Liveness(previous.last_beat, misses, "failed" if misses >= 2 else previous.state)
 
 
+EVENT_LOG_MAXLEN = 1000  # events kept per run (approximate trimming): a run has few
+
+
 def publish(client: redis.Redis, run: str, event: dict[str, Any]) -> None:
-    """Announce a notable event on the run's channel."""
-    client.publish(keys.events(run), json.dumps(event))
+    """Announce a notable event on the run's channel, and keep it in the run's event log (a
+    stream, so that a dashboard started later, or polling, still sees it)."""
+    text = json.dumps(event)
+    pipe = client.pipeline(transaction=False)
+    pipe.publish(keys.events(run), text)
+    pipe.xadd(keys.event_log(run), {"json": text}, maxlen=EVENT_LOG_MAXLEN, approximate=True)
+    pipe.execute()

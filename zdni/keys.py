@@ -66,6 +66,11 @@ def events(run: str) -> str:
     return f"{run_prefix(run)}:events"
 
 
+def event_log(run: str) -> str:
+    """Stream: the events published on `events(run)`, as JSON (field `json`), capped near 1,000."""
+    return f"{run_prefix(run)}:eventlog"
+
+
 def counters(run: str, who: str) -> str:
     """Hash: message and drop counters of one process ('broker', 'driver', 'stage:2')."""
     return f"{run_prefix(run)}:counts:{who}"
