@@ -92,6 +92,9 @@ def test_inproc_run_writes_every_record_kind(mnist_dir: Path, tmp_path: Path) ->
     assert last["epoch"] == 1 and last["samples"] == 1024 and last["samples_per_s"] > 0
     assert last["train_loss"] > 0 and set(last["grad_loss"]) == {"1", "2"}
     epoch = kinds["epoch"][0]
+    accs = [r["train_accuracy"] for r in kinds["iter"]]  # one batch per record here
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert epoch["train_accuracy"] == pytest.approx(sum(accs) / len(accs))
     assert epoch["test_accuracy"] == summary["test_accuracy"]
     assert set(epoch["grad_loss"]) == {"1", "2"} and epoch["samples"] == 1024
     assert [r["stage"] for r in kinds["stage"]] == [1, 2, 3]
@@ -117,3 +120,15 @@ def test_distributed_run_records_lag_staleness_and_stream(
     assert stages[1]["staleness_mean"] is not None and stages[3]["staleness_mean"] is None
     assert 0 <= stages[3]["lag_mean"] <= stages[3]["lag_max"] <= cfg.max_inflight
     assert read_stream(redis_client, cfg.run_id) == records
+
+
+def test_train_accuracy_counts_a_sample_right_when_all_its_positions_are() -> None:
+    """Class logits (B, C) and per-position logits (B, C, T) score as the evaluation does."""
+    from zdni.metrics import train_accuracy
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    assert train_accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
+    seq = torch.zeros(2, 3, 2)
+    seq[0, 1, :] = 1.0  # sample 0 predicts class 1 at both positions
+    seq[1, 2, 0] = 1.0  # sample 1: class 2, then class 0 (all equal: argmax 0)
+    assert train_accuracy(seq, torch.tensor([[1, 1], [2, 1]])) == 0.5

@@ -45,10 +45,10 @@ def test_report_builds_plots_and_table_from_two_real_runs(two_runs: list[Path], 
     result = CliRunner().invoke(main, ["report", *map(str, two_runs), "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     for name in ("loss", "loss_first200", "accuracy_iteration", "accuracy_time", "grad_loss",
-                 "input_loss"):
+                 "input_loss", "test_loss", "train_accuracy"):
         check_png(tmp_path / f"{name}.png")
     table = (tmp_path / "report.md").read_text()
-    assert "| sg cDNI, in-process | 1 |" in table and "| full, in-process | 1 |" in table
+    assert "| sg cDNI | 1 |" in table and "| full | 1 |" in table  # all that differs: the mode
     for run in two_runs:
         assert f"| {run.name} |" in table
     assert "](loss.png)" in table and "time to 97% (s)" in table
@@ -90,3 +90,18 @@ def test_report_names_a_directory_without_runs(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["report", str(tmp_path), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "no metrics.jsonl" in result.output
+
+
+def test_report_labels_given_per_run(tmp_path: Path) -> None:
+    """`--label RUN_DIR=TEXT` names a run in the table; the others keep what differs."""
+    fake_run(tmp_path / "runs", "sg-a", "sg", 0, [0.90, 0.96, 0.98])
+    fake_run(tmp_path / "runs", "bp", "backprop", 0, [0.95, 0.975, 0.985])
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "runs"), "-o",
+                                       str(tmp_path / "out"), "--label",
+                                       f"{tmp_path / 'runs' / 'bp'}=my baseline"])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| my baseline | 1 |" in table and "| sg | 1 |" in table
+    bad = CliRunner().invoke(main, ["report", str(tmp_path / "runs"), "-o", str(tmp_path),
+                                    "--label", "no-equals-sign"])
+    assert bad.exit_code == 2 and "RUN_DIR=TEXT" in bad.output

@@ -81,6 +81,7 @@ class RunConfig:
     checkpoint_every: int = 200  # iterations between parameter backups; 0 = only at stop
     eval_every: int = 0  # iterations between extra test evaluations, for finer curves; 0 = off
     run_id: str = ""  # filled in by the driver when empty
+    label: str = ""  # what reports and the dashboard call the run; "" = named by its settings
 
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
@@ -156,6 +157,10 @@ class RunConfig:
                                       "cifar10")
             elif self.dataset != "mnist":
                 raise ConfigError(f"model {self.model} is an MNIST network; use --dataset mnist")
+        if not isinstance(self.label, str) or len(self.label) > 120 or not (
+                self.label.isprintable()):
+            raise ConfigError(f"label must be printable text of at most 120 characters, got "
+                              f"{str(self.label)[:40]!r}")
         if self.run_id and not RUN_ID_RE.fullmatch(self.run_id):
             raise ConfigError(
                 f"run_id {self.run_id!r} must be 1-64 letters, digits, '_', '.' or '-'"

@@ -4,12 +4,13 @@ Record kinds (every record also has ``kind`` and ``t``, unix seconds):
 
     start  run_id, runner, stages, config: the run's settings (labels the run in reports)
     iter   iteration (batches fed so far), epoch, wall_s, samples, samples_per_s (since the last
-           iter record), train_loss, inflight (batches fed but not finished by every stage), and
+           iter record), train_loss, train_accuracy (of the batches the last stage trained on,
+           before their update), inflight (batches fed but not finished by every stage), and
            per stage (keys "1".."S"): lag (batches fed but not yet finished by that stage: its
            queue depth), staleness (iterations a stage had updated past `it` when the true
            gradient of `it` arrived), grad_loss (M's L2 loss), input_loss (I's L2 loss)
     eval   iteration, epoch, wall_s, test_loss, test_accuracy (every --eval-every iterations)
-    epoch  the summary's history row (test loss/accuracy, per-stage grad_loss/input_loss) plus
+    epoch  the summary's history row (train and test loss/accuracy, per-stage grad_loss/input_loss) plus
            samples and samples_per_s since the start
     stage  one per stage at each epoch's end: lag_mean/lag_max, staleness_mean/staleness_max,
            grad_loss, input_loss over the epoch
@@ -29,6 +30,7 @@ from collections import defaultdict
 from typing import Any
 
 import redis
+import torch
 
 from zdni import keys
 from zdni.config import RunConfig
@@ -40,6 +42,7 @@ EVERY = 10  # iterations per iter record: ~47 per MNIST epoch, enough for smooth
 CLOSE_UP = 200  # every iteration is recorded up to here: the report's close-up of the start
 STREAM_MAXLEN = 10_000  # Redis keeps about this many records per run (approximate trimming)
 STAGE_FIELDS = ("lag", "staleness", "grad_loss", "input_loss")
+TRAIN = {"loss": "train_loss", "accuracy": "train_accuracy"}  # the last stage's numbers
 
 
 class MetricsWriter:
@@ -73,7 +76,7 @@ class MetricsWriter:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
                     value):
                 continue
-            key = "train_loss" if name == "loss" else f"{name}:{stage}"
+            key = TRAIN.get(name, f"{name}:{stage}")
             self.window[key].append(float(value))
             self.epoch_acc[key].append(float(value))
             if name == "loss":
@@ -92,6 +95,7 @@ class MetricsWriter:
             "iteration": iteration, "epoch": epoch, "wall_s": round(wall_s, 3), "samples": samples,
             "samples_per_s": round((samples - self.last_samples) / span, 1) if span > 0 else None,
             "train_loss": _mean(self.window.get("train_loss", [])),
+            "train_accuracy": _mean(self.window.get("train_accuracy", [])),
         }
         if inflight is not None:
             fields["inflight"] = inflight
@@ -120,6 +124,7 @@ class MetricsWriter:
         row: dict[str, Any] = {
             "epoch": epoch, "iterations": iterations,
             "train_loss": _mean(self.epoch_acc.get("train_loss", [])),
+            "train_accuracy": _mean(self.epoch_acc.get("train_accuracy", [])),
             "test_loss": test_loss, "test_accuracy": test_accuracy,
             "wall_s": round(wall_s, 3), **per_stage}
         wall = round(wall_s, 3)
@@ -161,6 +166,13 @@ class MetricsWriter:
         """Per stage ("1".."S") the mean of `name` since the last iter record, where reported."""
         values = {s: self.window.get(f"{name}:{s}") for s in range(1, self.stages + 1)}
         return {str(s): sum(v) / len(v) for s, v in values.items() if v}
+
+
+def train_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of a training batch the logits (B, C, ...) predict right; with labels
+    shaped per sample (B, ...), a sample is right when every one of its positions is."""
+    right = (logits.detach().argmax(1) == y).reshape(len(y), -1).all(dim=1)
+    return float(right.float().mean().item())
 
 
 def _mean(values: list[float]) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +15,12 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
+from zdni import labels  # noqa: E402
 from zdni.runs import Run, Variant  # noqa: E402
 
 CLOSE_UP = 200  # iterations in the close-up plot
 SMOOTH = 5  # records in the moving average of the full-length loss curves
+LEGEND_WRAP = 60  # characters per line of a legend label
 PLAIN = FuncFormatter(lambda v, _: f"{v:.3g}")
 
 # -- curves -------------------------------------------------------------------------------------
@@ -87,6 +90,13 @@ def iter_field(name: str, stage: str | None = None, limit: int | None = None
     return series
 
 
+def test_loss(run: Run) -> dict[int, tuple[float, float]]:
+    """(iteration, test loss) of every eval and epoch record."""
+    return {int(r.get("iterations", r.get("iteration", 0))): (
+        float(r.get("iterations", r.get("iteration", 0))), float(r["test_loss"]))
+        for r in run.records if r["kind"] in ("eval", "epoch") and r.get("test_loss") is not None}
+
+
 def accuracy_by(axis: str) -> Callable[[Run], dict[int, tuple[float, float]]]:
     def series(run: Run) -> dict[int, tuple[float, float]]:
         return {it: (float(it if axis == "iteration" else wall), acc)
@@ -96,39 +106,49 @@ def accuracy_by(axis: str) -> Callable[[Run], dict[int, tuple[float, float]]]:
 
 # -- figures ------------------------------------------------------------------------------------
 def context(runs: list[Run]) -> str:
-    """What all the runs share: model, dataset, stages, batch size; and what the bands mean."""
-    def common(name: str) -> str:
-        values = {str(r.config.get(name)) for r in runs}
-        return values.pop() if len(values) == 1 else "mixed"
-    stages = {str(r.start.get("stages")) for r in runs}
-    text = (f"{common('model')} on {common('dataset').upper()}, "
-            f"{stages.pop() if len(stages) == 1 else 'mixed'} stages, batch {common('batch_size')}")
+    """What all the runs share (model, dataset, stages, batch size; zdni.labels.context) and
+    what the bands mean."""
+    text = labels.context([(r.config, r.start.get("runner")) for r in runs])
     if any(len({r.config.get('seed') for r in runs if r.label == x.label}) > 1 for x in runs):
-        text += "; lines: mean over seeds, bands: min-max"
+        text += ("; " if text else "") + "lines: mean over seeds, bands: min-max"
     return text
 
 
 def figure(title: str, ctx: str, panels: int = 1) -> tuple[Any, list[Any]]:
+    # constrained layout makes room for the legend below the axes (see save)
     fig, axes = plt.subplots(1, panels, figsize=(9 if panels == 1 else 5.2 * panels, 5.4),
-                             squeeze=False)
-    fig.suptitle(f"{title}\n{ctx}", fontsize=12)
+                             squeeze=False, layout="constrained")
+    fig.suptitle(f"{title}\n{ctx}" if ctx else title, fontsize=12)
     for ax in axes[0]:
         ax.grid(True, alpha=0.3)
     return fig, list(axes[0])
 
 
-def save(fig: Any, axes: list[Any], out_dir: str, name: str) -> str:
-    legend: dict[str, Any] = {}  # every variant drawn on any panel, once
+def place_legend(fig: Any, axes: list[Any]) -> Any:
+    """One legend of every curve on any panel, below the axes (outside them: a legend never
+    covers data), long labels wrapped; the figure grows by the legend's rows. None if no curve."""
+    legend: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    axes[0].legend(list(legend.values()), list(legend), fontsize=8, loc="best")
+    if not legend:
+        return None
+    wrapped = [textwrap.fill(label, LEGEND_WRAP) for label in legend]
+    columns = 1 if max(map(len, legend)) > LEGEND_WRAP // 2 else min(len(legend), 3)
+    lines = sum(w.count("\n") + 1 for w in wrapped) if columns == 1 else -(-len(legend) // columns)
+    fig.set_figheight(fig.get_figheight() + 0.2 * lines)
+    return fig.legend(list(legend.values()), wrapped, fontsize=8, loc="outside lower center",
+                      ncols=columns, frameon=False)
+
+
+def save(fig: Any, axes: list[Any], out_dir: str, name: str) -> str:
+    """Write the figure with its legend below the axes (place_legend)."""
+    place_legend(fig, axes)
     for ax in axes:
         if ax.get_yscale() == "log":  # plain numbers, not 2.4x10^0; minor ones within a decade
             low, high = ax.get_ylim()
             ax.yaxis.set_major_formatter(PLAIN)
             ax.yaxis.set_minor_formatter(PLAIN if high / low < 10 else NullFormatter())
-    fig.tight_layout()
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -166,6 +186,19 @@ def draw_all(variants: list[Variant], runs: list[Run], out_dir: str) -> list[str
     plot(variants, iter_field("train_loss", limit=CLOSE_UP), axes[0])
     axes[0].set(xlabel=xlabel, ylabel="train loss (cross-entropy, nats)")
     names.append(save(fig, axes, out_dir, "loss_first200.png"))
+
+    if any(test_loss(r) for r in runs):
+        fig, axes = figure("Test loss", ctx)
+        plot(variants, test_loss, axes[0])
+        axes[0].set(xlabel=xlabel, ylabel="test loss (cross-entropy, nats; log scale)",
+                    yscale="log")
+        names.append(save(fig, axes, out_dir, "test_loss.png"))
+
+    if any(iter_field("train_accuracy")(r) for r in runs):
+        fig, axes = figure("Training accuracy (batches before their update)", ctx)
+        plot(variants, iter_field("train_accuracy"), axes[0], SMOOTH, percent=True)
+        axes[0].set(xlabel=xlabel, ylabel="train accuracy (%)")
+        names.append(save(fig, axes, out_dir, "train_accuracy.png"))
 
     for axis, label in (("iteration", xlabel), ("time", "wall time (s)")):
         fig, axes = figure(f"Test accuracy by {'iterations' if axis == 'iteration' else 'wall time'}",

@@ -72,7 +72,7 @@ META: dict[str, tuple[str, ...]] = {
     BATCH: (),
     ACT: (),
     GRAD: (),
-    DONE: (DONE_EVENT, "loss", "grad_loss", "input_loss", "staleness"),
+    DONE: (DONE_EVENT, "loss", "accuracy", "grad_loss", "input_loss", "staleness"),
     EVAL: ("epoch",),
     EVAL_RESULT: ("epoch", "loss_sum", "correct", "n"),
     CONTROL: ("op", "at", "to"),

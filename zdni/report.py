@@ -11,29 +11,11 @@ import statistics
 from typing import Any
 
 from zdni import plots
-from zdni.config import MODES, RunConfig
-from zdni.runs import NOT_VARIANT, ReportError, Run, Variant, find_runs
+from zdni.config import MODES
+from zdni.labels import label_all
+from zdni.runs import ReportError, Run, Variant, find_runs
 
 __all__ = ["ReportError", "build_report", "find_runs", "group"]
-
-INFLIGHT = RunConfig().max_inflight  # named in a variant's label only when it differs
-
-
-def describe(config: dict[str, Any], runner: str | None) -> str:
-    """A short name of a run's mode and options, e.g. 'sg cDNI' or 'full, stage 1 frozen'."""
-    name = config.get("mode", "?") + (" cDNI" if config.get("conditioned") else "")
-    extras = []
-    if config.get("freeze_stage"):
-        extras.append(f"stage {config['freeze_stage']} frozen")
-    if config.get("synth_placement") == "remote":
-        extras.append("remote synthesizers")
-    if config.get("synth_hidden"):
-        extras.append(f"M/I {config['synth_hidden']} hidden")
-    if config.get("max_inflight", INFLIGHT) != INFLIGHT:
-        extras.append(f"{config['max_inflight']} in flight")
-    if runner == "inproc":
-        extras.append("in-process")
-    return ", ".join([name, *extras])
 
 
 def order(variant: Variant) -> tuple[int, bool, int, str]:
@@ -43,25 +25,23 @@ def order(variant: Variant) -> tuple[int, bool, int, str]:
     return mode, bool(cfg.get("conditioned")), cfg.get("freeze_stage") or 0, variant.label
 
 
-def group(runs: list[Run]) -> list[Variant]:
-    """Variants in a fixed order; labels made unique by naming the settings that differ."""
+def group(runs: list[Run], given: dict[str, str] | None = None) -> list[Variant]:
+    """Variants in a fixed order, each labelled by what differs between them (model first);
+    `given` maps a run's directory to a label of the user's, which wins over the run's own."""
+    for run in runs:
+        text = (given or {}).get(os.path.abspath(run.path))
+        if text:
+            run.start.setdefault("config", {})["label"] = text
     by_key: dict[tuple[Any, ...], Variant] = {}
     for run in runs:
-        label = describe(run.config, run.start.get("runner"))
-        by_key.setdefault(run.key, Variant(label)).runs.append(run)
-    variants = sorted(by_key.values(), key=order)  # the same colours in every report
-    for v in variants:
-        twins = [w for w in variants if w.label == v.label]
-        if len(twins) > 1:
-            cfgs = [w.runs[0].config for w in twins]
-            differ = sorted(k for k in cfgs[0] if k not in NOT_VARIANT
-                            and len({repr(c.get(k)) for c in cfgs}) > 1)
-            v.label += " (" + ", ".join(f"{k}={v.runs[0].config.get(k)}" for k in differ) + ")"
-    for v in variants:
+        by_key.setdefault(run.key, Variant("")).runs.append(run)
+    variants = list(by_key.values())
+    names = label_all([(v.runs[0].config, v.runs[0].start.get("runner")) for v in variants])
+    for v, name in zip(variants, names):
+        v.label = name
         for r in v.runs:
-            r.label = v.label
-    return variants
-
+            r.label = name
+    return sorted(variants, key=order)  # the same colours in every report
 
 
 # -- table --------------------------------------------------------------------------------------
@@ -110,8 +90,9 @@ def table(variants: list[Variant], target: float) -> str:
 
 
 def build_report(paths: list[str], out_dir: str, target: float = 0.97,
-                 title: str = "zdni runs") -> str:
-    """Write the plots and OUT/report.md for the runs under `paths`; returns report.md's path."""
+                 title: str = "zdni runs", labels: dict[str, str] | None = None) -> str:
+    """Write the plots and OUT/report.md for the runs under `paths`; returns report.md's path.
+    `labels` names runs by their directory (a label of the user's)."""
     from zdni.seqreport import is_sequence, sequence_report
 
     found = find_runs(paths)
@@ -119,7 +100,7 @@ def build_report(paths: list[str], out_dir: str, target: float = 0.97,
     os.makedirs(out_dir, exist_ok=True)
     text = [f"# {title}", ""]
     if runs:
-        variants = group(runs)
+        variants = group(runs, {os.path.abspath(k): v for k, v in (labels or {}).items()})
         drawn = plots.draw_all(variants, runs, out_dir)
         text += [f"{len(runs)} runs, {len(variants)} variants; {plots.context(runs)}. Accuracy "
                  "is on the test set; ± is the standard deviation over seeds; wall time and "

@@ -28,6 +28,7 @@ from torch import nn
 from zdni.buffer import MemoryRing, Ring
 from zdni.config import RunConfig
 from zdni.inbox import stage_needs
+from zdni.metrics import train_accuracy
 from zdni.models import make_optimizer
 from zdni.synthesizer import LocalSynth, StageError, Synth
 
@@ -147,7 +148,7 @@ class Stage:
                 raise StageError(f"stage {self.index} is last and needs labels")
             loss = F.cross_entropy(out, y)
             loss.backward()
-            return {"loss": loss.item()}
+            return {"loss": loss.item(), "accuracy": train_accuracy(out, y)}
         g = self.synth.predict_grad(it, out.detach(), y, remember)
         out.backward(g.to(out.device))
         return {}

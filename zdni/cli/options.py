@@ -242,6 +242,9 @@ config_options = _stack(
                  help="Also test every N iterations (metrics 'eval' records); 0 = per epoch."),
     option("--run-id", default="", envvar="ZDNI_RUN_ID",
                  help="Name of the run [default: generated]."),
+    option("--label", default="", envvar="ZDNI_LABEL",
+           help="What `zdni report` and the dashboard call this run [default: named by the "
+                "settings in which it differs from the runs beside it, model first]."),
 )
 
 

@@ -128,15 +128,26 @@ def run_cmd(broker: str, redis_url: str | None, out_dir: str | None, download: b
 @option("--target", type=float, default=0.97, show_default=True,
         help="Test accuracy (a fraction) of the time-to-target column.")
 @option("--title", default="zdni runs", show_default=True, help="Heading of report.md.")
+@option("--label", "labels", multiple=True, metavar="RUN_DIR=TEXT",
+        help="Call the run in RUN_DIR this in the legends and the table (repeatable); it wins "
+             "over the run's own --label.")
 @clean_errors
-def report(run_dirs: tuple[str, ...], out_dir: str, target: float, title: str) -> None:
+def report(run_dirs: tuple[str, ...], out_dir: str, target: float, title: str,
+           labels: tuple[str, ...]) -> None:
     """Plot and tabulate runs (run directories, or directories of them) from their metrics.
 
     Runs that differ only in their seed are one variant: mean curves with the min-max spread.
+    Each variant is labelled by the settings in which it differs from the others, model first.
     """
     from zdni.report import build_report
 
-    click.echo(build_report(list(run_dirs), out_dir, target, title))
+    named = {}
+    for item in labels:
+        path, sep, text = item.partition("=")
+        if not sep or not path or not text.strip():
+            raise click.BadParameter(f"{item!r} is not RUN_DIR=TEXT", param_hint="--label")
+        named[path] = text.strip()
+    click.echo(build_report(list(run_dirs), out_dir, target, title, named))
 
 
 def _suites() -> list[str]:
