@@ -81,13 +81,13 @@ def read_run_file(run_dir: str) -> dict[str, Any]:
 
 def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
                download: bool = False, ready_s: float = 600.0, out_dir: str | None = None,
-               curve: Curve | None = None) -> dict[str, Any]:
+               curve: Curve | None = None, tensorboard: str | None = None) -> dict[str, Any]:
     """`zdni run`: drive workers and a broker started elsewhere (other hosts, honcho)."""
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     data = load_data(cfg, download)
     chosen = plan(cfg, data)
     client = connect(redis_url, fail_fast=True)
-    metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, client)
+    metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, client, tensorboard=tensorboard)
     try:
         driver = Driver(cfg, client, broker, metrics, curve=curve, ready_s=ready_s)
         driver.publish()
@@ -107,10 +107,12 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
 def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = False,
                       redis_url: str | None = None, threads: int | None = None,
                       log_dir: str | None = None, out_dir: str | None = None,
-                      restart: bool = True, devices: str | None = None) -> dict[str, Any]:
+                      restart: bool = True, devices: str | None = None,
+                      tensorboard: str | None = None) -> dict[str, Any]:
     """`zdni train`: an embedded Redis (unless given), a broker and a worker per stage, here.
 
-    Metric records go to out_dir/metrics.jsonl and the run's Redis stream.
+    Metric records go to out_dir/metrics.jsonl, the run's Redis stream and, when given, the
+    TensorBoard directory `tensorboard`.
     """
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     # A bad data set, model or cut is an error before any process starts.
@@ -121,7 +123,7 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
     specs = parse_list(devices, stages) if devices else None
     with _pinned(other_cores(specs) if specs else None):  # broker, Redis, driver: other cores
         return _run_local(cfg, data, chosen, stages, threads, specs, quiet, redis_url,
-                          log_dir, out_dir, restart)
+                          log_dir, out_dir, restart, tensorboard)
 
 
 @contextlib.contextmanager
@@ -140,14 +142,15 @@ def _pinned(cores: tuple[int, ...] | None) -> Iterator[None]:
 
 def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, threads: int,
                specs: list[DeviceSpec] | None, quiet: bool, redis_url: str | None,
-               log_dir: str | None, out_dir: str | None, restart: bool) -> dict[str, Any]:
+               log_dir: str | None, out_dir: str | None, restart: bool,
+               tensorboard: str | None = None) -> dict[str, Any]:
     """The local cluster of `train_distributed`: Redis (unless given), broker, workers."""
     # The workers import user code only because their own command line names it.
     allow = ["--model", cfg.model] if is_reference(cfg.model) else []
     persist = os.path.join(out_dir, "redis") if out_dir else None
     with local_redis(redis_url, persist) as (url, server):
         client = connect(url, fail_fast=True)
-        metrics = MetricsWriter(cfg, stages, out_dir, client)
+        metrics = MetricsWriter(cfg, stages, out_dir, client, tensorboard=tensorboard)
         broker = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
         cluster = Cluster(log_dir=log_dir)
         # The broker is ours and starting: it may take a few seconds to answer its first ping.

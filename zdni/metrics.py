@@ -50,8 +50,13 @@ class MetricsWriter:
 
     def __init__(self, cfg: RunConfig, stages: int, out_dir: str | None = None,
                  client: redis.Redis | None = None, runner: str = "zdni",
-                 every: int = EVERY) -> None:
+                 every: int = EVERY, tensorboard: str | None = None) -> None:
         self.stages = stages
+        self.board = None
+        if tensorboard:  # the same records as TensorBoard scalars (zdni/board.py)
+            from zdni.board import Board
+
+            self.board = Board(tensorboard)
         self.every = every
         self.client = client
         self.watch = RedisWatch("[driver] metrics:", float("inf"))
@@ -146,7 +151,10 @@ class MetricsWriter:
 
     def record(self, kind: str, **fields: Any) -> None:
         """Append one record to the file and the stream; a Redis error only disables the stream."""
-        line = json.dumps({"kind": kind, "t": round(time.time(), 3), **fields})
+        rec = {"kind": kind, "t": round(time.time(), 3), **fields}
+        line = json.dumps(rec)
+        if self.board is not None:
+            self.board.write(rec)
         if self.file is not None:
             self.file.write(line + "\n")
         if self.client is not None:  # skipped while Redis is away; the file has every record
@@ -161,6 +169,9 @@ class MetricsWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def _window_means(self, name: str) -> dict[str, float]:
         """Per stage ("1".."S") the mean of `name` since the last iter record, where reported."""

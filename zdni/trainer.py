@@ -116,7 +116,8 @@ class InprocRunner:
 
 def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
                  out_dir: str | None = None, data: Data | None = None,
-                 units: list[nn.Module] | None = None) -> dict[str, Any]:
+                 units: list[nn.Module] | None = None,
+                 tensorboard: str | None = None) -> dict[str, Any]:
     """Train with every stage in this process; returns the summary (metrics go to out_dir).
     `data` and `units` are live objects (the Python API); otherwise cfg names them."""
     cfg.validate()
@@ -124,7 +125,7 @@ def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
     chosen = plan(cfg, data, units)
     count = stage_count(cfg) if units is None else len(cut_points(len(units), cfg.stages,
                                                                    cfg.cuts))
-    metrics = MetricsWriter(cfg, count, out_dir, runner="inproc")
+    metrics = MetricsWriter(cfg, count, out_dir, runner="inproc", tensorboard=tensorboard)
     try:
         summary = train(cfg, InprocRunner(cfg, metrics, units=units), data, metrics, quiet)
     finally:

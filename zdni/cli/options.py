@@ -97,7 +97,7 @@ def locate(redis_url: str | None, run_id: str | None, run_dir: str | None
     return redis_url_or_default(redis_url), run_id
 
 
-def writable_dir(path: str) -> str:
+def writable_dir(path: str, flag: str = "--out") -> str:
     """Make sure `path` is a directory we can write into, or say why not in one line."""
     import os
     import tempfile
@@ -107,7 +107,7 @@ def writable_dir(path: str) -> str:
         with tempfile.TemporaryFile(dir=path):
             pass  # creating (and dropping) a file is the test that we may write here
     except OSError as exc:
-        raise UserError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+        raise UserError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
     return path
 
 
@@ -126,6 +126,13 @@ def threads_option(func: F) -> F:
 def data_dir_option(func: F) -> F:
     return option("--data-dir", default=None, envvar="ZDNI_DATA_DIR",
                         help="Directory with the dataset files [default: ./data].")(func)
+
+
+def tensorboard_option(func: F) -> F:
+    return option("--tensorboard", default=None, envvar="ZDNI_TENSORBOARD",
+                  type=click.Path(file_okay=False),
+                  help="Also write the metric records as TensorBoard scalars into this "
+                       "directory (`tensorboard --logdir DIR`; needs zdni[tensorboard]).")(func)
 
 
 def _curve(role: str) -> Callable[[click.Context, click.Parameter, str | None], Any]:

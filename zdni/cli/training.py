@@ -22,6 +22,7 @@ from zdni.cli.options import (
     output_options,
     redis_option,
     redis_url_or_default,
+    tensorboard_option,
     threads_option,
     wait_for_redis,
     writable_dir,
@@ -45,29 +46,33 @@ def _finish(out_dir: str, summary: dict[str, Any]) -> None:
 @redis_option
 @option("--restart/--no-restart", default=True, show_default=True,
         help="Restart a crashed worker (it resumes from its backup) instead of failing.")
+@tensorboard_option
 @option("--devices", default=None, envvar="ZDNI_DEVICES",
         help="One device per stage, separated by spaces or ';': cpu:A-B (a core set the worker "
              "is pinned to, a torch thread per core) or cuda:N; the broker, driver and Redis "
              "then keep to the other cores. E.g. 'cpu:0 cpu:1'.")
 @clean_errors
 def train(inproc: bool, out_dir: str | None, download: bool, quiet: bool, threads: int | None,
-          redis_url: str | None, restart: bool, devices: str | None, **kwargs: Any) -> None:
+          redis_url: str | None, restart: bool, devices: str | None, tensorboard: str | None,
+          **kwargs: Any) -> None:
     """Train a model; prints a JSON summary line and writes OUT/summary.json."""
     cfg = config_from(kwargs)
     out_dir = writable_dir(out_dir or os.path.join("runs", cfg.run_id))
+    if tensorboard:
+        writable_dir(tensorboard, "--tensorboard")
     logging.getLogger("zdni").info("[driver] config %s", cfg.to_json())
     if devices and inproc:
         raise click.BadParameter("--devices places the stages' worker processes; --inproc "
                                  "has none", param_hint="--devices")
     with interrupted_says(cfg.run_id, out_dir):
         summary = _train(cfg, inproc, out_dir, download, quiet, threads, redis_url, restart,
-                         devices)
+                         devices, tensorboard)
     _finish(out_dir, summary)
 
 
 def _train(cfg: RunConfig, inproc: bool, out_dir: str, download: bool, quiet: bool,
            threads: int | None, redis_url: str | None, restart: bool,
-           devices: str | None) -> dict[str, Any]:
+           devices: str | None, tensorboard: str | None = None) -> dict[str, Any]:
     if inproc:
         import torch
 
@@ -75,13 +80,15 @@ def _train(cfg: RunConfig, inproc: bool, out_dir: str, download: bool, quiet: bo
 
         if threads:
             torch.set_num_threads(threads)
-        summary = train_inproc(cfg, quiet=quiet, download=download, out_dir=out_dir)
+        summary = train_inproc(cfg, quiet=quiet, download=download, out_dir=out_dir,
+                               tensorboard=tensorboard)
     else:
         from zdni.cluster import train_distributed
 
         summary = train_distributed(cfg, quiet=quiet, download=download, redis_url=redis_url,
                                     threads=threads, log_dir=os.path.join(out_dir, "logs"),
-                                    out_dir=out_dir, restart=restart, devices=devices)
+                                    out_dir=out_dir, restart=restart, devices=devices,
+                                    tensorboard=tensorboard)
     return summary
 
 
@@ -105,19 +112,22 @@ def interrupted_says(run_id: str, out_dir: str) -> Iterator[None]:
 @option("--wait", "wait_s", type=float, default=600.0, show_default=True,
         help="Seconds to wait for the workers to start.")
 @curve_option()
+@tensorboard_option
 @clean_errors
 def run_cmd(broker: str, redis_url: str | None, out_dir: str | None, download: bool, quiet: bool,
-            wait_s: float, curve: Curve | None, **kwargs: Any) -> None:
+            wait_s: float, curve: Curve | None, tensorboard: str | None, **kwargs: Any) -> None:
     """Drive a run over a broker and workers started elsewhere (another host, honcho)."""
     from zdni.cluster import run_remote
 
     cfg = config_from(kwargs)
     url = redis_url_or_default(redis_url)
     out_dir = writable_dir(out_dir or os.path.join("runs", cfg.run_id))
+    if tensorboard:
+        writable_dir(tensorboard, "--tensorboard")
     wait_for_redis(url, "[driver]")
     with interrupted_says(cfg.run_id, out_dir):
         summary = run_remote(cfg, broker, url, quiet=quiet, download=download, ready_s=wait_s,
-                             out_dir=out_dir, curve=curve)
+                             out_dir=out_dir, curve=curve, tensorboard=tensorboard)
     _finish(out_dir, summary)
 
 
