@@ -119,6 +119,32 @@ def test_restore_is_exact_and_training_continues_identically(
         assert_same(snapshot(stage), want)
 
 
+def test_a_restore_with_dropout_continues_bit_equal(redis_client: redis.Redis,
+                                                    repo_root: Path) -> None:
+    """Backups carry every unit's random stream: the examples' CNN at dropout 0.5, restored
+    from its backup at k, draws the masks it drew the first time, so every tensor after three
+    more iterations equals the uninterrupted run's (14 differed when the streams were left out)."""
+    cfg = RunConfig(mode="sg", stages=3, conditioned=True, input_shape=[1, 28, 28],
+                    model=f"{repo_root}/examples/my_models.py:cnn",
+                    model_args={"channels": 4, "dropout": 0.5}).validate()
+    stages, data = build_pipeline(cfg), batches(8)
+    train(stages, data, 0, 3)
+    for stage in stages:
+        checkpoint.save(redis_client, "drop", stage, 2)
+    train(stages, data, 3, 6)
+    later = [snapshot(s) for s in stages]
+    fresh = build_pipeline(RunConfig.from_json(cfg.to_json()))
+    train(fresh, data, 0, 1)  # its streams (and weights) move on elsewhere before the restore
+    for stage in fresh:
+        found = checkpoint.load(redis_client, "drop", stage.index)
+        assert found is not None
+        assert any(k.startswith(checkpoint.RNG) for k in found[0])
+        checkpoint.restore_stage(stage, *found)
+    train(fresh, data, 3, 6)
+    for stage, want in zip(fresh, later):
+        assert_same(snapshot(stage), want)
+
+
 def test_restore_into_a_fresh_pipeline(
     redis_client: redis.Redis, trained: tuple[list[Stage], list[Batch]]
 ) -> None:

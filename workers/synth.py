@@ -16,6 +16,7 @@ from zdni.models import build_stages, input_shape, stage_shapes
 from zdni.outage import RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
+from zdni.rng import span
 from zdni.security import Curve
 from zdni.shell import Stopper, read_config, setup_logging
 from zdni.stage import StageError
@@ -33,9 +34,10 @@ def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None,
     cfg = read_config(client, run, "[synth]")
     watch = RedisWatch("[synth]", cfg.redis_timeout_s)
     check_allowed(cfg.model, allow_model, "[synth]")  # before any user code is imported
-    shapes = stage_shapes(build_stages(cfg), input_shape(cfg))
+    modules = build_stages(cfg)
+    shapes = stage_shapes(modules, input_shape(cfg))
     service = SynthService(cfg, shapes, lambda stage, name: RedisRing(
-        client, run, stage, name, cfg.ring_size))
+        client, run, stage, name, cfg.ring_size), [span(m) for m in modules])
     counts: Counter[str] = Counter()
     trained = -1  # the newest iteration a synthesizer trained on
     found = checkpoint.load(client, run, protocol.SYNTH)

@@ -24,6 +24,7 @@ from zdni.codec import decode_state, encode_state
 from zdni.stage import Stage
 
 KEEP = 5  # backups kept per stage: enough to roll back a few intervals, bounded memory
+RNG = "rng."  # the prefix of a stage's random streams in a backup (zdni/rng.py)
 
 
 def _parts(stage: Stage) -> dict[str, Any]:
@@ -41,8 +42,11 @@ def _optimizers(stage: Stage) -> dict[str, torch.optim.Optimizer]:
 
 
 def stage_state(stage: Stage, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every tensor that defines the stage's training state, and the metadata beside them."""
-    return collect(_parts(stage), _optimizers(stage), iteration, stage.index)
+    """Every tensor that defines the stage's training state (its units' random streams
+    included, as rng.KIND.UNIT), and the metadata beside them."""
+    tensors, meta = collect(_parts(stage), _optimizers(stage), iteration, stage.index)
+    tensors.update({f"{RNG}{k}": v for k, v in stage.rng.state_dict().items()})
+    return tensors, meta
 
 
 def collect(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
@@ -65,8 +69,10 @@ def collect(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optim
 
 
 def restore_stage(stage: Stage, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Load a backup into the stage, in place."""
+    """Load a backup into the stage, in place (its random streams too: it goes on drawing the
+    dropout masks the saved stage would have drawn)."""
     restore(_parts(stage), _optimizers(stage), tensors, meta)
+    stage.rng.load_state_dict({k[len(RNG):]: v for k, v in tensors.items() if k.startswith(RNG)})
 
 
 def restore(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],

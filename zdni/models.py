@@ -157,9 +157,15 @@ def cut_points(units: int, stages: int | None = None, cuts: Sequence[int] | None
 
 
 def cut(units: Sequence[nn.Module], points: Sequence[int]) -> list[nn.Sequential]:
-    """Group units into stages starting at `points`."""
+    """Group units into stages starting at `points`; each stage records the index of its first
+    unit in the whole model (`first_unit`: its units' random streams are named by it, zdni/rng.py)."""
     bounds = [*points, len(units)]
-    return [nn.Sequential(*units[a:b]) for a, b in zip(bounds, bounds[1:])]
+    stages = []
+    for a, b in zip(bounds, bounds[1:]):
+        stage = nn.Sequential(*units[a:b])
+        object.__setattr__(stage, "first_unit", a)  # a plain attribute, not a submodule
+        stages.append(stage)
+    return stages
 
 
 def build_stages(cfg: RunConfig, units: list[nn.Module] | None = None) -> list[nn.Sequential]:

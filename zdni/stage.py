@@ -30,6 +30,7 @@ from zdni.config import RunConfig
 from zdni.inbox import stage_needs
 from zdni.metrics import train_accuracy
 from zdni.models import make_optimizer
+from zdni.rng import UnitStreams, span
 from zdni.synthesizer import LocalSynth, StageError, Synth
 
 __all__ = ["Outcome", "Stage", "StageError"]
@@ -72,11 +73,12 @@ class Stage:
         }
         params = list(self.module.parameters())
         self.opt = None if self.frozen or not params else make_optimizer(cfg, params, cfg.lr)
-        self.synth: Synth = synth or LocalSynth(cfg, index, shapes, self.rings["out"], device)
+        self.synth: Synth = synth or LocalSynth(cfg, index, shapes, self.rings["out"], device,
+                                                span(module))
         self.has_M = cfg.needs_synth and not self.last
         self.has_I = cfg.mode == "full" and not self.first
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # backprop graphs
-        self.rng = self._seed_stream(cfg.seed * 1_000_003 + 7_919 * index)
+        self.rng = UnitStreams(cfg.seed, module, self.device)  # dropout: per unit (zdni/rng.py)
 
     @property
     def local(self) -> LocalSynth | None:
@@ -109,28 +111,11 @@ class Stage:
         """Whether this stage trains on the labels y each iteration."""
         return stage_needs(self.cfg, self.index, self.count)[1]
 
-    def _seed_stream(self, seed: int) -> torch.Tensor:
-        """This stage's own random stream (dropout), the same in every process."""
-        if self.device.type == "cuda":
-            with torch.random.fork_rng(devices=[self.device]):
-                torch.cuda.manual_seed(seed)
-                return torch.cuda.get_rng_state(self.device)
-        return torch.Generator().manual_seed(seed).get_state()
-
     def _forward(self, h: torch.Tensor) -> torch.Tensor:
-        """The module in training mode, drawing from this stage's own random stream: a stage
-        draws the same dropout masks in a worker as in the in-process runner, where stages
-        would otherwise share (and reorder) one stream."""
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            if cuda:
-                torch.cuda.set_rng_state(self.rng, self.device)
-            else:
-                torch.random.set_rng_state(self.rng)
-            out = self.module(h)
-            self.rng = torch.cuda.get_rng_state(self.device) if cuda else \
-                torch.random.get_rng_state()
-        return out
+        """The module in training mode, each unit drawing from its own random stream, named by
+        the seed and the unit (zdni/rng.py): the same masks in a worker as in process, and
+        whatever the cuts."""
+        return self.rng.forward(self.module, h)
 
     def _step(self) -> None:
         if self.opt is not None:

@@ -126,9 +126,11 @@ class StageError(RuntimeError):
     """An event cannot be applied (its partner is missing or was overwritten)."""
 
 
-def synthesizer_seed(cfg: RunConfig, index: int) -> int:
-    """The seed a stage's synthesizers are built from: same in every process, distinct per stage."""
-    return cfg.seed * 7919 + 104729 * index
+def synthesizer_seed(cfg: RunConfig, boundary: int, kind: str = "M") -> int:
+    """The seed M (or I) is built from, named by the boundary it serves: the index of the model's
+    unit right after the cut (zdni/rng.py), never by a stage number: the same in every process
+    and wherever the other cuts fall."""
+    return cfg.seed * 7919 + 104729 * boundary + (15485863 if kind == "I" else 0)
 
 
 class Synth(Protocol):
@@ -153,13 +155,17 @@ class LocalSynth:
     """
 
     def __init__(self, cfg: RunConfig, index: int, shapes: list[tuple[int, ...]],
-                 out_ring: Ring | None = None, device: str = "cpu") -> None:
+                 out_ring: Ring | None = None, device: str = "cpu",
+                 span: tuple[int, int] | None = None) -> None:
         self.cfg = cfg
         self.index = index
         count = len(shapes) - 1
         self.ring: Ring = out_ring or MemoryRing(cfg.ring_size)
+        # span: the stage's units first..end-1 in the whole model (zdni.rng.spans); M serves the
+        # boundary at `end`, I the one at `first`, and each is seeded by its boundary
+        first, end = span if span is not None else (index - 1, index)
         generator_state = torch.random.get_rng_state()
-        torch.manual_seed(synthesizer_seed(cfg, index))
+        torch.manual_seed(synthesizer_seed(cfg, end, "M"))
         self.M: nn.Module | None = None
         self.I: nn.Module | None = None  # noqa: E741
         if cfg.needs_synth and index < count:
@@ -167,6 +173,7 @@ class LocalSynth:
                 shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned, cfg.classes,
                 math.prod(cfg.label_shape),
             ).to(device)
+        torch.manual_seed(synthesizer_seed(cfg, first, "I"))
         if cfg.mode == "full" and index > 1:
             self.I = InputSynthesizer(
                 shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned,

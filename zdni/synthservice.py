@@ -83,7 +83,8 @@ class SynthService:
     """Every stage's synthesizers, answering requests (no sockets: the process loop is elsewhere)."""
 
     def __init__(self, cfg: RunConfig, shapes: list[tuple[int, ...]],
-                 ring: Callable[[int, str], Ring] | None = None) -> None:
+                 ring: Callable[[int, str], Ring] | None = None,
+                 spans: list[tuple[int, int]] | None = None) -> None:
         self.cfg = cfg
         self.shapes = shapes
         count = len(shapes) - 1
@@ -91,7 +92,8 @@ class SynthService:
         self.synths: dict[int, LocalSynth] = {}
         self.inputs: dict[int, Ring] = {}
         for i in range(1, count + 1):
-            synth = LocalSynth(cfg, i, shapes, make_ring(i, "synth-out"))
+            synth = LocalSynth(cfg, i, shapes, make_ring(i, "synth-out"),
+                               span=spans[i - 1] if spans else None)
             if synth.M is not None or synth.I is not None:
                 self.synths[i] = synth
                 self.inputs[i] = make_ring(i, "synth-in")
