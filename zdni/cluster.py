@@ -16,7 +16,7 @@ from typing import Any
 from zdni import protocol
 from zdni.config import ConfigError, RunConfig, new_run_id
 from zdni.device import DeviceSpec, other_cores, parse_list
-from zdni.driver import Driver
+from zdni.driver import Driver, StopRequested
 from zdni.launcher import Cluster
 from zdni.loop import Data, load_data
 from zdni.metrics import MetricsWriter
@@ -34,9 +34,13 @@ log = logging.getLogger("zdni.driver")
 
 @contextlib.contextmanager
 def marking_outcome(driver: Driver) -> Iterator[None]:
-    """Record in Redis whether the block finished the run or failed it."""
+    """Record in Redis whether the block finished the run, failed it, or an operator stopped it."""
     try:
         yield
+    except StopRequested:
+        with contextlib.suppress(Exception):
+            driver.set_state(status="stopped")
+        raise
     except BaseException:
         with contextlib.suppress(Exception):
             driver.set_state(status="failed")

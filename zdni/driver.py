@@ -33,9 +33,14 @@ from zdni.security import Curve
 from zdni.transport import Endpoint
 from zdni.window import Window
 
-__all__ = ["Driver"]
+__all__ = ["Driver", "StopRequested"]
 
 log = logging.getLogger("zdni.driver")
+
+
+class StopRequested(RunError):
+    """An operator asked (through the dashboard: the run's state field `stop_requested`) that
+    the run stop; the driver stops its workers, which back up, and the run is 'stopped'."""
 
 
 class Driver:
@@ -223,6 +228,9 @@ class Driver:
     # -- health ----------------------------------------------------------------------------
     def _check_health(self) -> None:
         now = time.monotonic()
+        if self.watch.call(self.redis.hget, keys.state(self.cfg.run_id), "stop_requested"):
+            raise StopRequested(f"run {self.cfg.run_id} stopped by the operator at iteration "
+                                f"{self.fed}")
         self._watch_broker(now)
         if self.redis_server is not None and not self.redis_server.alive():
             log.error("[driver] the embedded Redis exited; starting it again on port %d",
@@ -324,7 +332,11 @@ class Driver:
             self.wait_broker()
             self.wait_ready()
             self.set_state(status="running")
-            summary = train(self.cfg, self, data, self.metrics, quiet)
+            try:
+                summary = train(self.cfg, self, data, self.metrics, quiet)
+            except StopRequested:
+                self.stop_workers()  # they back up where they are, then stop
+                raise
             self.stop_workers()
             return summary
 

@@ -30,7 +30,7 @@ def collect(client: redis.Redis, run: str) -> dict[str, Any]:
     stages = int(state.get("stages", "0"))
     health = _hash(client, keys.health(run))
     now = time.time()
-    over = state.get("status") in ("finished", "failed")  # no stage of an ended run is alive
+    over = state.get("status") in ("finished", "failed", "stopped")  # no stage of it is alive
     rows = []
     for stage in [*range(1, stages + 1), protocol.SYNTH]:
         beat = _hash(client, keys.heartbeat(run, stage))

@@ -95,9 +95,15 @@ def _train(cfg: RunConfig, inproc: bool, out_dir: str, download: bool, quiet: bo
 @contextlib.contextmanager
 def interrupted_says(run_id: str, out_dir: str) -> Iterator[None]:
     """Ctrl-C (or SIGTERM) ends the command with one line: what stopped, where its partial
-    results are; exit status 130."""
+    results are; exit status 130. A stop asked for through the dashboard says so; exit 1."""
+    from zdni.driver import StopRequested
+
     try:
         yield
+    except StopRequested as exc:
+        click.echo(f"{exc}; its partial results (metrics.jsonl, logs/) are in {out_dir}",
+                   err=True)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted: run {run_id} stopped; its partial results (metrics.jsonl, "
                    f"logs/) are in {out_dir}", err=True)
