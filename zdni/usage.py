@@ -40,7 +40,8 @@ def utilization(device: str, disk_path: str | None = None) -> dict[str, float | 
 
 
 def disk(path: str) -> dict[str, float | str]:
-    """Usage of the filesystem holding `path` (GiB and % used); {} when it cannot be read.
+    """Usage of the filesystem holding `path` (GiB, and % used as df counts it); {} when it
+    cannot be read.
 
     A path that does not exist yet (a checkpoint directory made at the first backup) is measured
     at its nearest existing parent.
@@ -54,7 +55,8 @@ def disk(path: str) -> dict[str, float | str]:
         return {}
     return {"disk_path": probe, "disk_total_gb": round(total / 2**30, 2),
             "disk_free_gb": round(free / 2**30, 2),
-            "disk_used_percent": round(100.0 * used / total, 1) if total else 0.0}
+            # as df's Use%: of the space a user may fill (root's reserve left out)
+            "disk_used_percent": round(100.0 * used / (used + free), 1) if used + free else 0.0}
 
 
 def gpu(device: str) -> dict[str, float | str]:

@@ -1,4 +1,4 @@
-"""The operations commands of `zdni`: status, rollback and keys."""
+"""The operations commands of `zdni`: status, dashboard, rollback and keys."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from zdni.cli.options import (
     redis_option,
     run_dir_option,
     run_option,
+    wait_for_redis,
 )
 from zdni.security import Curve
 
@@ -54,6 +55,40 @@ def status(redis_url: str | None, run_id: str | None, run_dir: str | None, watch
         if not watch:
             return
         time.sleep(1.0)
+
+
+@main.command()
+@redis_option
+@run_option
+@run_dir_option
+@option("--bind", default="127.0.0.1:8050", show_default=True, envvar="ZDNI_DASHBOARD_BIND",
+        help="HOST:PORT to serve on (loopback unless you name another address).")
+@option("--token-file", type=click.Path(dir_okay=False), default=None,
+        envvar="ZDNI_DASHBOARD_TOKEN_FILE",
+        help="A file holding the token that roll back and stop need; the token may also come "
+             "in ZDNI_DASHBOARD_TOKEN. Without either, those actions are off.")
+@curve_option()
+@clean_errors
+def dashboard(redis_url: str | None, run_id: str | None, run_dir: str | None, bind: str,
+              token_file: str | None, curve: Curve | None) -> None:
+    """Serve a live web page and a JSON API of the runs in one Redis: each stage's health and
+    utilization, counters, lag, backups and curves; roll back and stop behind a token."""
+    import os
+
+    from zdni.dashboard import serve
+
+    redis_url, run_id = locate(redis_url, run_id, run_dir)
+    token = os.environ.get("ZDNI_DASHBOARD_TOKEN", "").strip() or None
+    if token_file:
+        try:
+            with open(token_file) as fh:
+                token = fh.read().strip() or None
+        except OSError as exc:
+            raise UserError(f"--token-file {token_file}: {exc.strerror or exc}") from None
+        if token is None:
+            raise UserError(f"--token-file {token_file} is empty")
+    wait_for_redis(redis_url, "[dashboard]")
+    serve(redis_url, bind, token, curve, run_id)
 
 
 @main.command()
