@@ -27,8 +27,8 @@ def test_broker_address_is_checked() -> None:
     assert "is not tcp://HOST:PORT" in result.output
 
 
-COMMANDS = {"train", "run", "broker", "worker", "synth", "status", "rollback", "keys", "redis",
-            "report", "experiment", "sequence"}
+COMMANDS = {"train", "run", "broker", "worker", "synth", "status", "dashboard", "rollback", "keys",
+            "redis", "report", "experiment", "sequence"}
 
 
 def test_help_lists_every_command() -> None:

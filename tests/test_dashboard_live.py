@@ -20,7 +20,7 @@ import httpx2
 import pytest
 import redis
 import torch
-from procs import Process, clean_env, logs
+from procs import Process, clean_env
 
 from zdni import checkpoint, keys, protocol
 from zdni.cluster import marking_outcome, write_run_file
@@ -291,7 +291,7 @@ def test_a_stop_through_the_api_ends_the_run(live: Live) -> None:
     answer = live.http.post(path, headers={"Authorization": f"Bearer {TOKEN}"})
     assert answer.status_code == 202, answer.text
     live.thread.join(60)
-    assert not live.thread.is_alive(), logs([])
+    assert not live.thread.is_alive(), "the driver did not stop within 60 s"
     assert isinstance(live.outcome.get("error"), StopRequested), live.outcome
     assert live.get("/api/runs/dash")["state"]["status"] == "stopped"
     assert [s["state"] for s in live.stages()] == ["stopped"] * 3

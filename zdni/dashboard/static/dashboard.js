@@ -34,6 +34,21 @@ function text(v, digits = 0) {
   return v === null || v === undefined ? "–" : (typeof v === "number" ? v.toFixed(digits) : v);
 }
 
+// What Redis holds goes into the page as text, never as markup.
+function cell(content) {
+  const td = document.createElement("td");
+  if (content instanceof Node) td.append(content);
+  else td.textContent = String(content);
+  return td;
+}
+
+function badge(state) {
+  const span = document.createElement("span");
+  span.className = "state " + String(state).replace(/[^a-z]/g, "");
+  span.textContent = state;
+  return span;
+}
+
 // -- runs -------------------------------------------------------------------------------------
 async function pollRuns() {
   const found = await get("api/runs");
@@ -45,9 +60,8 @@ async function pollRuns() {
     tr.className = r.run === run ? "selected" : "";
     const name = r.label || `${r.model} ${r.mode}${r.conditioned ? " cDNI" : ""}`;
     tr.title = `${r.run}: ${name}`;
-    tr.innerHTML = `<td></td><td><span class="state ${r.status}">${r.status}</span></td>` +
-      `<td>${r.test_accuracy === null ? "–" : (100 * r.test_accuracy).toFixed(2)}</td>`;
-    tr.firstChild.textContent = r.run;
+    tr.append(cell(r.run), cell(badge(r.status)),
+      cell(r.test_accuracy === null ? "–" : (100 * r.test_accuracy).toFixed(2)));
     tr.onclick = () => select(r.run);
     return tr;
   }));
@@ -86,7 +100,7 @@ function stageRow(st) {
     : (st.gpu_mem_mb !== undefined ? `${st.gpu_mem_mb.toFixed(0)} MiB` : "–");
   const disk = st.disk_used_percent === undefined ? "–"
     : `${st.disk_used_percent.toFixed(0)} % (${text(st.disk_free_gb, 1)} GiB free)`;
-  const cells = [st.stage, `<span class="state ${st.state}">${st.state}</span>`, st.iteration,
+  const cells = [st.stage, badge(st.state), st.iteration,
     st.heartbeat_age_s === null ? "–" : `${st.heartbeat_age_s.toFixed(1)} s`, text(m.lag),
     text(m.staleness, 1), text(st.cpu_percent), st.rss_mb === undefined ? "–"
       : `${st.rss_mb.toFixed(0)} MiB`, disk, gpu, gmem, st.trained, st.dropped,
@@ -94,7 +108,7 @@ function stageRow(st) {
   const tr = document.createElement("tr");
   tr.dataset.stage = st.stage;
   tr.dataset.state = st.state;
-  tr.innerHTML = cells.map((c) => `<td>${c}</td>`).join("");
+  tr.append(...cells.map(cell));
   if (st.disk_path) tr.children[8].title = st.disk_path;
   if (st.gpu_name) tr.children[9].title = st.gpu_name;
   return tr;
@@ -172,8 +186,10 @@ function draw() {
       box = document.createElement("div");
       box.className = "chart";
       box.id = "chart-" + name;
-      box.innerHTML = `<div class="title"></div>`;
-      box.firstChild.textContent = c.title;
+      const title = document.createElement("div");
+      title.className = "title";
+      title.textContent = c.title;
+      box.append(title);
       $("#charts").append(box);
     }
     box.dataset.points = String(c.series.get(labels[0]).size);
