@@ -28,7 +28,7 @@ def test_broker_address_is_checked() -> None:
 
 
 COMMANDS = {"train", "run", "broker", "worker", "synth", "status", "dashboard", "rollback", "keys",
-            "redis", "report", "experiment", "sequence"}
+            "redis", "report", "experiment", "sequence", "evaluate"}
 
 
 def test_help_lists_every_command() -> None:

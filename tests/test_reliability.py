@@ -70,7 +70,7 @@ def test_embedded_redis_killed_mid_run_is_restarted_and_the_run_finishes(
     killer = threading.Thread(target=kill, daemon=True)
     killer.start()
     summary = train_distributed(config(mnist_dir, "hit-redis"), quiet=True, threads=1,
-                                out_dir=str(tmp_path / "hit"))
+                                out_dir=str(tmp_path / "hit"), keep_redis=True)
     killer.join(10)
     assert "pid" in killed, "Redis was never killed"
     tally = summary["tally"]
@@ -78,7 +78,7 @@ def test_embedded_redis_killed_mid_run_is_restarted_and_the_run_finishes(
     assert tally["fed"] == summary["iterations"]
     assert tally["fed"] - tally.get("replayed", 0) == BATCHES
     assert abs(summary["test_accuracy"] - calm["test_accuracy"]) <= 0.01
-    assert (tmp_path / "hit" / "redis" / "redis.conf").exists()  # where it persisted
+    assert (tmp_path / "hit" / "redis" / "redis.conf").exists()  # where it persisted (kept)
 
 
 def test_a_redis_away_for_seconds_is_waited_out(mnist_dir: Path, tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ class Worker:
         self.pin = device.startswith("cuda")  # receive into pinned memory, send through it
         self.checkpoint_dir = checkpoint_dir
         self.who = f"[stage {stage}]"
+        self.attempt = ""  # the start of the run served (zdni.worker.attempt), when waited for
         self.redis = connect(redis_url, fail_fast=True)
         self.run = run or self._wait_for_run(wait_s, served)
         self.cfg = read_config(self.redis, self.run, self.who)
@@ -99,14 +100,17 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------
     def _wait_for_run(self, wait_s: float, served: frozenset[str]) -> str:
-        """The current run once a driver has published it (not one this process served)."""
+        """The current run once a driver has published it (not a start of it this process
+        served: a run resumed with `--resume` is published again, and served again)."""
         deadline = time.monotonic() + wait_s
         watch = RedisWatch(self.who, float("inf"))  # waiting, a worker outlives any outage
         while time.monotonic() < deadline:
             current = watch.call(self.redis.get, keys.current_run())
-            if current and keys.text(current) not in served:
-                status = watch.call(self.redis.hget, keys.state(keys.text(current)), "status")
-                if status in (b"starting", b"running"):
+            if current:
+                state = watch.call(self.redis.hmget, keys.state(keys.text(current)),
+                                   ["status", "started"]) or [None, None]
+                self.attempt = attempt(keys.text(current), state[1])
+                if state[0] in (b"starting", b"running") and self.attempt not in served:
                     return keys.text(current)
             time.sleep(0.2)
         raise SystemExit(f"{self.who} no run published in Redis within {wait_s:.0f} s")
@@ -314,7 +318,11 @@ class Worker:
                 self.stopper.stop()
         elif op == protocol.OP_CHECKPOINT:  # meta "at": save under that label (a snapshot), else now
             at = msg.meta.get("at")
-            self._save(at if isinstance(at, int) and at >= 0 else self.iteration)
+            label = at if isinstance(at, int) and at >= 0 else self.iteration
+            self._save(label)
+            # The driver's checkpoint waits for every stage to say it backed up at `label`.
+            self.watch.call(self.redis.hset, keys.heartbeat(self.run, self.index), "checkpointed",
+                            label)
         elif op == protocol.OP_ROLLBACK:
             target = msg.meta.get("to")
             found = checkpoint.load(self.redis, self.run, self.index, int(target)) if isinstance(
@@ -393,12 +401,17 @@ def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
         worker = Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s,
                         curve, allow_model, frozenset(served))
         worker.serve()
-        served.add(worker.run)
+        served.add(worker.attempt)
         if once or run is not None or (worker.stopper is not None and worker.stopper.signalled):
             return
         log.warning("[stage %d] %s; waiting for the next run", stage,
                     worker.ended or f"run {worker.run} stopped")
         wait_s = float("inf")  # a server: it waits for runs as long as it is left running
+
+
+def attempt(run: str, started: object) -> str:
+    """One start of a run: its id and when its driver published it."""
+    return f"{run}@{keys.text(started) if started is not None else ''}"
 
 
 def _leave(signum: int, frame: Any) -> None:

@@ -1,5 +1,6 @@
 """The Python API, for scripts and notebooks: `zdni.train(...)` over the same RunConfig as the
-command line (its keyword arguments are RunConfig's fields; no second list of defaults)."""
+command line (its keyword arguments are RunConfig's fields; no second list of defaults), and
+the trained network it leaves: `zdni.load`, `zdni.evaluate` (zdni/modelfile.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,42 @@ from torch import nn
 from zdni.config import LIVE, ConfigError, RunConfig, new_run_id
 from zdni.usercode import UserCodeError
 
-__all__ = ["train"]
+__all__ = ["TrainResult", "train"]
+
+
+class TrainResult(dict[str, Any]):
+    """What zdni.train gives back: the summary (this dict, as `zdni train` writes it to
+    summary.json), `.summary` (the same, as a plain dict), `.model` (the trained network with
+    its input normalization, a zdni.modelfile.Model, loaded from `.run_dir` on first use)."""
+
+    def __init__(self, summary: dict[str, Any], run_dir: str, live: nn.Module | None = None
+                 ) -> None:
+        super().__init__(summary)
+        self.run_dir = run_dir
+        self._live = live
+        self._model: nn.Module | None = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(self)
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            from zdni.modelfile import load
+
+            self._model = load(self.run_dir, net=self._live)
+        return self._model
 
 
 def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
           dataset: str | tuple[Any, Any] | None = None, *, distributed: bool = True,
           out_dir: str | None = None, quiet: bool = True, redis_url: str | None = None,
-          threads: int | None = None, restart: bool = True, **settings: Any) -> dict[str, Any]:
-    """Train and return the summary (the dict `zdni train` writes to OUT/summary.json).
+          threads: int | None = None, restart: bool = True, resume: str | None = None,
+          **settings: Any) -> TrainResult:
+    """Train; return the summary (the dict `zdni train` writes to OUT/summary.json) with the
+    trained network, `.model` (a TrainResult). OUT (out_dir, default runs/RUN_ID) must not
+    hold a run already.
 
     model     a zoo name, or a reference "package.module:factory" / "path/file.py:factory"
               (factory keyword arguments in model_args={...}); in process also an
@@ -31,10 +60,17 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
               redis_url is given); False: every stage in this process (the reference runner)
     settings  any RunConfig field: mode="sg", conditioned=True, stages=3, epochs=5, lr=...
 
+    resume    a run directory: continue that run from its latest checkpoint, as it ran (in
+              process or distributed) and with its own settings, to epochs=N in all (default:
+              its own); data_dir= if the data moved; a live model's run takes the model again
+
     Raises a zdni.ZdniError subclass (ConfigError, DataError, UserCodeError, RunError) whose
     one-line message says what is wrong.
     """
     live_model = not isinstance(model, str)
+    if resume is not None:
+        return _resume(resume, model if live_model else None, quiet, redis_url, threads,
+                       **settings)
     live_data = dataset is not None and not isinstance(dataset, str)
     if distributed and (live_model or live_data):
         what = "model" if live_model else "dataset"
@@ -57,6 +93,10 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
     cfg.validate()
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     out_dir = out_dir or os.path.join("runs", cfg.run_id)
+    from zdni.rundir import refuse_reuse
+
+    refuse_reuse(out_dir)
+    live = None
     if distributed:
         from zdni.cluster import train_distributed
 
@@ -68,7 +108,7 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
 
         from zdni.loop import Data
         from zdni.trainer import train_inproc
-        from zdni.userdata import from_objects
+        from zdni.userdata import prepare
 
         if threads:
             torch.set_num_threads(threads)
@@ -76,14 +116,56 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
         if live_data:
             assert isinstance(dataset, tuple | list) and len(dataset) == 2, \
                 "dataset must be (train, test)"
-            (x_train, y_train), (x_test, y_test) = from_objects(dataset[0], dataset[1])
+            (x_train, y_train), (x_test, y_test), norm = prepare(dataset[0], dataset[1])
             data = Data(x_train[:cfg.train_limit], y_train[:cfg.train_limit],
-                        x_test[:cfg.test_limit], y_test[:cfg.test_limit])
-        summary = train_inproc(cfg, quiet=quiet, out_dir=out_dir, data=data, units=units)
+                        x_test[:cfg.test_limit], y_test[:cfg.test_limit], norm=norm)
+        live = _network(model) if live_model else None
+        summary = train_inproc(cfg, quiet=quiet, out_dir=out_dir, data=data, units=units,
+                               live=live)
     from zdni.summary import write_summary
 
     write_summary(out_dir, summary)
-    return summary
+    return TrainResult(summary, out_dir, live)
+
+
+def _resume(run_dir: str, model: Any, quiet: bool, redis_url: str | None,
+            threads: int | None, epochs: int | None = None, data_dir: str | None = None,
+            **others: Any) -> TrainResult:
+    """zdni.train(resume=run_dir): go on from the run's checkpoint."""
+    from zdni.resume import ResumeError, prepare
+    from zdni.summary import write_summary
+
+    if others:
+        raise ConfigError(f"resume goes on with the run's own settings: "
+                          f"{', '.join(sorted(others))} cannot change them (only epochs and "
+                          "data_dir can)")
+    found = prepare(run_dir, epochs, data_dir)
+    cfg = found.cfg
+    if found.runner == "inproc":
+        from zdni.trainer import train_inproc
+
+        if cfg.model == LIVE and model is None:
+            raise ResumeError(f"run {cfg.run_id} trained a live model: pass it again, "
+                              "zdni.train(your_network, resume=run_dir)")
+        if cfg.dataset == LIVE:
+            raise ResumeError(f"run {cfg.run_id} trained on live tensors: a resumed run "
+                              "reads its data set by name")
+        summary = train_inproc(cfg, quiet=quiet, out_dir=run_dir, resume=found,
+                               units=_units(model) if model is not None else None,
+                               live=_network(model) if model is not None else None)
+    else:
+        from zdni.cluster import train_distributed
+
+        summary = train_distributed(cfg, quiet=quiet, redis_url=redis_url, threads=threads,
+                                    log_dir=os.path.join(run_dir, "logs"), out_dir=run_dir,
+                                    resume=found)
+    write_summary(run_dir, summary)
+    return TrainResult(summary, run_dir, model)
+
+
+def _network(model: Any) -> nn.Module:
+    """The live network whose children are the units (a list becomes an nn.Sequential)."""
+    return model if isinstance(model, nn.Module) else nn.Sequential(*model)
 
 
 def _units(model: Any) -> list[nn.Module]:

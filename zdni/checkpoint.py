@@ -21,6 +21,7 @@ from torch import nn
 
 from zdni import keys
 from zdni.codec import decode_state, encode_state
+from zdni.protocol import SYNTH
 from zdni.stage import Stage
 
 KEEP = 5  # backups kept per stage: enough to roll back a few intervals, bounded memory
@@ -110,7 +111,7 @@ def save_state(client: redis.Redis, run: str, endpoint: int, iteration: int,
     if directory:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{run}-stage{endpoint}-{iteration}.zckpt")
-        _write_file(path, fields)
+        write_file(path, fields)
         pipe.delete(key)
         pipe.hset(key, mapping={"__file__": path})
     else:
@@ -146,11 +147,37 @@ def load(client: redis.Redis, run: str, stage: int,
     if not raw:
         return None
     if b"__file__" in raw:
-        raw = _read_file(keys.text(raw[b"__file__"]))
+        raw = read_file(keys.text(raw[b"__file__"]))
     return decode_state(raw)
 
 
-def _write_file(path: str, fields: dict[str, bytes]) -> None:
+def confirmed(client: redis.Redis, run: str, stages: int, label: int) -> bool:
+    """Whether stages 1..stages have all said (in their heartbeat) that they backed up at
+    `label` when the driver asked them to (a checkpoint of the whole run)."""
+    pipe = client.pipeline(transaction=False)
+    for s in range(1, stages + 1):
+        pipe.hget(keys.heartbeat(run, s), "checkpointed")
+    return all(v is not None and int(v) == label for v in pipe.execute())
+
+
+def gather(client: redis.Redis, run: str, stages: int, label: int,
+           synth: bool = False) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None:
+    """Every stage's backup at `label` (None if one is missing) and, with `synth`, the
+    synthesizer service's newest backup up to `label` (it backs up on its own schedule)."""
+    states = {}
+    for s in range(1, stages + 1):
+        found = load(client, run, s, label)
+        if found is None:
+            return None
+        states[s] = found
+    done = [i for i in iterations(client, run, SYNTH) if i <= label] if synth else []
+    found = load(client, run, SYNTH, done[-1]) if done else None
+    if found is not None:
+        states[SYNTH] = found
+    return states
+
+
+def write_file(path: str, fields: dict[str, bytes]) -> None:
     """Fields as length-prefixed name/value pairs: a format that cannot carry code."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as fh:
@@ -161,7 +188,8 @@ def _write_file(path: str, fields: dict[str, bytes]) -> None:
     os.replace(tmp, path)
 
 
-def _read_file(path: str) -> dict[bytes, bytes]:
+def read_file(path: str) -> dict[bytes, bytes]:
+    """The fields write_file wrote (a file cut short fails in codec.decode_state)."""
     fields: dict[bytes, bytes] = {}
     with open(path, "rb") as fh:
         data = fh.read()

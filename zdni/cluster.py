@@ -10,10 +10,11 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from zdni import protocol
+from zdni import keys, protocol, rundir
 from zdni.config import ConfigError, RunConfig, new_run_id
 from zdni.device import DeviceSpec, other_cores, parse_list
 from zdni.driver import Driver, StopRequested
@@ -23,6 +24,7 @@ from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
 from zdni.plan import plan
 from zdni.redisserver import EmbeddedRedis, connect, mask_url
+from zdni.resume import Checkpoint, Checkpointer, clear_run, seed
 from zdni.security import Curve
 from zdni.transport import free_port_range
 from zdni.usercode import is_reference
@@ -85,38 +87,68 @@ def read_run_file(run_dir: str) -> dict[str, Any]:
 
 def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
                download: bool = False, ready_s: float = 600.0, out_dir: str | None = None,
-               curve: Curve | None = None, tensorboard: str | None = None) -> dict[str, Any]:
+               curve: Curve | None = None, tensorboard: str | None = None,
+               resume: Checkpoint | None = None) -> dict[str, Any]:
     """`zdni run`: drive workers and a broker started elsewhere (other hosts, honcho)."""
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     data = load_data(cfg, download)
     chosen = plan(cfg, data)
     client = connect(redis_url, fail_fast=True)
-    metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, client, tensorboard=tensorboard)
     try:
-        driver = Driver(cfg, client, broker, metrics, curve=curve, ready_s=ready_s)
-        driver.publish()
-        write_run_file(out_dir, run_id=cfg.run_id, redis_url=mask_url(redis_url),
-                       broker=broker, out_dir=out_dir)
-        log.warning("[driver] run %s published; waiting for %d stage workers", cfg.run_id,
-                    driver.stages)
-        with marking_outcome(driver):
-            summary = driver.train(data, quiet)
-            summary["counts"] = driver.counts()
-        return _with_balance(summary, chosen)
+        with rundir.closing(out_dir, cfg, data.norm, resumed=resume is not None):
+            start_clean(client, cfg.run_id, resume)
+            metrics = MetricsWriter(cfg, stage_count(cfg), out_dir, client,
+                                    tensorboard=tensorboard, append=resume is not None)
+            try:
+                driver = Driver(cfg, client, broker, metrics, curve=curve, ready_s=ready_s)
+                driver.publish()
+                write_run_file(out_dir, run_id=cfg.run_id, redis_url=mask_url(redis_url),
+                               broker=broker, out_dir=out_dir)
+                log.warning("[driver] run %s published; waiting for %d stage workers",
+                            cfg.run_id, driver.stages)
+                with marking_outcome(driver):
+                    summary = driver.train(data, quiet, *_resuming(cfg, out_dir, resume))
+                    summary["counts"] = driver.counts()
+                return _with_balance(summary, chosen)
+            finally:
+                metrics.close()
     finally:
-        metrics.close()
         client.close()
+
+
+def start_clean(client: Any, run: str, resume: Checkpoint | None) -> None:
+    """Before a run is published: a new run may not take the id of one Redis holds (a worker
+    would resume that one's backups); a resumed run clears its earlier attempt's keys and puts
+    its checkpoint where its workers resume from."""
+    if resume is None:
+        if client.exists(keys.config(run)):
+            raise ConfigError(f"run {run} already exists in this Redis: continue it with "
+                              "`zdni train --resume RUN_DIR`, or give another --run-id")
+        return
+    clear_run(client, run)
+    seed(client, run, resume)
+
+
+def _resuming(cfg: RunConfig, out_dir: str | None, resume: Checkpoint | None
+              ) -> tuple[Any, Checkpointer | None]:
+    """The loop's start and saver: from the checkpoint when resuming; checkpoints only where
+    there is a run directory to keep them."""
+    saver = Checkpointer(out_dir, cfg, resume) if out_dir else None
+    return (resume.loop if resume else None), saver
 
 
 def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = False,
                       redis_url: str | None = None, threads: int | None = None,
                       log_dir: str | None = None, out_dir: str | None = None,
                       restart: bool = True, devices: str | None = None,
-                      tensorboard: str | None = None) -> dict[str, Any]:
+                      tensorboard: str | None = None, resume: Checkpoint | None = None,
+                      keep_redis: bool = False) -> dict[str, Any]:
     """`zdni train`: an embedded Redis (unless given), a broker and a worker per stage, here.
 
     Metric records go to out_dir/metrics.jsonl, the run's Redis stream and, when given, the
-    TensorBoard directory `tensorboard`.
+    TensorBoard directory `tensorboard`; checkpoints to out_dir/checkpoint/ and, when the run
+    ends, the model to out_dir/model.pt (zdni/rundir.py). With `resume`
+    (zdni.resume.prepare), go on from that checkpoint.
     """
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     # A bad data set, model or cut is an error before any process starts.
@@ -125,9 +157,10 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
     stages = stage_count(cfg)
     threads = threads or max(1, (os.cpu_count() or 1) // stages)
     specs = parse_list(devices, stages) if devices else None
-    with _pinned(other_cores(specs) if specs else None):  # broker, Redis, driver: other cores
+    with _pinned(other_cores(specs) if specs else None), rundir.closing(
+            out_dir, cfg, data.norm, resumed=resume is not None, keep_redis=keep_redis):
         return _run_local(cfg, data, chosen, stages, threads, specs, quiet, redis_url,
-                          log_dir, out_dir, restart, tensorboard)
+                          log_dir, out_dir, restart, resume, tensorboard)
 
 
 @contextlib.contextmanager
@@ -147,14 +180,18 @@ def _pinned(cores: tuple[int, ...] | None) -> Iterator[None]:
 def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, threads: int,
                specs: list[DeviceSpec] | None, quiet: bool, redis_url: str | None,
                log_dir: str | None, out_dir: str | None, restart: bool,
-               tensorboard: str | None = None) -> dict[str, Any]:
+               resume: Checkpoint | None, tensorboard: str | None = None) -> dict[str, Any]:
     """The local cluster of `train_distributed`: Redis (unless given), broker, workers."""
     # The workers import user code only because their own command line names it.
     allow = ["--model", cfg.model] if is_reference(cfg.model) else []
-    persist = os.path.join(out_dir, "redis") if out_dir else None
+    persist = rundir.journal(out_dir)
+    if resume is not None and persist and os.path.isdir(persist):
+        shutil.rmtree(persist)  # the checkpoint is what goes on, not the stopped run's Redis
     with local_redis(redis_url, persist) as (url, server):
         client = connect(url, fail_fast=True)
-        metrics = MetricsWriter(cfg, stages, out_dir, client, tensorboard=tensorboard)
+        start_clean(client, cfg.run_id, resume)
+        metrics = MetricsWriter(cfg, stages, out_dir, client, tensorboard=tensorboard,
+                                append=resume is not None)
         broker = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
         cluster = Cluster(log_dir=log_dir)
         # The broker is ours and starting: it may take a few seconds to answer its first ping.
@@ -178,7 +215,7 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
                     cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
                                                  "--redis-url", url, "--run", cfg.run_id,
                                                  *place, *allow])
-                summary = driver.train(data, quiet)
+                summary = driver.train(data, quiet, *_resuming(cfg, out_dir, resume))
                 cluster.stop()  # the broker writes its final counters as it exits
                 summary["counts"] = driver.counts()
             return _with_balance(summary, chosen)

@@ -78,7 +78,10 @@ class RunConfig:
     resend_s: float = 30.0  # an iteration or eval batch unfinished this long is fed again
     # Every process keeps working through a Redis outage this long (zdni/outage.py), then fails.
     redis_timeout_s: float = 60.0
-    checkpoint_every: int = 200  # iterations between parameter backups; 0 = only at stop
+    # Iterations between parameter backups (and RUN_DIR/checkpoint/, taken with nothing in
+    # flight: one pipeline drain per interval); 0 = only at stop (and each epoch's end).
+    checkpoint_every: int = 200
+    keep_best: bool = False  # model.pt: the epoch of the best accuracy evaluated, not the last
     eval_every: int = 0  # iterations between extra test evaluations, for finer curves; 0 = off
     run_id: str = ""  # filled in by the driver when empty
     label: str = ""  # what reports and the dashboard call the run; "" = named by its settings

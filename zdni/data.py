@@ -38,6 +38,21 @@ PathArg = str | os.PathLike[str]
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
+Normalization = dict[str, Any]  # {"scale", "mean", "std"}: x = (x / scale - mean) / std
+
+
+def reader_normalization(name: str) -> Normalization | None:
+    """How zdni's reader of data set `name` (mnist, cifar10) prepares raw uint8 inputs: divided
+    by `scale`, less `mean`, over `std`, both broadcasting against one sample (a number, or one
+    per channel shaped C x 1 x 1); None for any other name."""
+    if name == "mnist":
+        return {"scale": 255.0, "mean": MNIST_MEAN, "std": MNIST_STD}
+    if name == "cifar10":
+        return {"scale": 255.0, "mean": [[[m]] for m in CIFAR_MEAN],
+                "std": [[[s]] for s in CIFAR_STD]}
+    return None
+
+
 class DataError(ZdniError, ValueError):
     """A data file is missing, malformed or unsafe; the message names the file and the mismatch."""
 

@@ -19,11 +19,11 @@ import redis
 import torch
 import zmq
 
-from zdni import codec, keys, protocol
+from zdni import checkpoint, codec, keys, protocol
 from zdni.config import RunConfig, new_run_id
 from zdni.inbox import batch_parts
 from zdni.launcher import Cluster
-from zdni.loop import Data, RunError, train
+from zdni.loop import Data, LoopState, RunError, Saver, State, train
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
 from zdni.outage import RedisWatch
@@ -41,6 +41,8 @@ log = logging.getLogger("zdni.driver")
 class StopRequested(RunError):
     """An operator asked (through the dashboard: the run's state field `stop_requested`) that
     the run stop; the driver stops its workers, which back up, and the run is 'stopped'."""
+
+    outcome = "stopped"  # what RUN_DIR/run.json says of the run (zdni/rundir.py)
 
 
 class Driver:
@@ -326,14 +328,16 @@ class Driver:
             time.sleep(0.1)
 
     # -- the runner (zdni.loop.Runner) -----------------------------------------------------
-    def train(self, data: Data, quiet: bool = False) -> dict[str, Any]:
-        """Wait for the stages, run the loop, stop the workers; returns the summary."""
+    def train(self, data: Data, quiet: bool = False, start: LoopState | None = None,
+              saver: Saver | None = None) -> dict[str, Any]:
+        """Wait for the stages, run the loop (from `start`, checkpointing through `saver`),
+        stop the workers; returns the summary."""
         with self:
             self.wait_broker()
             self.wait_ready()
             self.set_state(status="running")
             try:
-                summary = train(self.cfg, self, data, self.metrics, quiet)
+                summary = train(self.cfg, self, data, self.metrics, quiet, start, saver)
             except StopRequested:
                 self.stop_workers()  # they back up where they are, then stop
                 raise
@@ -382,6 +386,33 @@ class Driver:
     def summary_extra(self) -> dict[str, Any]:
         return {"max_inflight": self.window.size, "ring_size": self.cfg.ring_size,
                 "tally": dict(self.window.tally)}
+
+    def start_at(self, fed: int) -> None:
+        self.window.start_at(fed)
+        self.set_state(fed=fed)
+
+    def snapshot(self, timeout_s: float = 60.0) -> dict[int, State] | None:
+        """Settle, have every stage back up at the last iteration fed and confirm it; their
+        states from Redis (and the synthesizer service's newest backup up to there)."""
+        self.settle()
+        label = self.fed - 1
+        if label < 0:
+            return None
+        deadline = time.monotonic() + timeout_s
+        run = self.cfg.run_id
+        asked = 0.0
+        while not self.watch.call(checkpoint.confirmed, self.redis, run, self.stages, label):
+            if time.monotonic() > deadline:
+                return None
+            if time.monotonic() - asked > 5.0:  # again after a while: a broker restart loses it
+                asked = time.monotonic()
+                for stage in range(1, self.stages + 1):
+                    with contextlib.suppress(TimeoutError):
+                        self.send(protocol.CONTROL, label, stage, {},
+                                  {"op": protocol.OP_CHECKPOINT, "at": label})
+            self.pump(50)
+        remote = self.cfg.synth_placement == "remote" and self.cfg.needs_synth
+        return self.watch.call(checkpoint.gather, self.redis, run, self.stages, label, remote)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
         """Forward the test set through the stages; (mean loss, accuracy)."""

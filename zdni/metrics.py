@@ -3,6 +3,9 @@
 Record kinds (every record also has ``kind`` and ``t``, unix seconds):
 
     start  run_id, runner, stages, config: the run's settings (labels the run in reports)
+    resume run_id, runner, stages, iteration, epoch: a resumed run goes on from its checkpoint
+           at `iteration`; the records after the checkpoint that came before this one were
+           abandoned (read_metrics leaves them out)
     iter   iteration (batches fed so far), epoch, wall_s, samples, samples_per_s (since the last
            iter record), train_loss, train_accuracy (of the batches the last stage trained on,
            before their update), inflight (batches fed but not finished by every stage), and
@@ -50,7 +53,8 @@ class MetricsWriter:
 
     def __init__(self, cfg: RunConfig, stages: int, out_dir: str | None = None,
                  client: redis.Redis | None = None, runner: str = "zdni",
-                 every: int = EVERY, tensorboard: str | None = None) -> None:
+                 every: int = EVERY, tensorboard: str | None = None,
+                 append: bool = False) -> None:
         self.stages = stages
         self.board = None
         if tensorboard:  # the same records as TensorBoard scalars (zdni/board.py)
@@ -65,14 +69,29 @@ class MetricsWriter:
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             self.path = os.path.join(out_dir, "metrics.jsonl")
-            self.file = open(self.path, "w", buffering=1)  # line-buffered: survives a kill
+            # Line-buffered: survives a kill. A resumed run appends (its history goes on).
+            self.file = open(self.path, "a" if append else "w", buffering=1)
         self.window: dict[str, list[float]] = defaultdict(list)  # since the last iter record
         self.epoch_acc: dict[str, list[float]] = defaultdict(list)  # since the last epoch record
         self.last_samples = 0
         self.last_wall = 0.0
         self.last_loss: float | None = None  # the newest training loss, for the progress bar
-        self.record("start", run_id=cfg.run_id, runner=runner, stages=stages,
-                    config=json.loads(cfg.to_json()))
+        self.head = {"run_id": cfg.run_id, "runner": runner, "stages": stages}
+        if not append:  # a resumed run says so in restore(), where it knows its iteration
+            self.record("start", **self.head, config=json.loads(cfg.to_json()))
+
+    # -- resuming -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the epoch's numbers so far (its means continue)."""
+        return {"epoch_acc": {k: list(v) for k, v in self.epoch_acc.items()},
+                "last_loss": self.last_loss}
+
+    def restore(self, state: dict[str, Any], iteration: int, epoch: int) -> None:
+        """Go on from a checkpoint's state() at `iteration`; records a 'resume'."""
+        self.epoch_acc = defaultdict(list, {k: [float(x) for x in v] for k, v in
+                                            state.get("epoch_acc", {}).items()})
+        self.last_loss = state.get("last_loss")
+        self.record("resume", **self.head, iteration=iteration, epoch=epoch)
 
     # -- what the stages report -----------------------------------------------------------
     def observe(self, stage: int, metrics: dict[str, Any]) -> None:
@@ -191,12 +210,25 @@ def _mean(values: list[float]) -> float | None:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a torn last line, from a killed run, is skipped)."""
-    records = []
+    """The records of a metrics.jsonl file (a torn last line, from a killed run, is skipped),
+    without those a resumed run abandoned: the ones past its checkpoint before it resumed."""
+    records: list[dict[str, Any]] = []
     with open(path) as fh:
         for line in fh:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(record, dict) and record.get("kind") == "resume":
+                since = record.get("iteration", 0)
+                records = [r for r in records if _iteration(r) is None or _iteration(r) <= since]
+            records.append(record)
     return records
+
+
+def _iteration(record: dict[str, Any]) -> int | None:
+    """The iteration count a training record was made at (None: not a training record)."""
+    if record.get("kind") not in ("iter", "eval", "epoch", "stage"):
+        return None
+    value = record.get("iterations", record.get("iteration"))
+    return value if isinstance(value, int) else None

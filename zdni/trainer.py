@@ -12,11 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from zdni import checkpoint, rundir
 from zdni.config import RunConfig
-from zdni.loop import Data, load_data, score, train
+from zdni.loop import Data, State, load_data, score, train
 from zdni.metrics import MetricsWriter
 from zdni.models import build_stages, cut_points, input_shape, stage_count, stage_shapes
 from zdni.plan import plan
+from zdni.resume import Checkpoint, Checkpointer
 from zdni.schedule import iteration_events
 from zdni.stage import Outcome, Stage
 
@@ -113,23 +115,40 @@ class InprocRunner:
     def summary_extra(self) -> dict[str, Any]:
         return {}
 
+    def start_at(self, fed: int) -> None:
+        self.fed = fed
+
+    def snapshot(self) -> dict[int, State]:
+        return {s.index: checkpoint.stage_state(s, self.fed - 1) for s in self.pipeline}
+
 
 def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
                  out_dir: str | None = None, data: Data | None = None,
-                 units: list[nn.Module] | None = None,
-                 tensorboard: str | None = None) -> dict[str, Any]:
-    """Train with every stage in this process; returns the summary (metrics go to out_dir).
-    `data` and `units` are live objects (the Python API); otherwise cfg names them."""
+                 units: list[nn.Module] | None = None, tensorboard: str | None = None,
+                 live: nn.Module | None = None, resume: Checkpoint | None = None
+                 ) -> dict[str, Any]:
+    """Train with every stage in this process; returns the summary (metrics, checkpoints and
+    model.pt go to out_dir). `data` and `units` are live objects (the Python API, `live` the
+    network they are the children of); otherwise cfg names them. With `resume`, go on from
+    that checkpoint (zdni.resume.prepare)."""
     cfg.validate()
     data = data if data is not None else load_data(cfg, download)
     chosen = plan(cfg, data, units)
     count = stage_count(cfg) if units is None else len(cut_points(len(units), cfg.stages,
                                                                    cfg.cuts))
-    metrics = MetricsWriter(cfg, count, out_dir, runner="inproc", tensorboard=tensorboard)
-    try:
-        summary = train(cfg, InprocRunner(cfg, metrics, units=units), data, metrics, quiet)
-    finally:
-        metrics.close()
+    with rundir.closing(out_dir, cfg, data.norm, live, resumed=resume is not None):
+        metrics = MetricsWriter(cfg, count, out_dir, runner="inproc", tensorboard=tensorboard,
+                                append=resume is not None)
+        try:
+            runner = InprocRunner(cfg, metrics, units=units)
+            if resume is not None:
+                for stage in runner.pipeline:
+                    checkpoint.restore_stage(stage, *resume.states[stage.index])
+            saver = Checkpointer(out_dir, cfg, resume) if out_dir else None
+            summary = train(cfg, runner, data, metrics, quiet,
+                            start=resume.loop if resume else None, saver=saver)
+        finally:
+            metrics.close()
     if chosen:
         summary["balance"] = chosen
     return summary

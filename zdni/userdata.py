@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from zdni.data import DataError
+from zdni.data import DataError, Normalization
 from zdni.usercode import call, is_reference
 
-__all__ = ["classes_of", "from_objects", "load_user_dataset"]
+__all__ = ["classes_of", "from_objects", "load_user_dataset", "prepare", "user_normalization"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -34,24 +34,34 @@ KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 def load_user_dataset(name: str) -> tuple[Pair, Pair]:
     """(train, test) of a .npz or .pt file or a factory by reference, prepared (cached)."""
-    stamp = os.stat(name).st_mtime_ns if os.path.isfile(name) else 0
-    return _load(name, stamp)
+    train, test, _ = _load(name, _stamp(name))
+    return train, test
+
+
+def user_normalization(name: str) -> Normalization | None:
+    """How load_user_dataset(name) prepared its inputs (zdni.data.reader_normalization's form),
+    or None when it took them as they are (floating point inputs)."""
+    return _load(name, _stamp(name))[2]
+
+
+def _stamp(name: str) -> int:
+    return os.stat(name).st_mtime_ns if os.path.isfile(name) else 0
 
 
 @functools.lru_cache(maxsize=4)
-def _load(name: str, stamp: int) -> tuple[Pair, Pair]:
+def _load(name: str, stamp: int) -> tuple[Pair, Pair, Normalization | None]:
     if is_reference(name):
         built = call(name)
         if not (isinstance(built, tuple | list) and len(built) == 2):
             raise DataError(f"{name}: the factory returned a {type(built).__name__}; expected "
                             "(train, test)")
-        return from_objects(built[0], built[1], name)
+        return prepare(built[0], built[1], name)
     if not os.path.isfile(name):
         raise DataError(f"dataset {name}: no such file")
     if name.endswith(".npz"):
-        return from_objects(*_read_npz(name), name)
+        return prepare(*_read_npz(name), name)
     if name.endswith(".pt"):
-        return from_objects(*_read_pt(name), name)
+        return prepare(*_read_pt(name), name)
     raise DataError(f"dataset {name}: expected mnist, cifar10, a .npz or .pt file, or "
                     "module:factory")
 
@@ -131,6 +141,14 @@ def _labels(y: torch.Tensor, what: str) -> torch.Tensor:
 def from_objects(train: Any, test: Any, what: str = "dataset") -> tuple[Pair, Pair]:
     """Prepare (train, test) given as pairs or Datasets: scale and normalize uint8 inputs with
     the training set's statistics, check shapes, sizes, labels and finiteness."""
+    prepared_train, prepared_test, _ = prepare(train, test, what)
+    return prepared_train, prepared_test
+
+
+def prepare(train: Any, test: Any, what: str = "dataset"
+            ) -> tuple[Pair, Pair, Normalization | None]:
+    """from_objects, and how the inputs were normalized (None: floats taken as they are)."""
+    norm = None
     x_train, y_train = _pair(train, f"{what} (train)")
     x_test, y_test = _pair(test, f"{what} (test)")
     y_train, y_test = _labels(y_train, f"{what} y_train"), _labels(y_test, f"{what} y_test")
@@ -144,25 +162,34 @@ def from_objects(train: Any, test: Any, what: str = "dataset") -> tuple[Pair, Pa
         raise DataError(f"{what}: train samples are {tuple(x_train.shape[1:])}, test samples "
                         f"{tuple(x_test.shape[1:])}")
     if x_train.dtype == torch.uint8:
-        x_train, x_test = _normalize(x_train, x_test)
+        norm = _statistics(x_train)
+        x_train, x_test = _normalize(x_train, norm), _normalize(x_test, norm)
     elif x_train.dtype.is_floating_point:
         x_train, x_test = x_train.float().contiguous(), x_test.float().contiguous()
         if not (torch.isfinite(x_train).all() and torch.isfinite(x_test).all()):
             raise DataError(f"{what}: inputs must be finite")
     else:
         raise DataError(f"{what}: inputs must be uint8 or floating point, got {x_train.dtype}")
-    return (x_train, y_train), (x_test.to(x_train.dtype), y_test)
+    return (x_train, y_train), (x_test.to(x_train.dtype), y_test), norm
 
 
-def _normalize(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    train, test = x_train.float() / 255.0, x_test.float() / 255.0
-    if train.dim() == 4:  # N x C x H x W: per channel, as the CIFAR-10 reader
+def _statistics(x_train: torch.Tensor) -> Normalization:
+    """The training set's mean and standard deviation of x / 255: per channel (C x 1 x 1) for
+    N x C x H x W images, as the CIFAR-10 reader, else one number."""
+    train = x_train.float() / 255.0
+    if train.dim() == 4:
         dims = (0, 2, 3)
         mean = train.mean(dim=dims, keepdim=True)[0]
         std = train.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
     else:
         mean, std = train.mean(), train.std().clamp_min(1e-6)
-    return ((train - mean) / std).contiguous(), ((test - mean) / std).contiguous()
+    return {"scale": 255.0, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def _normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """x / scale, less mean, over std: the statistics as float32 tensors, as they were made."""
+    mean, std = torch.tensor(norm["mean"]), torch.tensor(norm["std"])
+    return ((x.float() / norm["scale"] - mean) / std).contiguous()
 
 
 def classes_of(y_train: torch.Tensor, y_test: torch.Tensor) -> int:

@@ -69,6 +69,12 @@ class Window:
         """Per stage, the iterations fed but not yet finished by it (its queue depth)."""
         return {s: self.fed - 1 - d for s, d in self.last_done.items()}
 
+    def start_at(self, fed: int) -> None:
+        """Number the next iteration `fed`, every stage having finished those before it (a
+        resumed run goes on from its checkpoint)."""
+        self.fed = fed
+        self.last_done = dict.fromkeys(self.last_done, fed - 1)
+
     # -- events --------------------------------------------------------------------------------
     def feed(self, batch: Any, now: float) -> int:
         """Put a batch in flight as the next iteration; returns its number."""

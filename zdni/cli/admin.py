@@ -30,14 +30,30 @@ from zdni.security import Curve
 @clean_errors
 def status(redis_url: str | None, run_id: str | None, run_dir: str | None, watch: bool,
            as_json: bool) -> None:
-    """Show a run's progress and each stage's state, heartbeat age, utilization and drops."""
+    """Show a run's progress and each stage's state, heartbeat age, utilization and drops;
+    for a run directory whose Redis is gone (an ended run's), its summary and checkpoint."""
     import time
 
-    from zdni.redisserver import connect
+    from zdni.config import ConfigError
+    from zdni.redisserver import RedisError, connect
     from zdni.status import collect, latest_run, render
 
-    redis_url, run_id = locate(redis_url, run_id, run_dir)
-    client = connect(redis_url)
+    def from_files(path: str) -> None:
+        from zdni import rundir
+
+        info = rundir.describe(path)
+        click.echo(json.dumps(info) if as_json else rundir.render(info))
+
+    try:  # a run's Redis knows most; an ended run's directory says the rest
+        redis_url, run_id = locate(redis_url, run_id, run_dir)
+        client = connect(redis_url, fail_fast=run_dir is not None)
+        if run_dir is not None and run_id is not None:
+            collect(client, run_id)
+    except (ConfigError, RedisError, KeyError):
+        if run_dir is None:
+            raise
+        from_files(run_dir)  # its embedded Redis ended with it (or it ran in process)
+        return
     run_id = run_id or latest_run(client)
     if run_id is None:
         raise UserError(f"no run in Redis at {redis_url}")

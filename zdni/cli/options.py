@@ -244,6 +244,9 @@ config_options = _stack(
     redis_timeout_option,
     option("--checkpoint-every", type=int, default=_D.checkpoint_every,
                  show_default=True, envvar="ZDNI_CHECKPOINT_EVERY"),
+    option("--keep-best", is_flag=True, default=_D.keep_best, envvar="ZDNI_KEEP_BEST",
+           help="model.pt holds the weights of the epoch with the best accuracy evaluated at "
+                "an epoch's end, not the last epoch's."),
     option("--eval-every", type=int, default=_D.eval_every, show_default=True,
                  envvar="ZDNI_EVAL_EVERY",
                  help="Also test every N iterations (metrics 'eval' records); 0 = per epoch."),
