@@ -69,15 +69,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from zdni import keys  # noqa: E402
+from zdni import keys, methods  # noqa: E402
 from zdni.buffer import RedisRing, RingWriter  # noqa: E402
 from zdni.config import RunConfig  # noqa: E402
 from zdni.data import BatchFeeder  # noqa: E402
 from zdni.loop import load_data  # noqa: E402
 from zdni.models import build_stages, build_units, stage_shapes  # noqa: E402
+from zdni.oracle import Oracle  # noqa: E402
 from zdni.redisserver import EmbeddedRedis, connect  # noqa: E402
-from zdni.stage import Stage  # noqa: E402
-from zdni.trainer import run_iteration  # noqa: E402
 
 RUNNERS = ("torch", "inproc", "zdni-bp", "zdni-cdni", "pipelining", "bound")
 CORES = os.cpu_count() or 1
@@ -387,7 +386,7 @@ def stage_bound(args: argparse.Namespace, mode: str, conditioned: bool, stages: 
                            for n in ("out", "in")}
             for ring in stage_rings.values():
                 ring.put = timed(ring.put, i, ring_s, unused)  # type: ignore[method-assign]
-        stage = Stage(cfg, i, m, shapes, stage_rings)  # type: ignore[arg-type]
+        stage = methods.build(cfg, i, m, shapes, stage_rings)
         for event in ("train_input", "train_grad", "train_batch"):
             setattr(stage, event, timed(getattr(stage, event), i, wall, cpu))
         pipeline.append(stage)
@@ -395,6 +394,7 @@ def stage_bound(args: argparse.Namespace, mode: str, conditioned: bool, stages: 
     warmup, iters = 10, args.bound_iters
     writer_cpu0: dict[int, float] = {}
     redis_cpu0 = 0.0
+    oracle = Oracle(pipeline)  # one in flight: each stage's own cost, no waiting
     for it in range(warmup + iters):
         if it == warmup:
             for d in (cpu, wall, ring_s):
@@ -402,7 +402,7 @@ def stage_bound(args: argparse.Namespace, mode: str, conditioned: bool, stages: 
             writer_cpu0 = {i: thread_cpu(w) for i, w in writers.items()}
             redis_cpu0 = server_cpu(client)
         xb, yb = feeder.batch(0, it % feeder.batches_per_epoch)
-        run_iteration(pipeline, it, xb, yb, cfg.mode)
+        oracle.feed(xb, yb)
     for w in writers.values():
         w.flush()
     writer_cpu = {i: (thread_cpu(w) - writer_cpu0[i]) / iters for i, w in writers.items()}

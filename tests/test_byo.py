@@ -22,8 +22,9 @@ from zdni.cluster import train_distributed
 from zdni.config import RunConfig
 from zdni.data import read_idx
 from zdni.loop import load_data
+from zdni.oracle import replay
 from zdni.plan import plan
-from zdni.trainer import build_pipeline, run_iteration
+from zdni.trainer import build_pipeline
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
@@ -107,8 +108,7 @@ def test_sg_on_a_user_cnn_equals_the_reference(user_files: tuple[str, str], redi
     reference = RunConfig.from_json(cfg.to_json())
     plan(reference, load_data(reference))
     pipeline = build_pipeline(reference)
-    for it, (xb, yb) in enumerate(batches(reference)):
-        run_iteration(pipeline, it, xb, yb, reference.mode)
+    replay(pipeline, batches(reference))
     for stage in pipeline:
         got = worker_state(redis_client, cfg.run_id, stage.index)
         for name, value in stage.module.state_dict().items():

@@ -14,9 +14,10 @@ import torch
 
 from zdni import checkpoint, keys
 from zdni.config import RunConfig
+from zdni.oracle import Oracle
 from zdni.protocol import MessageError
 from zdni.stage import Stage
-from zdni.trainer import build_pipeline, run_iteration
+from zdni.trainer import build_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = RunConfig(mode="sg", stages=3, conditioned=True)
@@ -31,9 +32,12 @@ def batches(n: int, seed: int = 0) -> list[Batch]:
 
 
 def train(stages: list[Stage], data: list[Batch], start: int, stop: int) -> None:
-    for it in range(start, stop):
-        x, y = data[it]
-        run_iteration(stages, it, x, y, CFG.mode)
+    """Iterations start..stop-1 of `data`, one in flight (numbered from `start`)."""
+    oracle = Oracle(stages)
+    oracle.start_at(start)
+    for x, y in data[start:stop]:
+        oracle.feed(x, y)
+    oracle.drain()
 
 
 def plain(value: Any) -> Any:

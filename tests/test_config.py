@@ -15,7 +15,6 @@ from zdni.config import ConfigError, RunConfig
         ({"model": "seed-cnn"}, "use --dataset cifar10"),
         ({"dataset": "cifar10"}, "use --dataset mnist"),
         ({"run_id": "bad id!"}, "run_id"),
-        ({"mode": "backprop", "conditioned": True}, "--conditioned needs"),
         ({"train_limit": 0}, "train_limit"),
         ({"eval_every": -1}, "eval_every must be >= 0"),
     ],

@@ -1,4 +1,4 @@
-"""Tests of zdni.inbox: what each stage needs, how an iteration's parts are joined, input checks."""
+"""Tests of zdni.inbox: how an iteration's parts are joined, input checks."""
 
 from __future__ import annotations
 
@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from zdni.config import RunConfig
-from zdni.inbox import (
-    MAX_BATCH,
-    Inbox,
-    batch_parts,
-    check_labels,
-    check_tensor,
-    stage_needs,
-)
+from zdni.inbox import MAX_BATCH, Inbox, check_labels, check_tensor
 from zdni.protocol import MessageError
-from zdni.trainer import build_pipeline
 
 X_SHAPE = (1, 28, 28)
 H_SHAPE = (256,)
@@ -31,57 +23,6 @@ def h(batch: int = 4) -> torch.Tensor:
 
 def y(batch: int = 4) -> torch.Tensor:
     return torch.randint(0, 10, (batch,))
-
-
-# (mode, conditioned, stage, count, needs x, needs y)
-NEEDS = [
-    ("backprop", False, 1, 3, True, False),
-    ("backprop", False, 2, 3, False, False),
-    ("backprop", False, 3, 3, False, True),
-    ("backprop", False, 1, 1, True, True),
-    ("sg", False, 1, 3, True, False),
-    ("sg", False, 2, 3, False, False),
-    ("sg", False, 3, 3, False, True),
-    ("sg", True, 1, 3, True, True),  # cDNI: M of every non-last stage sees the labels
-    ("sg", True, 2, 3, False, True),
-    ("sg", True, 3, 3, False, True),
-    ("sg", False, 1, 1, True, True),
-    ("full", False, 1, 3, True, False),
-    ("full", False, 2, 3, True, False),  # I(x) needs the raw input at every later stage
-    ("full", False, 3, 3, True, True),
-    ("full", True, 1, 3, True, True),
-    ("full", True, 2, 3, True, True),
-    ("full", True, 3, 3, True, True),
-]
-
-
-@pytest.mark.parametrize(("mode", "conditioned", "index", "count", "nx", "ny"), NEEDS)
-def test_stage_needs(mode: str, conditioned: bool, index: int, count: int, nx: bool,
-                     ny: bool) -> None:
-    """What each stage trains on follows the written-out table."""
-    cfg = RunConfig(mode=mode, conditioned=conditioned)
-    assert stage_needs(cfg, index, count) == (nx, ny)
-
-
-@pytest.mark.parametrize(("mode", "conditioned", "index", "count", "nx", "ny"), NEEDS)
-def test_batch_parts(mode: str, conditioned: bool, index: int, count: int, nx: bool,
-                     ny: bool) -> None:
-    """The driver's BATCH: outside full mode, (x, y) to stage 1 only (y rides on with the
-    activations); in full mode, what each stage trains on."""
-    cfg = RunConfig(mode=mode, conditioned=conditioned)
-    want = (nx, ny) if mode == "full" else ((True, True) if index == 1 else (False, False))
-    assert batch_parts(cfg, index, count) == want
-
-
-@pytest.mark.parametrize(
-    ("mode", "conditioned"),
-    [("backprop", False), ("sg", False), ("sg", True), ("full", False), ("full", True)],
-)
-def test_stage_needs_agrees_with_stage(mode: str, conditioned: bool) -> None:
-    """The inbox's rule and the Stage's own needs_x/needs_y agree for every stage."""
-    stages = build_pipeline(RunConfig(mode=mode, conditioned=conditioned, stages=3))
-    for stage in stages:
-        assert stage_needs(stage.cfg, stage.index, len(stages)) == (stage.needs_x, stage.needs_y)
 
 
 def test_sg_middle_stage_fires_on_the_activation_alone() -> None:

@@ -11,7 +11,8 @@ from zdni import checkpoint, keys
 from zdni.cluster import train_distributed
 from zdni.config import RunConfig
 from zdni.data import load_dataset
-from zdni.trainer import build_pipeline, evaluate, run_iteration
+from zdni.oracle import replay
+from zdni.trainer import build_pipeline, evaluate
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
@@ -52,8 +53,7 @@ def test_sg_through_broker_equals_inprocess_reference(
     cfg = small_config(mnist_dir, f"eq-sg-{int(conditioned)}", mode="sg", conditioned=conditioned)
     train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     pipeline = build_pipeline(cfg)
-    for it, (xb, yb) in enumerate(batches(cfg)):
-        run_iteration(pipeline, it, xb, yb, cfg.mode)
+    replay(pipeline, batches(cfg))
     for stage in pipeline:
         got = worker_state(redis_client, cfg.run_id, stage.index)
         expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}
@@ -74,8 +74,7 @@ def test_remote_synthesizers_equal_local_ones(
     assert summary["iterations"] == 10
     assert summary["history"][0]["grad_loss"], "M losses come back from the service"
     pipeline = build_pipeline(cfg)
-    for it, (xb, yb) in enumerate(batches(cfg)):
-        run_iteration(pipeline, it, xb, yb, cfg.mode)
+    replay(pipeline, batches(cfg))
     for stage in pipeline:
         got = worker_state(redis_client, cfg.run_id, stage.index)
         for name, value in stage.module.state_dict().items():

@@ -12,9 +12,10 @@ from zdni.cluster import train_distributed
 from zdni.config import RunConfig
 from zdni.inbox import check_labels
 from zdni.loop import load_data
+from zdni.oracle import replay
 from zdni.plan import plan
 from zdni.protocol import MessageError
-from zdni.trainer import build_pipeline, run_iteration
+from zdni.trainer import build_pipeline
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
@@ -42,8 +43,7 @@ def test_stacked_lstm_through_broker_equals_inprocess_reference(
     assert summary["iterations"] == 12
     plan(cfg, load_data(cfg))
     pipeline = build_pipeline(cfg)
-    for it, (xb, yb) in enumerate(batches(cfg)):
-        run_iteration(pipeline, it, xb, yb, cfg.mode)
+    replay(pipeline, batches(cfg))
     layer = pipeline[0].module[0]
     assert layer.synth_loss > 0, "M through time trained in the reference"
     for stage in pipeline:

@@ -10,8 +10,9 @@ from torch import nn
 from zdni.buffer import MemoryRing
 from zdni.config import RunConfig
 from zdni.models import build_stages
+from zdni.oracle import Oracle
 from zdni.stage import StageError
-from zdni.trainer import build_pipeline, run_iteration
+from zdni.trainer import build_pipeline
 
 
 class OracleM(nn.Module):
@@ -58,11 +59,12 @@ def test_sg_with_oracle_gradients_equals_backprop() -> None:
         oracles.append(stage.local.M)
     reference = nn.Sequential(*build_stages(cfg))
     opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    for it, (x, y) in enumerate(batches(5)):
+    runner = Oracle(pipeline)
+    for x, y in batches(5):
         grads = true_boundary_grads([s.module for s in pipeline], x, y)
         for oracle, g in zip(oracles, grads):
             oracle.grad = g
-        run_iteration(pipeline, it, x, y, "sg")
+        runner.feed(x, y)
         opt.zero_grad()
         F.cross_entropy(reference(x), y).backward()
         opt.step()
@@ -77,8 +79,9 @@ def test_backprop_stages_equal_single_process_pytorch() -> None:
     pipeline = build_pipeline(cfg)
     reference = nn.Sequential(*build_stages(cfg))
     opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    for it, (x, y) in enumerate(batches(4)):
-        run_iteration(pipeline, it, x, y, "backprop")
+    runner = Oracle(pipeline)
+    for x, y in batches(4):
+        runner.feed(x, y)
         opt.zero_grad()
         F.cross_entropy(reference(x), y).backward()
         opt.step()
@@ -93,9 +96,10 @@ def test_synthesizers_learn(mode: str) -> None:
     pipeline = build_pipeline(cfg)
     data = batches(8)
     first, last = {}, {}
+    runner = Oracle(pipeline)
     for it in range(120):
         x, y = data[it % len(data)]
-        done = run_iteration(pipeline, it, x, y, mode)
+        done = runner.feed(x, y)
         metrics = {k: v for _, out in done for k, v in out.metrics.items()}
         (first if it < 8 else last).update(metrics)
     assert last["grad_loss"] < first["grad_loss"]
@@ -109,8 +113,9 @@ def test_frozen_stage_keeps_its_weights() -> None:
     pipeline = build_pipeline(cfg)
     before = [p.clone() for p in pipeline[0].module.parameters()]
     before_last = [p.clone() for p in pipeline[2].module.parameters()]
-    for it, (x, y) in enumerate(batches(3)):
-        run_iteration(pipeline, it, x, y, "full")
+    runner = Oracle(pipeline)
+    for x, y in batches(3):
+        runner.feed(x, y)
     for a, b in zip(before, pipeline[0].module.parameters()):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(before_last, pipeline[2].module.parameters()))

@@ -12,17 +12,18 @@ from typing import Any
 import torch
 import zmq
 
-from zdni import checkpoint, codec, keys, protocol
+from zdni import checkpoint, codec, keys, methods, protocol
 from zdni.buffer import RedisRing, RingWriter
 from zdni.codec import Message
 from zdni.device import to_host
 from zdni.health import beat
-from zdni.inbox import Inbox, check_labels, check_tensor, labels_ride
+from zdni.inbox import Inbox, check_labels, check_tensor
 from zdni.loop import score
 from zdni.models import build_stages, input_shape, stage_shapes
 from zdni.outage import RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
+from zdni.schedule import Cursor, Turns
 from zdni.security import Curve
 from zdni.shell import Stopper, read_config, setup_logging
 from zdni.stage import Outcome, Stage, StageError
@@ -71,13 +72,20 @@ class Worker:
         self.writer = RingWriter(self.redis, depth=self.cfg.ring_size)
         rings = {name: RedisRing(self.redis, self.run, stage, name, self.cfg.ring_size,
                                  self.writer) for name in ("out", "in")}
+        method = methods.get(self.cfg.mode)
         synth = RemoteSynth(self._rpc, self.cfg, stage) if self.cfg.synth_placement == "remote" \
-            and self.cfg.needs_synth else None
-        self.stage = Stage(self.cfg, stage, modules[stage - 1], self.shapes, rings, device, synth)
+            and method.synthetic else None
+        self.stage: Stage = method(self.cfg, stage, modules[stage - 1], self.shapes, rings,
+                                   device, synth)
         self.backlog: deque[list[Any]] = deque()
         self.count = len(modules)
         self.inbox = Inbox(self.cfg, stage, self.count)
-        self.carry_labels = labels_ride(self.cfg) and stage < self.count
+        wiring = method.wiring(stage, self.count)
+        # An ordered run holds each event until its turn in the oracle's order (tests, --ordered).
+        self.turns = Turns(Cursor(method.largest_window(self.cfg), wiring.batch_event,
+                                  wiring.grad_event), self.cfg.epoch_batches or 1,
+                           self.cfg.eval_every) if self.cfg.ordered else None
+        self.carry_labels = method.labels_ride(self.cfg) and stage < self.count
         # Synthesizer losses wait for the next 'update' DONE instead of a message of their own.
         self.held: dict[str, Any] = {}
         self.held_it = -1
@@ -227,8 +235,11 @@ class Worker:
             self._run_events(it, self.inbox.add_act(it, h, y))
         elif kind == protocol.GRAD:
             g = check_tensor("g", t.get("g"), self.shapes[self.index], torch.float32)
-            self._apply(it, self.stage.train_grad(it, g))
-            self.counts["grads"] += 1
+            if self.turns is not None:
+                self.turns.add(("grad", it), g)
+                self._run_due()
+            else:
+                self._train_grad(it, g)
         elif kind == protocol.EVAL:
             self._flush_held()
             self._evaluate(msg)
@@ -244,16 +255,37 @@ class Worker:
 
     def _run_events(self, it: int, events: list[str]) -> None:
         for event in events:
-            parts = self.inbox.peek(it)
-            if event == "batch":
-                assert parts.x is not None
-                self._apply(it, self.stage.train_batch(it, parts.x, parts.y))
-                continue
-            true_input = parts.x if self.index == 1 else parts.h
-            assert true_input is not None  # the inbox joined parts of one batch size
-            self.inbox.take(it)
-            y = parts.y if self.stage.needs_y else None
-            self._apply(it, self.stage.train_input(it, true_input, y), labels=parts.y)
+            if self.turns is not None:
+                self.turns.add((event, it))  # type: ignore[arg-type]
+            else:
+                self._run_event(event, it)
+        if self.turns is not None:
+            self._run_due()
+
+    def _run_due(self) -> None:
+        """An ordered run: apply the held events whose turn has come."""
+        assert self.turns is not None
+        for (kind, it), payload in self.turns.due():
+            if kind == "grad":
+                self._train_grad(it, payload)
+            else:
+                self._run_event(kind, it)
+
+    def _run_event(self, event: str, it: int) -> None:
+        parts = self.inbox.peek(it)
+        if event == "batch":
+            assert parts.x is not None
+            self._apply(it, self.stage.train_batch(it, parts.x, parts.y))
+            return
+        true_input = parts.x if self.index == 1 else parts.h
+        assert true_input is not None  # the inbox joined parts of one batch size
+        self.inbox.take(it)
+        y = parts.y if self.stage.needs_y else None
+        self._apply(it, self.stage.train_input(it, true_input, y), labels=parts.y)
+
+    def _train_grad(self, it: int, g: torch.Tensor) -> None:
+        self._apply(it, self.stage.train_grad(it, g))
+        self.counts["grads"] += 1
 
     def _apply(self, it: int, out: Outcome, labels: torch.Tensor | None = None) -> None:
         """Send what an event produced: the activation on (with the labels when they ride along,

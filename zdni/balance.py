@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zdni import methods
 from zdni.config import RunConfig
 from zdni.models import make_optimizer, stage_shapes
 
@@ -99,6 +100,7 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
     the synthesizers' forward and training step at every boundary, on `device`."""
     from zdni.synthesizer import GradientSynthesizer, InputSynthesizer
 
+    method = methods.get(cfg.mode)
     dev = torch.device(device)
     shapes = stage_shapes([nn.Sequential(u) for u in units], input_shape)
     batch = cfg.batch_size
@@ -121,7 +123,7 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
     label = y if cfg.conditioned else None
     x0 = torch.randn(batch, *shapes[0], device=dev)
     for b in range(1, n):
-        if cfg.needs_synth:
+        if method.synthetic:
             m = GradientSynthesizer(shapes[b], cfg.synth_hidden, cfg.synth_width,
                                     cfg.conditioned, cfg.classes, positions).to(dev)
             m_opt = make_optimizer(cfg, list(m.parameters()), cfg.synth_lr)
@@ -136,7 +138,7 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
                 opt.step()
 
             exit_costs[b] = _median_time(m_step, dev)
-        if cfg.mode == "full":
+        if method.keeps_I(cfg, 2, 2):  # a later stage's input synthesizer
             i_net = InputSynthesizer(shapes[0], shapes[b], cfg.synth_hidden, cfg.synth_width,
                                      cfg.conditioned, cfg.classes, positions).to(dev)
             i_opt = make_optimizer(cfg, list(i_net.parameters()), cfg.synth_lr)

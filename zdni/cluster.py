@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from zdni import keys, protocol, rundir
+from zdni import keys, methods, protocol, rundir
 from zdni.config import ConfigError, RunConfig, new_run_id
 from zdni.device import DeviceSpec, other_cores, parse_list
 from zdni.driver import Driver, StopRequested
@@ -205,7 +205,7 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
         try:
             with marking_outcome(driver):
                 cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])
-                if cfg.synth_placement == "remote" and cfg.needs_synth:
+                if cfg.synth_placement == "remote" and methods.get(cfg.mode).synthetic:
                     cluster.start("synth", ["synth", "--broker", broker, "--redis-url", url,
                                             "--run", cfg.run_id, "--threads", str(threads),
                                             *allow])

@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from zdni import methods
 from zdni.errors import ZdniError
 from zdni.protocol import RUN_ID_RE
 from zdni.usercode import is_reference, tag
 
-MODES = ("backprop", "sg", "full")
 MODELS = ("seed-mlp", "fcn3", "fcn4", "fcn5", "fcn6", "seed-cnn", "dni-cnn",
           "copy-lstm", "copy-gru")  # shown in help
 ZOO = MODELS + tuple(f"fcn{k}" for k in (2, *range(7, 17)))  # fcn2..fcn16 all build
@@ -41,7 +41,9 @@ def default_data_dir() -> str:
 class RunConfig:
     """Everything a run needs; the driver publishes it, workers read it back from Redis."""
 
-    mode: str = "sg"  # backprop | sg (synthetic gradients) | full (synthetic input + gradient)
+    # A training method (zdni/methods/): backprop | sg (synthetic gradients) | full (synthetic
+    # input and gradient) | ...
+    mode: str = "sg"
     # A zoo name, or a user's factory by reference: package.module:factory or file.py:factory.
     model: str = "fcn3"  # the DNI paper's 3-layer MNIST FCN: small, and reaches 98% quickly
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
@@ -83,12 +85,16 @@ class RunConfig:
     checkpoint_every: int = 200
     keep_best: bool = False  # model.pt: the epoch of the best accuracy evaluated, not the last
     eval_every: int = 0  # iterations between extra test evaluations, for finer curves; 0 = off
+    # Every stage applies its events in the W-window oracle's order (zdni/schedule.py), holding
+    # what comes early: the run is bit-reproducible and equals --inproc, at some speed.
+    ordered: bool = False
+    epoch_batches: int = 0  # batches per epoch, filled in from the data (where ordered runs drain)
     run_id: str = ""  # filled in by the driver when empty
     label: str = ""  # what reports and the dashboard call the run; "" = named by its settings
 
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
-        _choice("mode", self.mode, MODES)
+        _choice("mode", self.mode, methods.names())
         if not (self.model in ZOO or is_reference(self.model) or self.model == LIVE):
             raise ConfigError(f"model {self.model!r} is neither a zoo model ({ZOO_TEXT})"
                               " nor a reference: package.module:factory or file.py:factory")
@@ -168,14 +174,7 @@ class RunConfig:
             raise ConfigError(
                 f"run_id {self.run_id!r} must be 1-64 letters, digits, '_', '.' or '-'"
             )
-        if self.mode == "backprop" and self.conditioned:
-            raise ConfigError("--conditioned needs --mode sg or full: backprop has no synthesizers")
         return self
-
-    @property
-    def needs_synth(self) -> bool:
-        """Whether stages use a gradient synthesizer M."""
-        return self.mode in ("sg", "full")
 
     def to_json(self) -> str:
         """The JSON the driver publishes in Redis."""

@@ -19,9 +19,8 @@ import redis
 import torch
 import zmq
 
-from zdni import checkpoint, codec, keys, protocol
+from zdni import checkpoint, codec, keys, methods, protocol
 from zdni.config import RunConfig, new_run_id
-from zdni.inbox import batch_parts
 from zdni.launcher import Cluster
 from zdni.loop import Data, LoopState, RunError, Saver, State, train
 from zdni.metrics import MetricsWriter
@@ -71,20 +70,23 @@ class Driver:
         self.stages = stage_count(cfg)
         self.label = f"{cfg.mode} x{self.stages}"
         self.metrics = metrics or MetricsWriter(cfg, self.stages)  # records nowhere by default
-        # Backprop is update-locked: batch t+1 needs the weights batch t's backward updates, so
-        # exact backprop has one batch in flight; that lock is what synthetic gradients remove.
-        size = 1 if cfg.mode == "backprop" else cfg.max_inflight
+        # A method is exact with at most `window` batches in flight (backprop is update-locked:
+        # batch t+1 needs the weights batch t's backward updates; that lock is what synthetic
+        # gradients remove).
+        method = methods.get(cfg.mode)
+        size = method.largest_window(cfg)
         if size < cfg.max_inflight:
-            log.warning("[driver] backprop mode: one batch in flight (update locking), not %d",
-                        cfg.max_inflight)
-        elif cfg.mode != "backprop" and size <= self.stages:  # docs/BENCHMARKS.md section 6
+            log.warning("[driver] %s mode: %d batch(es) in flight, not %d (the most it is exact "
+                        "with)", cfg.mode, size, cfg.max_inflight)
+        elif size <= self.stages:  # docs/BENCHMARKS.md section 6
             log.warning("[driver] %d batches in flight keep at most %d of %d stages busy; "
                         "--max-inflight %d lets every stage work", size, size, self.stages,
                         min(2 * self.stages, cfg.ring_size - 1))
         # An iteration (or eval batch) unfinished resend_s after it was fed lost a message on the
         # way (a full queue under a flood, a forged part): it is fed again.
         self.window = Window(self.stages, size, cfg.resend_s)
-        self.needs = {i: batch_parts(cfg, i, self.stages) for i in range(1, self.stages + 1)}
+        self.needs = {i: method.batch_parts(cfg, i, self.stages)
+                      for i in range(1, self.stages + 1)}
         self.stall_s = max(stall_s, 4 * cfg.resend_s)  # no message at all this long: give up
         self.ready_s = ready_s  # seconds to wait for every stage's first beat
         self.recovery = Recovery(restart=restart)
@@ -314,7 +316,7 @@ class Driver:
                 pipe.hget(keys.heartbeat(self.cfg.run_id, s), "status")
             missing: list[int | str] = [
                 s for s, v in zip(range(1, self.stages + 1), pipe.execute()) if v != b"alive"]
-            if self.cfg.synth_placement == "remote" and self.cfg.needs_synth:
+            if self.cfg.synth_placement == "remote" and methods.get(self.cfg.mode).synthetic:
                 synth = self.redis.hget(keys.heartbeat(self.cfg.run_id, protocol.SYNTH), "status")
                 missing += [] if synth == b"alive" else ["synth"]
             if not missing:

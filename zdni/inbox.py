@@ -1,11 +1,12 @@
 """A worker's inbox: checks each arriving tensor against the stage and joins the parts of an iteration.
 
-What travels where (backprop and sg): the driver sends one BATCH (x, y) to stage 1 only; each
-activation carries the labels on with it (h, y), so a later stage needs one message per
-iteration. In full mode every later stage needs x for I(x) at once, before its activation, so
-the driver sends each stage its BATCH and activations carry h alone. A stage may then need
-several messages for one iteration; they arrive in any order. The inbox keeps the parts until an
-event can run and hands back events in the order they may run. It is pure: no sockets, no Redis.
+What travels where is the method's (zdni/stage.py: batch_parts, labels_ride, wiring): in
+backprop and sg the driver sends one BATCH (x, y) to stage 1 only and each activation carries the
+labels on with it (h, y), so a later stage needs one message per iteration. In full mode every
+later stage needs x for I(x) at once, before its activation, so the driver sends each stage its
+BATCH and activations carry h alone. A stage may then need several messages for one iteration;
+they arrive in any order. The inbox keeps the parts until an event can run and hands back events
+in the order they may run. It is pure: no sockets, no Redis.
 """
 
 from __future__ import annotations
@@ -14,32 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zdni import methods
 from zdni.config import RunConfig
 from zdni.models import NUM_CLASSES
 from zdni.protocol import MessageError
 
 MAX_BATCH = 65536  # samples per message; a larger batch is refused as hostile
-
-
-def stage_needs(cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
-    """(needs x, needs y): what stage `index` of `count` trains on each iteration."""
-    full_later = cfg.mode == "full" and index > 1
-    needs_x = index == 1 or full_later
-    has_synth = (cfg.needs_synth and index < count) or full_later
-    needs_y = index == count or (cfg.conditioned and has_synth)
-    return needs_x, needs_y
-
-
-def labels_ride(cfg: RunConfig) -> bool:
-    """Whether activations carry the labels (h, y): every mode but full (module docstring)."""
-    return cfg.mode != "full"
-
-
-def batch_parts(cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
-    """(x, y): what the driver's BATCH to stage `index` holds; (False, False) = no BATCH."""
-    if not labels_ride(cfg):
-        return stage_needs(cfg, index, count)
-    return (True, True) if index == 1 else (False, False)  # stage 1 sends y on with its h
 
 
 def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
@@ -72,7 +53,7 @@ class Parts:
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     h: torch.Tensor | None = None
-    batch_done: bool = False  # full mode: the synthetic pass ran
+    batch_done: bool = False  # the batch event (full mode's synthetic pass) was handed out
 
 
 @dataclass
@@ -86,11 +67,13 @@ class Inbox:
     parts: dict[int, Parts] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.needs_x, self.needs_y = batch_parts(self.cfg, self.index, self.count)
+        method = methods.get(self.cfg.mode)
+        self.needs_x, self.needs_y = method.batch_parts(self.cfg, self.index, self.count)
         self.takes_batch = self.needs_x or self.needs_y
         # Labels that come with the activation (h, y): every later stage outside full mode.
-        self.act_labels = labels_ride(self.cfg) and self.index > 1
-        self.full_later = self.cfg.mode == "full" and self.index > 1
+        self.act_labels = method.labels_ride(self.cfg) and self.index > 1
+        # The batch is an event of its own before the input (full mode's synthetic pass).
+        self.batch_event = method.wiring(self.index, self.count).batch_event
 
     def add_batch(self, it: int, x: torch.Tensor | None, y: torch.Tensor | None) -> list[str]:
         """Record the driver's batch; returns the events now ready ('batch', 'input').
@@ -156,10 +139,10 @@ class Inbox:
         else:
             have_batch = True
         events = []
-        if self.full_later and have_batch and not p.batch_done:
+        if self.batch_event and have_batch and not p.batch_done:
             p.batch_done = True
             events.append("batch")
         true_input = p.x if self.index == 1 else p.h
-        if true_input is not None and have_batch and (p.batch_done or not self.full_later):
+        if true_input is not None and have_batch and (p.batch_done or not self.batch_event):
             events.append("input")
         return events

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from zdni import balance
+from zdni import balance, methods
 from zdni.config import ConfigError, RunConfig
+from zdni.data import BatchFeeder
 from zdni.loop import Data
 from zdni.models import build_units, cut_points, stage_shapes
 from zdni.usercode import UserCodeError
@@ -29,7 +30,13 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
     """Fill in cfg.input_shape, cfg.classes and (with cfg.balance) cfg.cuts; check that the
     model's output fits the classes and that the cut can be made. Returns what balancing chose
     and measured (empty without cfg.balance), for the summary."""
+    method = methods.get(cfg.mode)
+    if cfg.conditioned and not method.synthetic:
+        raise ConfigError(f"--conditioned needs a method with synthesizers (sg, full): "
+                          f"{cfg.mode} has none; drop --conditioned or pick another --mode")
     cfg.input_shape = [int(d) for d in data.x_train.shape[1:]]
+    cfg.epoch_batches = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed,
+                                    shuffle=not data.ordered).batches_per_epoch
     needed = classes_of(data.y_train, data.y_test)
     state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)

@@ -10,8 +10,7 @@ import os
 import statistics
 from typing import Any
 
-from zdni import plots
-from zdni.config import MODES
+from zdni import methods, plots
 from zdni.labels import label_all
 from zdni.runs import ReportError, Run, Variant, find_runs
 
@@ -19,9 +18,11 @@ __all__ = ["ReportError", "build_report", "find_runs", "group"]
 
 
 def order(variant: Variant) -> tuple[int, bool, int, str]:
-    """backprop, then sg, then full; unconditioned first; then by frozen stage and label."""
+    """backprop, then sg, then full, then the other methods; unconditioned first; then by
+    frozen stage and label."""
     cfg = variant.runs[0].config
-    mode = MODES.index(cfg["mode"]) if cfg.get("mode") in MODES else len(MODES)
+    known = methods.names()
+    mode = known.index(cfg["mode"]) if cfg.get("mode") in known else len(known)
     return mode, bool(cfg.get("conditioned")), cfg.get("freeze_stage") or 0, variant.label
 
 

@@ -1,25 +1,25 @@
-"""One stage's compute in every mode: forward, synthetic update, true-gradient update (no sockets).
+"""One stage's compute (no sockets): what every training method shares, and the interface a
+method implements (zdni/methods/: one Stage subclass per method, named by its file).
 
 A Stage reacts to three events, the same whether it runs inside the in-process reference trainer
 or inside a worker process fed by the broker:
 
-    train_batch(it, x, y)   full mode, stages 2..S: run on the synthetic input I(x) and update now
+    train_batch(it, x, y)   the driver's batch alone (full mode's synthetic pass, stages 2..S)
     train_input(it, h, y)   the true input of iteration `it` arrived (x itself for stage 1)
     train_grad(it, g)       the gradient of stage i's output for iteration `it` came back
 
-Modes:
-    backprop  train_input keeps the graph, train_grad finishes backprop with the true gradient.
-    sg        train_input updates at once from M's synthetic gradient and stores h in the
-              iteration % N ring; train_grad trains M (L2) on the gradient stage i+1 sent back.
-    full      like sg, plus stages 2..S update from I(x) first (train_batch) and, when the true
-              input arrives, train I on it and forward it to produce the true signals
-              (the activation for stage i+1, the gradient for stage i-1) without updating.
+A method says, as class-level facts the driver, the inbox and the schedule read without a
+stage: which stages keep a gradient synthesizer M or an input synthesizer I, what each stage
+trains on (x, y), what the driver's batch to it holds, whether activations carry the labels,
+which events a stage receives and which one finishes its update (`Wiring`), and the largest
+window it is exact with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +27,14 @@ from torch import nn
 
 from zdni.buffer import MemoryRing, Ring
 from zdni.config import RunConfig
-from zdni.inbox import stage_needs
 from zdni.metrics import train_accuracy
 from zdni.models import make_optimizer
 from zdni.rng import UnitStreams, span
 from zdni.synthesizer import LocalSynth, StageError, Synth
 
-__all__ = ["Outcome", "Stage", "StageError"]
+__all__ = ["Outcome", "Stage", "StageError", "Wiring"]
+
+EventKind = Literal["batch", "input", "grad"]
 
 
 @dataclass
@@ -46,9 +47,70 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class Stage:
-    """Stage `index` (1-based) of `count`, with its synthesizers, optimizer and rings."""
+@dataclass(frozen=True)
+class Wiring:
+    """The events one stage of a method receives and what finishes its update (pure facts,
+    read by zdni/schedule.py to order events with several batches in flight)."""
 
+    batch_event: bool  # the driver's batch is an event of its own here (before the input)
+    grad_event: bool  # the gradient of this stage's output comes back as an event
+    grad_from: EventKind  # the event of stage i+1 that sends that gradient
+    done_on: EventKind  # the event that finishes this stage's update of an iteration
+
+
+class Stage:
+    """Stage `index` (1-based) of `count`, with its synthesizers, optimizer and rings.
+
+    Subclasses (zdni/methods/) implement the events; this class holds the module, its optimizer,
+    its random stream, the rings and the synthesizers, and the steps methods share.
+    """
+
+    name: ClassVar[str] = ""  # the method's name: its file in zdni/methods/
+    synthetic: ClassVar[bool] = False  # it uses synthesizers (M, I), so --conditioned applies
+    window: ClassVar[int | None] = None  # the most batches in flight it is exact with; None: any
+
+    # -- what the method is (class-level, pure) -------------------------------------------
+    @classmethod
+    def keeps_M(cls, cfg: RunConfig, index: int, count: int) -> bool:
+        """Whether stage `index` of `count` keeps a gradient synthesizer M."""
+        return False
+
+    @classmethod
+    def keeps_I(cls, cfg: RunConfig, index: int, count: int) -> bool:
+        """Whether stage `index` of `count` keeps an input synthesizer I."""
+        return False
+
+    @classmethod
+    def needs(cls, cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
+        """(needs x, needs y): what stage `index` trains on each iteration."""
+        synth = cls.keeps_M(cfg, index, count) or cls.keeps_I(cfg, index, count)
+        return index == 1 or cls.keeps_I(cfg, index, count), index == count or (
+            cfg.conditioned and synth)
+
+    @classmethod
+    def labels_ride(cls, cfg: RunConfig) -> bool:
+        """Whether activations carry the labels (h, y) to the next stage."""
+        return True
+
+    @classmethod
+    def batch_parts(cls, cfg: RunConfig, index: int, count: int) -> tuple[bool, bool]:
+        """(x, y): what the driver's batch to stage `index` holds; (False, False): no batch.
+        When labels ride with the activations, stage 1 alone gets a batch and sends y on."""
+        if not cls.labels_ride(cfg):
+            return cls.needs(cfg, index, count)
+        return (True, True) if index == 1 else (False, False)
+
+    @classmethod
+    def wiring(cls, index: int, count: int) -> Wiring:
+        """The events stage `index` of `count` receives (the default: update on the input)."""
+        return Wiring(batch_event=False, grad_event=False, grad_from="input", done_on="input")
+
+    @classmethod
+    def largest_window(cls, cfg: RunConfig) -> int:
+        """The window a run of this method uses: cfg.max_inflight, capped at `window`."""
+        return min(cfg.max_inflight, cls.window or cfg.max_inflight)
+
+    # -- the stage --------------------------------------------------------------------------
     def __init__(
         self,
         cfg: RunConfig,
@@ -73,11 +135,11 @@ class Stage:
         }
         params = list(self.module.parameters())
         self.opt = None if self.frozen or not params else make_optimizer(cfg, params, cfg.lr)
+        self.has_M = self.keeps_M(cfg, index, self.count)
+        self.has_I = self.keeps_I(cfg, index, self.count)
         self.synth: Synth = synth or LocalSynth(cfg, index, shapes, self.rings["out"], device,
-                                                span(module))
-        self.has_M = cfg.needs_synth and not self.last
-        self.has_I = cfg.mode == "full" and not self.first
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # backprop graphs
+                                                self.has_M, self.has_I, span(module))
+        self.needs_x, self.needs_y = self.needs(cfg, index, self.count)
         self.rng = UnitStreams(cfg.seed, module, self.device)  # dropout: per unit (zdni/rng.py)
 
     @property
@@ -101,15 +163,6 @@ class Stage:
     def i_opt(self) -> torch.optim.Optimizer | None:
         return self.local.i_opt if self.local else None
 
-    @property
-    def needs_x(self) -> bool:
-        """Whether this stage trains on the raw input x each iteration."""
-        return stage_needs(self.cfg, self.index, self.count)[0]
-
-    @property
-    def needs_y(self) -> bool:
-        """Whether this stage trains on the labels y each iteration."""
-        return stage_needs(self.cfg, self.index, self.count)[1]
 
     def _forward(self, h: torch.Tensor) -> torch.Tensor:
         """The module in training mode, each unit drawing from its own random stream, named by
@@ -124,86 +177,40 @@ class Stage:
     def _zero(self) -> None:
         self.module.zero_grad(set_to_none=True)
 
+    def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(self.device, non_blocking=True) if t is not None else None
+
+    def _loss_backward(self, out: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
+        """The last stage: backward from the loss; returns its value."""
+        if y is None:
+            raise StageError(f"stage {self.index} is last and needs labels")
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return {"loss": loss.item(), "accuracy": train_accuracy(out, y)}
+
     def _backward_output(
         self, it: int, out: torch.Tensor, y: torch.Tensor | None, remember: bool
     ) -> dict[str, float]:
-        """Backward from the loss (last stage) or from the synthetic gradient of `out`."""
+        """Backward from the loss (last stage) or from M's synthetic gradient of `out`
+        (remembered in the ring for M's training when the true gradient comes)."""
         if self.last:
-            if y is None:
-                raise StageError(f"stage {self.index} is last and needs labels")
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            return {"loss": loss.item(), "accuracy": train_accuracy(out, y)}
+            return self._loss_backward(out, y)
         g = self.synth.predict_grad(it, out.detach(), y, remember)
         out.backward(g.to(out.device))
         return {}
 
-    # -- events ---------------------------------------------------------------------------
+    # -- events (a method implements those it receives) -----------------------------------
     def train_input(self, it: int, h: torch.Tensor, y: torch.Tensor | None = None) -> Outcome:
         """The true input of iteration `it` (x for stage 1) arrived."""
-        h = h.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True) if y is not None else None
-        if self.has_I:
-            return self._true_pass(it, h)
-        h_in = h.detach().requires_grad_(not self.first)
-        self._zero()
-        out = self._forward(h_in)
-        if self.cfg.mode == "backprop" and not self.last:
-            self.pending[it] = (h_in, out)
-            return Outcome(h_out=out.detach())
-        metrics = self._backward_output(it, out, y, remember=True)
-        self._step()
-        return Outcome(h_out=None if self.last else out.detach(),
-                       d_in=None if self.first else h_in.grad, done=True, metrics=metrics)
+        raise StageError(f"stage {self.index} ({self.name}) takes no input")
 
     def train_batch(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> Outcome:
-        """Full mode, stages 2..S: update now from the synthetic input I(x)."""
-        if not self.has_I:
-            raise StageError(f"stage {self.index} has no input synthesizer (mode {self.cfg.mode})")
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True) if y is not None else None
-        h_syn = self.synth.predict_input(it, x, y).to(self.device, non_blocking=True)
-        self._zero()
-        out = self._forward(h_syn)
-        metrics = self._backward_output(it, out, y, remember=False)
-        self._step()
-        stored = {"x": x, "h_syn": h_syn}
-        if y is not None:
-            stored["y"] = y
-        self.rings["in"].put(it, stored)
-        return Outcome(metrics={f"syn_{k}": v for k, v in metrics.items()})
-
-    def _true_pass(self, it: int, h: torch.Tensor) -> Outcome:
-        """Full mode: train I on the true input, then forward it for the true signals."""
-        slot = self.rings["in"].get(it)
-        if slot is None:
-            raise StageError(f"stage {self.index}: true input of iteration {it} came before its batch")
-        x, y = slot["x"].to(self.device), slot.get("y")  # from Redis after a restart: on the CPU
-        y = y.to(self.device) if y is not None else None
-        metrics = self.synth.train_input(it, x, y, h)
-        h_in = h.detach().requires_grad_(True)
-        self._zero()
-        out = self._forward(h_in)
-        metrics |= self._backward_output(it, out, y, remember=True)
-        self._zero()  # the true pass only produces signals: its parameter gradients are dropped
-        return Outcome(h_out=None if self.last else out.detach(), d_in=h_in.grad, done=True,
-                       metrics=metrics)
+        """The driver's batch of iteration `it` arrived (an event only where `wiring` says)."""
+        raise StageError(f"stage {self.index} has no input synthesizer (mode {self.name})")
 
     def train_grad(self, it: int, g: torch.Tensor) -> Outcome:
         """The gradient of this stage's output for iteration `it` came back."""
-        g = g.to(self.device, non_blocking=True)
-        if self.cfg.mode == "backprop":
-            entry = self.pending.pop(it, None)
-            if entry is None:
-                raise StageError(f"stage {self.index}: gradient of iteration {it} has no forward")
-            h_in, out = entry
-            self._zero()
-            out.backward(g)
-            self._step()
-            return Outcome(d_in=None if self.first else h_in.grad, done=True)
-        if not self.has_M:
-            raise StageError(f"stage {self.index} has no gradient synthesizer")
-        return Outcome(metrics=self.synth.train_grad(it, g))
+        raise StageError(f"stage {self.index} ({self.name}) takes no gradient")
 
     @torch.no_grad()
     def evaluate(self, h: torch.Tensor) -> torch.Tensor:

@@ -148,18 +148,18 @@ class Synth(Protocol):
 
 
 class LocalSynth:
-    """Stage `index`'s M and I with their optimizers, in this process (--synth-placement local).
+    """Stage `index`'s M and I (those its method keeps) with their optimizers, in this process
+    (--synth-placement local).
 
     predict_grad remembers (h, y, M's answer) in the 'out' ring so that train_grad can pair the
     gradient that comes back later with the activation it belongs to.
     """
 
     def __init__(self, cfg: RunConfig, index: int, shapes: list[tuple[int, ...]],
-                 out_ring: Ring | None = None, device: str = "cpu",
-                 span: tuple[int, int] | None = None) -> None:
+                 out_ring: Ring | None = None, device: str = "cpu", with_M: bool = False,
+                 with_I: bool = False, span: tuple[int, int] | None = None) -> None:
         self.cfg = cfg
         self.index = index
-        count = len(shapes) - 1
         self.ring: Ring = out_ring or MemoryRing(cfg.ring_size)
         # span: the stage's units first..end-1 in the whole model (zdni.rng.spans); M serves the
         # boundary at `end`, I the one at `first`, and each is seeded by its boundary
@@ -168,13 +168,13 @@ class LocalSynth:
         torch.manual_seed(synthesizer_seed(cfg, end, "M"))
         self.M: nn.Module | None = None
         self.I: nn.Module | None = None  # noqa: E741
-        if cfg.needs_synth and index < count:
+        if with_M:
             self.M = GradientSynthesizer(
                 shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned, cfg.classes,
                 math.prod(cfg.label_shape),
             ).to(device)
         torch.manual_seed(synthesizer_seed(cfg, first, "I"))
-        if cfg.mode == "full" and index > 1:
+        if with_I:
             self.I = InputSynthesizer(
                 shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned,
                 cfg.classes, math.prod(cfg.label_shape),

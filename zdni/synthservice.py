@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zdni import checkpoint, protocol
+from zdni import checkpoint, methods, protocol
 from zdni.buffer import MemoryRing, Ring
 from zdni.codec import Message
 from zdni.config import RunConfig
@@ -91,8 +91,10 @@ class SynthService:
         make_ring = ring or (lambda stage, name: MemoryRing(cfg.ring_size))
         self.synths: dict[int, LocalSynth] = {}
         self.inputs: dict[int, Ring] = {}
+        method = methods.get(cfg.mode)
         for i in range(1, count + 1):
-            synth = LocalSynth(cfg, i, shapes, make_ring(i, "synth-out"),
+            synth = LocalSynth(cfg, i, shapes, make_ring(i, "synth-out"), "cpu",
+                               method.keeps_M(cfg, i, count), method.keeps_I(cfg, i, count),
                                span=spans[i - 1] if spans else None)
             if synth.M is not None or synth.I is not None:
                 self.synths[i] = synth

@@ -1,7 +1,9 @@
-"""The in-process runner: every stage in this process, events in the one-in-flight order.
+"""The in-process runner: every stage in this process, events in the W-window oracle's order.
 
 It is the reference the distributed runner (zdni/driver.py) is tested against: both are driven
-by the same loop (zdni/loop.py), so they differ only in how a batch reaches the stages.
+by the same loop (zdni/loop.py), so they differ only in how a batch reaches the stages, and with
+the same window (the method's, zdni/oracle.py) a distributed run forced into the oracle's order
+equals it.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from zdni import checkpoint, rundir
+from zdni import checkpoint, methods, rundir
 from zdni.config import RunConfig
 from zdni.loop import Data, State, load_data, score, train
 from zdni.metrics import MetricsWriter
 from zdni.models import build_stages, cut_points, input_shape, stage_count, stage_shapes
+from zdni.oracle import Oracle
 from zdni.plan import plan
 from zdni.resume import Checkpoint, Checkpointer
-from zdni.schedule import iteration_events
 from zdni.stage import Outcome, Stage
 
 
@@ -29,32 +31,7 @@ def build_pipeline(cfg: RunConfig, device: str = "cpu",
     from the units of a live model)."""
     modules = build_stages(cfg, units)
     shapes = stage_shapes(modules, input_shape(cfg))
-    return [Stage(cfg, i + 1, m, shapes, device=device) for i, m in enumerate(modules)]
-
-
-def run_iteration(
-    stages: list[Stage], it: int, x: torch.Tensor, y: torch.Tensor, mode: str
-) -> list[tuple[int, Outcome]]:
-    """Apply one iteration's events in schedule order; returns (stage, outcome) of every event
-    that finished a stage's update or reported metrics (M or I trained), in that order."""
-    acts: dict[int, torch.Tensor] = {0: x}
-    grads: dict[int, torch.Tensor] = {}
-    reports: list[tuple[int, Outcome]] = []
-    for kind, i in iteration_events(mode, len(stages)):
-        stage = stages[i - 1]
-        if kind == "batch":
-            out = stage.train_batch(it, x, y if stage.needs_y else None)
-        elif kind == "input":
-            out = stage.train_input(it, acts[i - 1], y if stage.needs_y else None)
-        else:
-            out = stage.train_grad(it, grads.pop(i))
-        if out.h_out is not None:
-            acts[i] = out.h_out
-        if out.d_in is not None and i > 1:
-            grads[i - 1] = out.d_in
-        if out.done or out.metrics:
-            reports.append((i, out))
-    return reports
+    return [methods.build(cfg, i + 1, m, shapes, device=device) for i, m in enumerate(modules)]
 
 
 @torch.no_grad()
@@ -82,29 +59,38 @@ class InprocRunner:
         self.metrics = metrics
         self.pipeline = build_pipeline(cfg, device, units)
         self.stages = len(self.pipeline)
+        self.window = methods.get(cfg.mode).largest_window(cfg)
+        self.oracle = Oracle(self.pipeline, self.window)
         self.label = f"inproc {cfg.mode}"
-        self.fed = 0
+
+    @property
+    def fed(self) -> int:
+        return self.oracle.fed
 
     def replays(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(())
 
     def feed(self, x: torch.Tensor, y: torch.Tensor) -> int:
-        for stage, outcome in run_iteration(self.pipeline, self.fed, x, y, self.cfg.mode):
-            self.metrics.observe(stage, outcome.metrics)
-        self.fed += 1
+        self._observe(self.oracle.feed(x, y))
         return self.fed
 
+    def _observe(self, reports: list[tuple[int, Outcome]]) -> None:
+        for stage, outcome in reports:
+            self.metrics.observe(stage, outcome.metrics)
+
     def drain(self) -> None:
-        """Nothing is ever in flight here: feed() returns once every stage has updated."""
+        """Finish every iteration in flight (the oracle's segment ends here)."""
+        self._observe(self.oracle.drain())
 
     def settle(self) -> None:
-        """Nothing is lost in process, so nothing waits to be fed again."""
+        """Nothing is lost in process: settling is draining."""
+        self.drain()
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
         return evaluate(self.pipeline, x, y, self.cfg.eval_batch_size)
 
     def flight(self) -> tuple[int | None, dict[int, int] | None]:
-        return None, None
+        return None, None  # the oracle's in-flight count is its schedule's, not a measurement
 
     def progress(self) -> dict[str, Any]:
         return {}
@@ -113,10 +99,10 @@ class InprocRunner:
         """No run state outside this process to record."""
 
     def summary_extra(self) -> dict[str, Any]:
-        return {}
+        return {"max_inflight": self.window}
 
     def start_at(self, fed: int) -> None:
-        self.fed = fed
+        self.oracle.start_at(fed)
 
     def snapshot(self) -> dict[int, State]:
         return {s.index: checkpoint.stage_state(s, self.fed - 1) for s in self.pipeline}

@@ -11,11 +11,11 @@ from typing import Any
 
 import click
 
+from zdni import methods
 from zdni.config import (
     BALANCES,
     DATASETS,
     MODELS,
-    MODES,
     OPTIMIZERS,
     PLACEMENTS,
     ZOO_TEXT,
@@ -185,9 +185,9 @@ def _cuts(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 
 _D = RunConfig()
 config_options = _stack(
-    option("--mode", type=click.Choice(MODES), default=_D.mode, show_default=True,
-                 envvar="ZDNI_MODE", help="backprop, sg (synthetic gradients) or full "
-                 "(synthetic input and gradient)."),
+    option("--mode", type=click.Choice(methods.names()), default=_D.mode, show_default=True,
+                 envvar="ZDNI_MODE", help="The training method: backprop, sg (synthetic "
+                 "gradients), full (synthetic input and gradient), ... (README: Training modes)."),
     option("--model", default=_D.model, show_default=True, envvar="ZDNI_MODEL",
            help=f"A zoo model ({ZOO_TEXT}; --model-arg width=W widens an FCN) or your own factory: "
                 "package.module:factory or path/to/file.py:factory, returning an "
@@ -228,6 +228,9 @@ config_options = _stack(
                  envvar="ZDNI_RING_SIZE", help="N of the iteration %% N buffers."),
     option("--max-inflight", type=int, default=_D.max_inflight, show_default=True,
                  envvar="ZDNI_MAX_INFLIGHT", help="Batches in flight at once."),
+    option("--ordered/--arrival", default=_D.ordered, show_default=True, envvar="ZDNI_ORDERED",
+           help="Apply each stage's events in the in-process oracle's order (bit-reproducible,"
+                " equal to --inproc; waits for what comes early) or as they arrive."),
     option("--eval-batch-size", type=int, default=_D.eval_batch_size,
                  show_default=True, envvar="ZDNI_EVAL_BATCH_SIZE"),
     option("--train-limit", type=int, default=None, envvar="ZDNI_TRAIN_LIMIT",

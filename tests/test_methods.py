@@ -1,0 +1,100 @@
+"""Tests of the training methods' class-level facts (zdni/methods/): the registry, what each
+stage trains on, what the driver sends it, which events it receives, against written-out tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from zdni import methods
+from zdni.config import ConfigError, RunConfig
+from zdni.loop import Data
+from zdni.plan import plan
+from zdni.stage import Wiring
+
+# (mode, conditioned, stage, count, needs x, needs y)
+NEEDS = [
+    ("backprop", False, 1, 3, True, False),
+    ("backprop", False, 2, 3, False, False),
+    ("backprop", False, 3, 3, False, True),
+    ("backprop", False, 1, 1, True, True),
+    ("sg", False, 1, 3, True, False),
+    ("sg", False, 2, 3, False, False),
+    ("sg", False, 3, 3, False, True),
+    ("sg", True, 1, 3, True, True),  # cDNI: M of every non-last stage sees the labels
+    ("sg", True, 2, 3, False, True),
+    ("sg", True, 3, 3, False, True),
+    ("sg", False, 1, 1, True, True),
+    ("full", False, 1, 3, True, False),
+    ("full", False, 2, 3, True, False),  # I(x) needs the raw input at every later stage
+    ("full", False, 3, 3, True, True),
+    ("full", True, 1, 3, True, True),
+    ("full", True, 2, 3, True, True),
+    ("full", True, 3, 3, True, True),
+]
+
+
+@pytest.mark.parametrize(("mode", "conditioned", "index", "count", "nx", "ny"), NEEDS)
+def test_needs(mode: str, conditioned: bool, index: int, count: int, nx: bool, ny: bool) -> None:
+    """What each stage trains on follows the written-out table."""
+    cfg = RunConfig(mode=mode, conditioned=conditioned)
+    assert methods.get(mode).needs(cfg, index, count) == (nx, ny)
+
+
+@pytest.mark.parametrize(("mode", "conditioned", "index", "count", "nx", "ny"), NEEDS)
+def test_batch_parts(mode: str, conditioned: bool, index: int, count: int, nx: bool,
+                     ny: bool) -> None:
+    """The driver's BATCH: outside full mode, (x, y) to stage 1 only (y rides on with the
+    activations); in full mode, what each stage trains on."""
+    cfg = RunConfig(mode=mode, conditioned=conditioned)
+    want = (nx, ny) if mode == "full" else ((True, True) if index == 1 else (False, False))
+    assert methods.get(mode).batch_parts(cfg, index, count) == want
+
+
+# (mode, stage of 3, batch event, grad event, grad sent by the next stage's, done on)
+WIRING = [
+    ("backprop", 1, False, True, "grad", "grad"),
+    ("backprop", 2, False, True, "input", "grad"),
+    ("backprop", 3, False, False, "input", "input"),
+    ("sg", 1, False, True, "input", "input"),
+    ("sg", 2, False, True, "input", "input"),
+    ("sg", 3, False, False, "input", "input"),
+    ("full", 1, False, True, "input", "input"),
+    ("full", 2, True, True, "input", "input"),
+    ("full", 3, True, False, "input", "input"),
+]
+
+
+@pytest.mark.parametrize(("mode", "index", "batch", "grad", "grad_from", "done_on"), WIRING)
+def test_wiring(mode: str, index: int, batch: bool, grad: bool, grad_from: str,
+                done_on: str) -> None:
+    """Which events each stage receives and which finishes its update: the written-out table."""
+    assert methods.get(mode).wiring(index, 3) == Wiring(batch, grad, grad_from, done_on)  # type: ignore[arg-type]
+
+
+def test_registry_lists_the_methods_and_names_them_on_a_miss() -> None:
+    """Every file in zdni/methods/ is a method by its name; an unknown name lists them."""
+    assert methods.names()[:3] == ("backprop", "sg", "full")
+    for name in methods.names():
+        assert methods.get(name).name == name
+    with pytest.raises(ValueError, match="methods: backprop, sg, full"):
+        methods.get("magic")
+    with pytest.raises(ConfigError, match="mode must be one of backprop, sg, full"):
+        RunConfig(mode="magic").validate()
+
+
+def test_windows() -> None:
+    """Backprop is exact with one batch in flight, whatever is asked; DNI's modes take any."""
+    cfg = RunConfig(max_inflight=4)
+    assert methods.get("backprop").largest_window(cfg) == 1
+    assert methods.get("sg").largest_window(cfg) == 4
+    assert methods.get("full").largest_window(cfg) == 4
+
+
+def test_conditioning_a_method_without_synthesizers_is_refused_before_the_run() -> None:
+    """--conditioned with backprop is a one-line ConfigError from the plan, naming the fix."""
+    import torch
+
+    data = Data(torch.zeros(8, 1, 28, 28), torch.arange(8) % 10, torch.zeros(4, 1, 28, 28),
+                torch.arange(4))
+    with pytest.raises(ConfigError, match="--conditioned needs a method with synthesizers"):
+        plan(RunConfig(mode="backprop", conditioned=True).validate(), data)

@@ -1,0 +1,41 @@
+"""Training methods by name: one file per method in this package, defining a Stage subclass
+(zdni/stage.py) named in its `METHOD`. Adding a method touches its own file, its test and the
+README's table: the file's name is the method's name (`--mode NAME`).
+
+Listing the names reads this folder without importing the methods (the broker, which checks a
+run's config, never imports torch); `get` imports the one asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build", "get", "names"]
+
+ORDER = ("backprop", "sg", "full")  # listed first, in this order; others follow by name
+
+
+@functools.cache
+def names() -> tuple[str, ...]:
+    """Every method's name: the baseline and DNI's modes first, then the rest by name."""
+    found = {m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+             if not m.name.startswith("_")}
+    return tuple(n for n in ORDER if n in found) + tuple(sorted(found - set(ORDER)))
+
+
+@functools.cache
+def get(name: str) -> Any:
+    """The Stage subclass (zdni.stage.Stage) of method `name`; a ValueError names the methods
+    there are. Typed Any: naming Stage here would import torch into the broker's config."""
+    if name not in names():
+        raise ValueError(f"no training method {name!r}; methods: {', '.join(names())}")
+    return importlib.import_module(f"zdni.methods.{name}").METHOD
+
+
+def build(cfg: Any, index: int, *args: Any, **kwargs: Any) -> Any:
+    """Stage `index` of the run's method: `get(cfg.mode)(cfg, index, ...)`."""
+    return get(cfg.mode)(cfg, index, *args, **kwargs)
