@@ -46,12 +46,12 @@ def assert_workers_equal_pytorch(client: redis.Redis, cfg: RunConfig) -> None:
             torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {s} {name}")
 
 
-def batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first epoch's batches, as the run's driver feeds them."""
+def batches(cfg: RunConfig, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An epoch's batches (the first by default), as the run's driver feeds them."""
     data = load_data(cfg)
     feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed,
                          shuffle=not data.ordered)
-    return [(xb, yb) for _, xb, yb in feeder.iter_epoch(0)]
+    return [(xb, yb) for _, xb, yb in feeder.iter_epoch(epoch)]
 
 
 class Process:
