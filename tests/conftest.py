@@ -66,10 +66,14 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def mnist_dir(repo_root: Path) -> Path:
     """The shared MNIST directory beside the checkout (or $ZDNI_TEST_MNIST, as on the GPU
-    machine, where MNIST travels with the tree); skips the test when it is missing."""
+    machine, where MNIST travels with the tree). Missing, the test is skipped, but where
+    ZDNI_REQUIRE_MNIST is set (CI) it fails: the strongest tests must not vanish silently."""
     path = Path(os.environ.get("ZDNI_TEST_MNIST") or repo_root.parent / "shared" / "data" / "mnist")
     if not path.is_dir():
-        pytest.skip(f"MNIST not found at {path} (put the IDX files there to run this test)")
+        message = f"MNIST not found at {path} (put the IDX files there to run this test)"
+        if os.environ.get("ZDNI_REQUIRE_MNIST"):
+            pytest.fail(message + "; ZDNI_REQUIRE_MNIST is set")
+        pytest.skip(message)
     return path
 
 

@@ -143,7 +143,7 @@ def finished(run_dir: str, cfg: RunConfig) -> bool:
         return False
     want = json.loads(cfg.to_json())
     # What planning fills in (zdni/plan.py) is derived from the settings, not one of them.
-    derived = {"data_dir": None, "input_shape": None, "classes": None}
+    derived = {"data_dir": None, "input_shape": None, "classes": None, "epoch_batches": None}
     if want.get("balance"):
         derived["cuts"] = None
     return {**had, **derived} == {**want, **derived}
