@@ -13,9 +13,10 @@ from procs import batches, worker_state
 from zdni.cluster import train_distributed
 from zdni.config import RunConfig
 from zdni.loop import load_data
+from zdni.oracle import replay
 from zdni.plan import plan
 from zdni.rng import UnitStreams, unit_seed
-from zdni.trainer import build_pipeline, run_iteration
+from zdni.trainer import build_pipeline
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
@@ -69,8 +70,7 @@ def by_unit(states: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torc
 def inproc(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The in-process reference's parameters after one epoch, named by unit."""
     pipeline = build_pipeline(cfg)
-    for it, (xb, yb) in enumerate(batches(cfg)):
-        run_iteration(pipeline, it, xb, yb, cfg.mode)
+    replay(pipeline, batches(cfg))
     return by_unit([(s.module.first_unit, s.module.state_dict()) for s in pipeline])
 
 
