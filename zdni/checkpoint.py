@@ -28,24 +28,10 @@ KEEP = 5  # backups kept per stage: enough to roll back a few intervals, bounded
 RNG = "rng."  # the prefix of a stage's random streams in a backup (zdni/rng.py)
 
 
-def _parts(stage: Stage) -> dict[str, Any]:
-    parts: dict[str, Any] = {"stage": stage.module}
-    if stage.M is not None:
-        parts["M"] = stage.M
-    if stage.I is not None:
-        parts["I"] = stage.I
-    return parts
-
-
-def _optimizers(stage: Stage) -> dict[str, torch.optim.Optimizer]:
-    opts = {"stage": stage.opt, "M": stage.m_opt, "I": stage.i_opt}
-    return {k: v for k, v in opts.items() if v is not None}
-
-
 def stage_state(stage: Stage, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor that defines the stage's training state (its units' random streams
     included, as rng.KIND.UNIT), and the metadata beside them."""
-    tensors, meta = collect(_parts(stage), _optimizers(stage), iteration, stage.index)
+    tensors, meta = collect(stage.parts(), stage.optimizers(), iteration, stage.index)
     tensors.update({f"{RNG}{k}": v for k, v in stage.rng.state_dict().items()})
     return tensors, meta
 
@@ -72,7 +58,7 @@ def collect(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optim
 def restore_stage(stage: Stage, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Load a backup into the stage, in place (its random streams too: it goes on drawing the
     dropout masks the saved stage would have drawn)."""
-    restore(_parts(stage), _optimizers(stage), tensors, meta)
+    restore(stage.parts(), stage.optimizers(), tensors, meta)
     stage.rng.load_state_dict({k[len(RNG):]: v for k, v in tensors.items() if k.startswith(RNG)})
 
 

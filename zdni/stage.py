@@ -177,6 +177,20 @@ class Stage:
     def _zero(self) -> None:
         self.module.zero_grad(set_to_none=True)
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The modules a backup holds, by name (a method adds its own: zdni/checkpoint.py)."""
+        found: dict[str, nn.Module] = {"stage": self.module}
+        if self.M is not None:
+            found["M"] = self.M
+        if self.I is not None:
+            found["I"] = self.I
+        return found
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers a backup holds, by the name of the part they train."""
+        opts = {"stage": self.opt, "M": self.m_opt, "I": self.i_opt}
+        return {k: v for k, v in opts.items() if v is not None}
+
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return t.to(self.device, non_blocking=True) if t is not None else None
 
