@@ -20,14 +20,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_TESTS = ["tests/test_algorithm.py", "tests/test_schedule.py", "tests/test_stage.py"]
-TARGET = "g / scale)"  # M's L2 target, in M's units (zdni/synthesizer.py LocalSynth.train_grad)
+TARGET = "if y is not None else None), g)"  # M's L2 target (zdni/synthesizer.py train_grad)
 I_TARGET = "self.I(x, self._label(y)), h)"  # I's L2 target (LocalSynth.train_input)
 
 # name: (file, the exact text, its wrong version)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
-    "M target negated": ("zdni/synthesizer.py", TARGET, "-g / scale)"),
-    "M target shifted": ("zdni/synthesizer.py", TARGET, "g / scale + 0.05)"),
-    "M target scaled": ("zdni/synthesizer.py", TARGET, "2 * g / scale)"),
+    "M target negated": ("zdni/synthesizer.py", TARGET, "if y is not None else None), -g)"),
+    "M target shifted": ("zdni/synthesizer.py", TARGET,
+                         "if y is not None else None), g + 1e-3)"),
+    "M target scaled": ("zdni/synthesizer.py", TARGET, "if y is not None else None), 2 * g)"),
     "M target of another iteration": (
         "zdni/synthesizer.py", "slot = self.ring.get(it)\n",
         "slot = self.ring.get(it - 1) or self.ring.get(it)\n"),
@@ -36,8 +37,6 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "M predicts from other samples' labels": (
         "zdni/synthesizer.py", "g = self.M(h, self._label(y))",
         "g = self.M(h, self._label(None if y is None else y.roll(1)))"),
-    "M's scale frozen at the first target": (
-        "zdni/synthesizer.py", "self.scale.mul_(SCALE_MOMENTUM)", "self.scale.mul_(1.0)"),
     "I target negated": ("zdni/synthesizer.py", I_TARGET, "self.I(x, self._label(y)), -h)"),
     "I target shifted": ("zdni/synthesizer.py", I_TARGET, "self.I(x, self._label(y)), h + 0.05)"),
     "I target scaled": ("zdni/synthesizer.py", I_TARGET, "self.I(x, self._label(y)), 2 * h)"),

@@ -3,9 +3,7 @@ independent reference the algorithm tests hold zdni to (tests/test_algorithm.py)
 
 Jaderberg et al. 2016: stage i updates from M_i(h_i, y)'s synthetic gradient of its output h_i
 (the loss's gradient on the last stage); M_i is trained by L2 on the gradient stage i+1 sends
-back for h_i, itself computed from M_{i+1}'s prediction (the bootstrapped target). zdni's M
-predicts in units of its targets' running RMS (s <- RMS of the first target, then
-0.99 s + 0.01 RMS; answer s * net(h, y); L2 between net(h, y) and g / s). Fully
+back for h_i, itself computed from M_{i+1}'s prediction (the bootstrapped target). Fully
 decoupled: stage i > 1 first updates on I_i(x, y) in place of its input; when the true input
 comes, I_i is trained by L2 on it, and the stage forwards it only to produce the true signals.
 
@@ -95,11 +93,8 @@ def dni(fs: list[nn.Module], Ms: list[nn.Module | None], Is: list[nn.Module | No
         g = targets.pop((i, t))
         M, o = Ms[i], m_opt[i]
         assert M is not None and o is not None
-        with torch.no_grad():
-            rms = g.pow(2).mean().sqrt()
-            M.scale.copy_(rms if M.scale == 0 else 0.99 * M.scale + 0.01 * rms)
         o.zero_grad()
-        F.mse_loss(M.normalized(h, label(y)), g / M.scale).backward()
+        F.mse_loss(M(h, label(y)), g).backward()
         o.step()
 
     ahead = [0] * S  # the next synthetic pass of each stage

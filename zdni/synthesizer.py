@@ -20,7 +20,6 @@ from zdni.config import RunConfig
 from zdni.models import NUM_CLASSES, make_optimizer
 
 CONV_WIDTH_CAP = 128  # channels: a 1024-channel conv synthesizer would dwarf the stage it serves
-SCALE_MOMENTUM = 0.99  # M's scale follows its targets' RMS over ~100 iterations: they shrink
 
 
 def _zero_last(module: nn.Module) -> nn.Module:
@@ -62,15 +61,7 @@ def _convnet(c_in: int, c_out: int, hidden: int, width: int) -> nn.Sequential:
 
 
 class GradientSynthesizer(nn.Module):
-    """M: predicts the gradient of the loss with respect to a stage's output h, from h (and y).
-
-    It predicts in units of `scale`, the running RMS of the true gradients it was trained on,
-    and answers in the gradient's own units (forward = scale * net). A gradient of a mean loss
-    is tiny (~1e-3 per element for a batch of 128) while Adam moves every weight by about its
-    learning rate whatever the gradient's size: unscaled, one step put M's answers 10-100
-    times the true gradient's norm, and M never settled, even on a fixed network
-    (docs/RESULTS.md, "synthetic gradients and their scale").
-    """
+    """M: predicts the gradient of the loss with respect to a stage's output h, from h (and y)."""
 
     def __init__(
         self, shape: tuple[int, ...], hidden: int, width: int, conditioned: bool,
@@ -87,27 +78,12 @@ class GradientSynthesizer(nn.Module):
         else:
             d = math.prod(self.shape)
             self.net = _mlp(d + extra, d, hidden, width)
-        self.scale: torch.Tensor
-        self.register_buffer("scale", torch.zeros(()))  # 0 until the first true gradient
 
-    def normalized(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The prediction in units of `scale` (what M is trained on), shaped like h."""
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The predicted gradient of h: (B, *shape)."""
         flat = h if len(self.shape) == 3 else h.reshape(h.shape[0], -1)
         out = self.net(_with_label(flat, y if self.conditioned else None, self.classes))
         return out.reshape(h.shape)
-
-    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The predicted gradient of h: (B, *shape), in the gradient's units."""
-        return self.normalized(h, y) * self.scale
-
-    @torch.no_grad()
-    def track(self, g: torch.Tensor) -> None:
-        """Fold a true gradient's RMS into `scale` (the first one sets it)."""
-        rms = g.pow(2).mean().sqrt()
-        if self.scale == 0:
-            self.scale.copy_(rms)
-        else:
-            self.scale.mul_(SCALE_MOMENTUM).add_((1 - SCALE_MOMENTUM) * rms)
 
 
 class InputSynthesizer(nn.Module):
@@ -245,13 +221,10 @@ class LocalSynth:
         self.m_opt.zero_grad(set_to_none=True)
         y = slot.get("y")  # a slot read back from Redis (a restarted worker) is on the CPU
         h = slot["h"].to(g.device)
-        M = self.M
-        M.track(g)
-        scale = M.scale.clamp_min(1e-30)
-        loss = F.mse_loss(M.normalized(h, y.to(g.device) if y is not None else None), g / scale)
+        loss = F.mse_loss(self.M(h, y.to(g.device) if y is not None else None), g)
         loss.backward()
         self.m_opt.step()
-        return {"grad_loss": loss.item() * scale.item() ** 2, **agreement(slot["g"], g)}
+        return {"grad_loss": loss.item(), **agreement(slot["g"], g)}
 
     def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.I is None:
