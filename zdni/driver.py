@@ -413,7 +413,7 @@ class Driver:
                         self.send(protocol.CONTROL, label, stage, {},
                                   {"op": protocol.OP_CHECKPOINT, "at": label})
             self.pump(50)
-        remote = self.cfg.synth_placement == "remote" and self.cfg.needs_synth
+        remote = self.cfg.synth_placement == "remote" and methods.get(self.cfg.mode).synthetic
         return self.watch.call(checkpoint.gather, self.redis, run, self.stages, label, remote)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
