@@ -1,5 +1,6 @@
 """End-to-end tests of the brokered pipeline: real Redis, real ZeroMQ, real worker processes."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,13 +86,19 @@ def test_remote_synthesizers_equal_local_ones(
 
 
 def test_full_mode_runs_and_counts_add_up(mnist_dir: Path, redis_url: str,
-                                          redis_client: redis.Redis) -> None:
-    """Full mode trains through the broker; every stage trained every fed batch, none dropped;
-    the accuracy the stages reported over the wire is that of the parameters they ended with."""
+                                          redis_client: redis.Redis, tmp_path: Path) -> None:
+    """Full mode with 4 in flight trains through the broker, with batches really in flight (two
+    or more at once, true gradients at least one iteration late); every stage trained every fed
+    batch, none dropped; the accuracy the stages reported over the wire is that of the
+    parameters they ended with."""
     cfg = small_config(mnist_dir, "full-run", mode="full", conditioned=True, max_inflight=4,
                        ring_size=8)
-    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1,
+                                out_dir=str(tmp_path))
     assert summary["iterations"] == 10
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["inflight"] for r in records if r["kind"] == "iter") >= 2
+    assert max(r["staleness_max"] or 0 for r in records if r["kind"] == "stage") >= 1
     pipeline = build_pipeline(cfg)
     for stage in pipeline:
         found = checkpoint.load(redis_client, cfg.run_id, stage.index)
