@@ -55,3 +55,24 @@ def bulky(width: int = 256, depth: int = 6, wide: int = 4096,
         units.append(nn.Sequential(*head, nn.BatchNorm1d(width), nn.ReLU()))
     units.append(nn.Sequential(nn.Linear(width, classes)))
     return nn.Sequential(*units)
+
+
+def plain_mlp(width: int = 300, act: str = "tanh", norm: str | None = "layer",
+              blocks: bool = False, classes: int = 10, inputs: int = 784) -> nn.Sequential:
+    """The MLP most people write: Flatten, Linear(784, W), [LayerNorm,] act, Linear(W, W),
+    [LayerNorm,] act, Linear(W, 10), each module a child (a unit a cut may fall between), or
+    with `blocks` grouped as Linear+norm+act so cuts fall after the activation. The models of
+    docs/RESULTS.md's window table (issue: DNI with batches in flight)."""
+    acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
+    layers: list[list[nn.Module]] = [[nn.Flatten()]] if not blocks else []
+    for i, (a, b) in enumerate([(inputs, width), (width, width)]):
+        layer: list[nn.Module] = [nn.Linear(a, b)]
+        layer += [nn.LayerNorm(b)] if norm == "layer" else []
+        layer.append(acts[act]())
+        if blocks:
+            layers.append(([nn.Flatten()] if i == 0 else []) + layer)
+        else:
+            layers += [[m] for m in layer]
+    layers.append([nn.Linear(width, classes)])
+    units = [u[0] if len(u) == 1 and not blocks else nn.Sequential(*u) for u in layers]
+    return nn.Sequential(*units)
