@@ -50,7 +50,8 @@ def test_split_refuses_more_stages_than_units() -> None:
 
 def test_profile_measures_the_wide_unit_as_the_costliest() -> None:
     """A real profile on this CPU: a 2048-wide layer costs more than 64-wide ones, and in sg
-    mode every boundary has a measured synthesizer cost."""
+    mode a boundary's synthesizer costs what its width makes it (M of a 2048-wide boundary has
+    ~900 times the weights of a 64-wide one's)."""
     units: list[nn.Module] = [nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU()),
                               nn.Sequential(nn.Linear(64, 2048), nn.ReLU()),
                               nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()),
@@ -59,5 +60,5 @@ def test_profile_measures_the_wide_unit_as_the_costliest() -> None:
     cfg = RunConfig(mode="sg", batch_size=64)
     costs = profile(cfg, units, (1, 28, 28))
     assert costs.units.index(max(costs.units)) == 2
-    assert all(c > 0 for c in costs.exit[1:5])
+    assert min(costs.exit[2], costs.exit[3]) > max(costs.exit[1], costs.exit[4])
     assert param_costs(units).units[2] == 2048 * 2048 + 2048

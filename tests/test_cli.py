@@ -49,17 +49,17 @@ def test_python_m_zdni_is_the_command() -> None:
     assert "rollback" in out.stdout.split("Commands:")[1]
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS - {"report", "keys", "redis", "sequence"}))
-def test_every_shared_option_shows_its_env_var(command: str) -> None:
-    """Each command's --help names the ZDNI_* variable of every shared option it takes."""
-    out = CliRunner().invoke(main, [command, "--help"]).output
-    shared = {"--redis-url": "ZDNI_REDIS_URL", "--broker": "ZDNI_BROKER",
-              "--curve-dir": "ZDNI_CURVE_DIR", "--threads": "ZDNI_THREADS",
-              "--data-dir": "ZDNI_DATA_DIR", "--run ": "ZDNI_RUN"}
-    taken = [name for name in shared if f"  {name}" in out]
-    assert taken, out
-    for name in taken:
-        assert shared[name] in out, f"{command} {name}"
+@pytest.mark.parametrize("args", [["status", "--run", "nope"],
+                                  ["rollback", "--run", "nope", "--to", "3"]])
+def test_the_environment_names_the_redis_a_command_talks_to(args: list[str],
+                                                             redis_url: str) -> None:
+    """ZDNI_REDIS_URL, given instead of --redis-url, is the Redis the command reaches: a live
+    one answers that it has no such run (a closed port would say it cannot reach Redis)."""
+    result = CliRunner().invoke(main, args, env={"ZDNI_REDIS_URL": redis_url})
+    assert result.exit_code == 2, result.output
+    assert "no run 'nope'" in result.output and "cannot reach" not in result.output
+    closed = CliRunner().invoke(main, args, env={"ZDNI_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert closed.exit_code == 2 and "cannot reach Redis at redis://127.0.0.1:1/0" in closed.output
 
 
 def test_redis_url_is_declared_once() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 
+import psutil
 import pytest
 import redis
 
@@ -73,9 +75,13 @@ def test_beat_writes_heartbeat_and_counters(redis_client: redis.Redis) -> None:
     assert int(hb["iteration"]) == 17
     assert int(hb["pid"]) == os.getpid()
     assert hb["device"] == "cpu"
-    assert float(hb["cpu_percent"]) >= 0.0
-    assert float(hb["rss_mb"]) > 0.0
-    assert float(hb["time"]) > 0.0
+    assert abs(float(hb["rss_mb"]) - psutil.Process().memory_info().rss / 2**20) < 64
+    assert abs(float(hb["time"]) - time.time()) < 30
+    spent = time.process_time() + 0.2  # busy for 0.2 s of CPU: the next beat says so
+    while time.process_time() < spent:
+        pass
+    beat(redis_client, "r1", 2, "alive", 18, {}, "cpu", interval=1.0)
+    assert float(keys.text(redis_client.hget(keys.heartbeat("r1", 2), "cpu_percent"))) > 5
     assert 0 < redis_client.ttl(keys.heartbeat("r1", 2)) <= 5
     counts = redis_client.hgetall(keys.counters("r1", "stage:2"))
     assert counts == {b"received": b"5", b"dropped:shape": b"1"}

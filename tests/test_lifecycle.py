@@ -58,13 +58,14 @@ def test_finished_run_leaves_nothing(mnist_dir: Path, tmp_path: Path) -> None:
 
 
 def test_interrupted_run_leaves_nothing(mnist_dir: Path, tmp_path: Path) -> None:
-    """Ctrl-C in the middle of training stops every child process and the driver exits non-zero."""
+    """Ctrl-C in the middle of training stops every child process and the driver exits 130, the
+    status of a run interrupted (README)."""
     proc = start_train(mnist_dir, tmp_path, "--epochs", "20")
     kids = descendants_until(proc, 5)
     wait_running(tmp_path, proc, 2.0)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 130
     assert_all_gone(kids)
 
 
@@ -79,7 +80,8 @@ def test_killed_driver_takes_its_children(mnist_dir: Path, tmp_path: Path) -> No
 
 
 def test_crashed_worker_is_reported(mnist_dir: Path, tmp_path: Path) -> None:
-    """A worker killed with SIGKILL is named by the driver, which exits non-zero and cleans up."""
+    """A worker killed with SIGKILL is named by the driver in one line, which exits 2 (a run that
+    cannot go on: RunError) and cleans up."""
     proc = start_train(mnist_dir, tmp_path, "--epochs", "20", "--no-restart")
     kids = descendants_until(proc, 5)
     wait_running(tmp_path, proc, 1.0)
@@ -87,8 +89,8 @@ def test_crashed_worker_is_reported(mnist_dir: Path, tmp_path: Path) -> None:
                   k.cmdline()[k.cmdline().index("--stage") + 1] == "2")
     victim.kill()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert "stage 2" in err
+    assert proc.returncode == 2, err
+    assert "stage 2" in err and "Traceback" not in err
     assert_all_gone(kids)
 
 
@@ -102,7 +104,7 @@ def test_bad_input_fails_before_any_process_starts(tmp_path: Path) -> None:
     ):
         proc = subprocess.run([sys.executable, "-m", "zdni.cli", "train", "--out", str(tmp_path),
                                *args], capture_output=True, text=True, timeout=60)
-        assert proc.returncode != 0
+        assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / "logs").exists(), "a process was started"  # made at first spawn

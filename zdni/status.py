@@ -21,11 +21,16 @@ def latest_run(client: redis.Redis) -> str | None:
     return keys.text(current) if current else None
 
 
-def collect(client: redis.Redis, run: str) -> dict[str, Any]:
-    """The run's state and, per stage, health, heartbeat (with its age) and counters."""
+def require_run(client: redis.Redis, run: str) -> None:
+    """Raise KeyError naming the run and the newest runs Redis knows, if it does not know it."""
     if client.get(keys.config(run)) is None:
         raise KeyError(f"no run {run!r} in this Redis (known: "
                        f"{[keys.text(r) for r in client.zrange(keys.runs(), -5, -1)]})")
+
+
+def collect(client: redis.Redis, run: str) -> dict[str, Any]:
+    """The run's state and, per stage, health, heartbeat (with its age) and counters."""
+    require_run(client, run)
     state = _hash(client, keys.state(run))
     stages = int(state.get("stages", "0"))
     health = _hash(client, keys.health(run))

@@ -123,13 +123,17 @@ def rollback(redis_url: str | None, broker: str | None, run_id: str | None,
     from zdni import keys
     from zdni.redisserver import connect
     from zdni.rollback import RollbackError, rollback_run
-    from zdni.status import latest_run
+    from zdni.status import latest_run, require_run
 
     redis_url, run_id = locate(redis_url, run_id, run_dir)
     client = connect(redis_url)
     run_id = run_id or latest_run(client)
     if run_id is None:
         raise UserError(f"no run in Redis at {redis_url}")
+    try:
+        require_run(client, run_id)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
     if broker is None:
         published = client.hget(keys.state(run_id), "broker")
         if published is None:
