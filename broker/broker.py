@@ -175,6 +175,7 @@ class Broker:
         for stage in range(1, stages + 1):
             pipe.hmget(keys.heartbeat(run, stage), ["time", "status"])
         beats = pipe.execute()
+        self.counts["health_checks"] += 1  # events name the check that saw them
         for stage, (beat_time, status) in zip(range(1, stages + 1), beats):
             previous = self.liveness.get((run, stage), health.Liveness(state="starting"))
             stopped = status == b"stopped"
@@ -185,7 +186,8 @@ class Broker:
             if now.state != previous.state:
                 self.redis.hset(keys.health(run), str(stage), now.state)
                 health.publish(self.redis, run, {"stage": stage, "state": now.state,
-                                                 "time": time.time()})
+                                                 "time": time.time(),
+                                                 "check": self.counts["health_checks"]})
                 level = logging.ERROR if now.state == "failed" else logging.INFO
                 log.log(level, "[broker] stage %d of run %s is %s", stage, run, now.state)
         self._flush_counts(run)

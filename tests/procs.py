@@ -110,6 +110,8 @@ def kill_stage_when(client: redis.Redis, run: str, stage: int, iteration: int,
                 if "worker" in cmd and run in cmd and cmd[cmd.index("--stage") + 1] == str(stage):
                     proc.kill()
                     record["killed_at"] = time.time()
+                    checks = client.hget(keys.counters(run, "broker"), "health_checks")
+                    record["checks_at_kill"] = int(checks or 0)  # the broker's, done so far
                     record["iteration"] = int(it)
                     return
         time.sleep(0.05)

@@ -41,7 +41,9 @@ def test_killed_worker_recovers(mnist_dir: Path, redis_url: str,
             events.append(json.loads(m["data"]))
     failed = [e for e in events if e["stage"] == 2 and e["state"] == "failed"]
     assert failed, f"no failure published: {events}"
-    assert failed[0]["time"] - record["killed_at"] <= 2 * cfg.heartbeat_s + 0.6  # two checks
+    # The rule: failed at the second check that finds the beat unchanged. The first check after
+    # the kill may still see the last beat new, and one may have been under way: at most four.
+    assert failed[0]["check"] - record["checks_at_kill"] <= 4, (failed[0], record)
     assert any(e["stage"] == 2 and e["state"] == "alive" and e["time"] > failed[0]["time"]
                for e in events), "stage 2 never came back"
     tally = summary["tally"]
