@@ -65,7 +65,7 @@ def main() -> None:
               "--seed", str(args.seed), "--quiet", *args.extra.split()]
     results = {}
     start = time.monotonic()
-    whole = train([*common, "--out", str(out / "whole")])
+    whole = train([*common, "--out", str(out / "whole"), "--keep-redis"])  # to weigh it
     _, err = whole.communicate()
     assert whole.returncode == 0, err[-2000:]
     results["uninterrupted"] = {"wall_s": round(time.monotonic() - start, 1)}
@@ -93,8 +93,9 @@ def main() -> None:
             test_accuracy=summary["test_accuracy"],
             history_epochs=[row["epoch"] for row in summary["history"]],
             history_accuracy=[round(row["test_accuracy"], 4) for row in summary["history"]],
-            size_mb=round(size_mb(out / run), 2),
+            size_mb=round(size_mb(out / run) - size_mb(out / run / "redis"), 2),
             files=sorted(os.listdir(out / run)))
+    results["uninterrupted"]["journal_mb_kept"] = round(size_mb(out / "whole" / "redis"), 2)
     gap = abs(results["uninterrupted"]["test_accuracy"]
               - results["interrupted+resumed"]["test_accuracy"])
     print(json.dumps({**results, "gap_points": round(100 * gap, 3)}, indent=2))

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from zdni.cli import main
 from zdni.experiment import finished, plan
+from zdni.metrics import read_metrics
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,6 +48,18 @@ def test_quick_inproc_suite_runs_end_to_end(mnist_dir: Path, tmp_path: Path) -> 
     cfg.epochs = 2
     assert not finished(str(run_dir), cfg)
     assert json.loads((tmp_path / "suite.json").read_text())["quick"] is True
+    # A second epoch for every run: each goes on from its checkpoint instead of starting over.
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["experiment", "seed-mnist", "--quick", "--inproc",
+                                           "--quiet", "--epochs", "2", "--data-dir",
+                                           str(mnist_dir), "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert finished(str(run_dir), cfg)
+    kinds = [r["kind"] for r in read_metrics(str(run_dir / "metrics.jsonl"))]
+    assert kinds.count("start") == kinds.count("resume") == 1 and kinds.count("epoch") == 2
 
 
 def test_failed_runs_are_named_with_the_error_train_gives(tmp_path: Path) -> None:

@@ -83,13 +83,19 @@ def run_zdni(args: list[str], cwd: Path, timeout: float = 200
 
 
 def test_reusing_a_run_directory_is_refused_and_resume_keeps_the_settings(
-        mnist_dir: Path, tmp_path: Path, repo_root: Path) -> None:
+        mnist_dir: Path, tmp_path: Path) -> None:
     """A new run in a directory that holds one, --resume with a changed setting, of a finished
     run without --epochs, or of a directory with no checkpoint: each one line, exit 2."""
+    from click.testing import CliRunner
+
+    from zdni.cli import main
+
     run = tmp_path / "r"
     common = ["--inproc", "--data-dir", str(mnist_dir), "--train-limit", "256",
               "--test-limit", "100", "--epochs", "1", "--quiet", "--threads", "1"]
-    assert run_zdni(["train", *common, "--out", str(run)], repo_root).returncode == 0
+    runner = CliRunner()
+    first = runner.invoke(main, ["train", *common, "--out", str(run)])
+    assert first.exit_code == 0, first.output
     cases = [
         (["train", *common, "--out", str(run)], f"{run} already holds a run"),
         (["train", "--resume", str(run), "--lr", "0.5"], "--lr cannot change them"),
@@ -98,10 +104,11 @@ def test_reusing_a_run_directory_is_refused_and_resume_keeps_the_settings(
         (["evaluate", str(tmp_path), "--dataset", "mnist"], "no model.pt"),
     ]
     for args, message in cases:
-        proc = run_zdni(args, repo_root)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
-        assert "Traceback" not in proc.stderr
+        result = runner.invoke(main, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], \
+            result.output
+        assert "Traceback" not in result.output
     with pytest.raises(ResumeError, match="no such run directory"):
         read(str(tmp_path / "nowhere"))
 

@@ -92,7 +92,7 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
     """`zdni run`: drive workers and a broker started elsewhere (other hosts, honcho)."""
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     data = load_data(cfg, download)
-    chosen = plan(cfg, data)
+    chosen = plan(cfg, data, resumed=resume is not None)
     client = connect(redis_url, fail_fast=True)
     try:
         with rundir.closing(out_dir, cfg, data.norm, resumed=resume is not None):
@@ -153,7 +153,7 @@ def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = Fals
     cfg.run_id = cfg.run_id or new_run_id(cfg)
     # A bad data set, model or cut is an error before any process starts.
     data = load_data(cfg, download)
-    chosen = plan(cfg, data, threads=threads)
+    chosen = plan(cfg, data, threads=threads, resumed=resume is not None)
     stages = stage_count(cfg)
     threads = threads or max(1, (os.cpu_count() or 1) // stages)
     specs = parse_list(devices, stages) if devices else None

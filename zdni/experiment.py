@@ -110,9 +110,11 @@ def run_suite(name: str, out_dir: str | None = None, seeds: tuple[int, ...] | No
             log.warning("[experiment] %s: already done, kept", run_name)
             done.append(run_dir)
             continue
-        log.warning("[experiment] run %d/%d: %s", i, len(runs), run_name)
+        found = resumable(run_dir, cfg, inproc)
+        log.warning("[experiment] run %d/%d: %s%s", i, len(runs), run_name,
+                    f" (resumed at iteration {found.iteration})" if found else "")
         try:
-            summary = train_one(cfg, run_dir, inproc, quiet)
+            summary = train_one(found.cfg if found else cfg, run_dir, inproc, quiet, found)
         except Exception as exc:  # noqa: BLE001 - any failure is reported, the suite goes on
             log.error("[experiment] %s failed: %s", run_name, exc)
             failed.append(f"{run_name}: {exc}")
@@ -141,26 +143,52 @@ def finished(run_dir: str, cfg: RunConfig) -> bool:
             had = json.load(fh)["config"]
     except (OSError, ValueError, KeyError):
         return False
+    return same_settings(had, cfg)
+
+
+def same_settings(had: dict[str, Any], cfg: RunConfig, *aside: str) -> bool:
+    """Whether a run's recorded config is cfg's, but for the data directory, what planning
+    derives from the settings (zdni/plan.py), and the settings `aside`."""
     want = json.loads(cfg.to_json())
-    # What planning fills in (zdni/plan.py) is derived from the settings, not one of them.
-    derived = {"data_dir": None, "input_shape": None, "classes": None, "epoch_batches": None}
+    derived: dict[str, Any] = dict.fromkeys(("data_dir", "input_shape", "classes",
+                                             "epoch_batches", *aside))
     if want.get("balance"):
         derived["cuts"] = None
     return {**had, **derived} == {**want, **derived}
 
 
-def train_one(cfg: RunConfig, run_dir: str, inproc: bool, quiet: bool) -> dict[str, Any]:
-    """One training as `zdni train [--inproc] --out RUN_DIR` runs it; writes summary.json."""
+def resumable(run_dir: str, cfg: RunConfig, inproc: bool) -> Any:
+    """The checkpoint an unfinished run of these settings (or of fewer epochs) left in run_dir,
+    ready to go on to cfg.epochs (zdni.resume.prepare), or None: the run starts over."""
+    from zdni import resume
+
+    if not resume.exists(run_dir):
+        return None
+    try:
+        found = resume.read(run_dir)
+    except resume.ResumeError:
+        return None
+    runner = "inproc" if inproc else "zdni"
+    if found.runner != runner or found.loop.epoch >= cfg.epochs or not same_settings(
+            json.loads(found.cfg.to_json()), cfg, "epochs"):
+        return None
+    return resume.prepare(run_dir, cfg.epochs, cfg.data_dir)
+
+
+def train_one(cfg: RunConfig, run_dir: str, inproc: bool, quiet: bool,
+              resume: Any = None) -> dict[str, Any]:
+    """One training as `zdni train [--inproc] --out RUN_DIR [--resume RUN_DIR]` runs it; writes
+    summary.json."""
     from zdni.summary import write_summary
 
     if inproc:
         from zdni.trainer import train_inproc
 
-        summary = train_inproc(cfg, quiet=quiet, out_dir=run_dir)
+        summary = train_inproc(cfg, quiet=quiet, out_dir=run_dir, resume=resume)
     else:
         from zdni.cluster import train_distributed
 
         summary = train_distributed(cfg, quiet=quiet, out_dir=run_dir,
-                                    log_dir=os.path.join(run_dir, "logs"))
+                                    log_dir=os.path.join(run_dir, "logs"), resume=resume)
     write_summary(run_dir, summary)
     return summary

@@ -26,10 +26,12 @@ __all__ = ["plan"]
 
 
 def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
-         device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+         device: str = "cpu", threads: int | None = None, resumed: bool = False
+         ) -> dict[str, Any]:
     """Fill in cfg.input_shape, cfg.classes and (with cfg.balance) cfg.cuts; check that the
     model's output fits the classes and that the cut can be made. Returns what balancing chose
-    and measured (empty without cfg.balance), for the summary."""
+    and measured (empty without cfg.balance), for the summary. A `resumed` run keeps the cuts
+    it was balanced to when it started: its checkpoint's weights are cut there."""
     method = methods.get(cfg.mode)
     if cfg.conditioned and not method.synthetic:
         raise ConfigError(f"--conditioned needs a method with synthesizers (sg, full): "
@@ -57,7 +59,7 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
                           f"need {needed} classes: the output must be {want} (or more classes)")
     cfg.classes = out[0]  # a subset of the data may not show every class; the model knows
     record: dict[str, Any] = {}
-    if cfg.balance is not None:
+    if cfg.balance is not None and not resumed:
         if cfg.cuts:
             raise ConfigError("give --cuts or --balance, not both")
         if not 1 <= cfg.stages <= len(units):

@@ -189,7 +189,6 @@ def prepare(run_dir: str, epochs: int | None = None,
     cfg.epochs = wanted
     if data_dir is not None:
         cfg.data_dir = data_dir
-    cfg.balance = None  # the cuts were chosen (and the weights cut) when it started
     return found
 
 

@@ -119,7 +119,7 @@ def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
     that checkpoint (zdni.resume.prepare)."""
     cfg.validate()
     data = data if data is not None else load_data(cfg, download)
-    chosen = plan(cfg, data, units)
+    chosen = plan(cfg, data, units, resumed=resume is not None)
     count = stage_count(cfg) if units is None else len(cut_points(len(units), cfg.stages,
                                                                    cfg.cuts))
     with rundir.closing(out_dir, cfg, data.norm, live, resumed=resume is not None):
