@@ -107,7 +107,7 @@ def run_remote(cfg: RunConfig, broker: str, redis_url: str, quiet: bool = False,
                 log.warning("[driver] run %s published; waiting for %d stage workers",
                             cfg.run_id, driver.stages)
                 with marking_outcome(driver):
-                    summary = driver.train(data, quiet, *_resuming(cfg, out_dir, resume))
+                    summary = _train(driver, data, quiet, cfg, out_dir, resume)
                     summary["counts"] = driver.counts()
                 return _with_balance(summary, chosen)
             finally:
@@ -129,12 +129,16 @@ def start_clean(client: Any, run: str, resume: Checkpoint | None) -> None:
     seed(client, run, resume)
 
 
-def _resuming(cfg: RunConfig, out_dir: str | None, resume: Checkpoint | None
-              ) -> tuple[Any, Checkpointer | None]:
-    """The loop's start and saver: from the checkpoint when resuming; checkpoints only where
-    there is a run directory to keep them."""
+def _train(driver: Driver, data: Data, quiet: bool, cfg: RunConfig, out_dir: str | None,
+           resume: Checkpoint | None) -> dict[str, Any]:
+    """driver.train from the checkpoint when resuming, checkpointing into out_dir (only where
+    there is a run directory to keep them)."""
     saver = Checkpointer(out_dir, cfg, resume) if out_dir else None
-    return (resume.loop if resume else None), saver
+    start = resume.loop if resume else None
+    summary = driver.train(data, quiet, start, saver)
+    if saver is not None:
+        summary["checkpoints"] = saver.tally()
+    return summary
 
 
 def train_distributed(cfg: RunConfig, quiet: bool = False, download: bool = False,
@@ -215,7 +219,7 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
                     cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
                                                  "--redis-url", url, "--run", cfg.run_id,
                                                  *place, *allow])
-                summary = driver.train(data, quiet, *_resuming(cfg, out_dir, resume))
+                summary = _train(driver, data, quiet, cfg, out_dir, resume)
                 cluster.stop()  # the broker writes its final counters as it exits
                 summary["counts"] = driver.counts()
             return _with_balance(summary, chosen)

@@ -81,11 +81,24 @@ class Checkpointer:
         self.every = cfg.checkpoint_every
         self.next = (resumed.loop.fed if resumed else 0) + self.every
         self.best = resumed.best if resumed else None
+        self.taken = 0
+        self.seconds = 0.0  # spent settling, gathering and writing: what checkpoints cost
+
+    def tally(self) -> dict[str, Any]:
+        """For the summary: checkpoints taken and the seconds they took (drains included)."""
+        return {"taken": self.taken, "seconds": round(self.seconds, 3)}
 
     def due(self, fed: int) -> bool:
         return self.every > 0 and fed >= self.next
 
     def save(self, runner: Runner, state: LoopState, metrics: MetricsWriter) -> None:
+        began = time.monotonic()
+        try:
+            self._save(runner, state, metrics)
+        finally:
+            self.seconds += time.monotonic() - began
+
+    def _save(self, runner: Runner, state: LoopState, metrics: MetricsWriter) -> None:
         states = runner.snapshot()
         self.next = runner.fed + self.every
         if states is None:  # a stage failed meanwhile; the next interval's checkpoint comes
@@ -98,6 +111,7 @@ class Checkpointer:
                 self.best is None or state.accuracy > self.best["test_accuracy"]):
             self.best = write_best(self.run_dir, state, states)
         write(self.run_dir, self.cfg, state, states, runner.name, self.best)
+        self.taken += 1
 
 
 def write_best(run_dir: str, loop: LoopState, states: dict[int, State]) -> dict[str, Any]:

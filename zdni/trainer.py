@@ -133,6 +133,8 @@ def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
             saver = Checkpointer(out_dir, cfg, resume) if out_dir else None
             summary = train(cfg, runner, data, metrics, quiet,
                             start=resume.loop if resume else None, saver=saver)
+            if saver is not None:
+                summary["checkpoints"] = saver.tally()
         finally:
             metrics.close()
     if chosen:
