@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from zdni.config import RunConfig
@@ -215,3 +216,22 @@ def test_keep_best_writes_the_best_epoch_and_keeps_it_across_a_resume(tmp_path: 
         info = json.loads((run / "model.json").read_text())
         assert (info["epoch"], info["test_accuracy"]) == ((2, 0.9) if keep_best else (3, 0.7))
         assert len(list((run / "checkpoint").glob("*.zckpt"))) == (6 if keep_best else 3)
+
+
+def test_a_hand_started_worker_serves_a_run_again_when_it_is_resumed(
+        redis_client: redis.Redis) -> None:
+    """A worker without --run leaves a run it served for the next one; the same run published
+    again (`zdni run --resume`: a new start time) is a next one, and it serves it."""
+    from workers.worker import Worker, attempt
+    from zdni import keys
+
+    worker = Worker.__new__(Worker)  # only its wait for a run, on a real Redis
+    worker.redis, worker.who, worker.attempt = redis_client, "[stage 1]", ""
+    redis_client.set(keys.current_run(), "r")
+    redis_client.hset(keys.state("r"), mapping={"status": "running", "started": "1.5"})
+    served = frozenset({attempt("r", b"1.5")})
+    with pytest.raises(SystemExit, match="no run published"):
+        worker._wait_for_run(0.5, served)
+    redis_client.hset(keys.state("r"), "started", "2.5")
+    assert worker._wait_for_run(5.0, served) == "r"
+    assert worker.attempt == attempt("r", b"2.5") not in served
