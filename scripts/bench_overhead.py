@@ -365,6 +365,8 @@ def main() -> None:
     parser.add_argument("--synth-width", type=int, default=1024)
     parser.add_argument("--transport", default="ipc", choices=("ipc", "tcp"),
                         help="of the bare relay chain")
+    parser.add_argument("--runners", default=None,
+                        help="a subset of relay,inproc,dist (default: all the command measures)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--variant", action="append", default=[],
                         metavar="NAME=PATH[:ENV=VALUE,...]")
@@ -381,6 +383,8 @@ def main() -> None:
         variants.append((name, path, dict(e.split("=", 1) for e in envs.split(",") if e)))
     runners = {"floor": ("relay", "inproc", "dist"), "ratio": ("inproc", "dist"),
                "relay": ("relay",)}[args.what]
+    if args.runners:
+        runners = tuple(r for r in runners if r in args.runners.split(","))
     print(f"# {args.what}: load {os.getloadavg()}, {os.cpu_count()} cores")
     results = []
     for rep in range(args.repeat):

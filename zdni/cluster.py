@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from zdni import keys, methods, protocol, rundir
+from zdni import keys, methods, rundir
 from zdni.config import ConfigError, RunConfig, new_run_id
 from zdni.device import DeviceSpec, other_cores, parse_list
 from zdni.driver import Driver, StopRequested
@@ -26,7 +26,7 @@ from zdni.plan import plan
 from zdni.redisserver import EmbeddedRedis, connect, mask_url
 from zdni.resume import Checkpoint, Checkpointer, clear_run, seed
 from zdni.security import Curve
-from zdni.transport import free_port_range
+from zdni.transport import local_address
 from zdni.usercode import is_reference
 
 __all__ = ["run_remote", "train_distributed"]
@@ -191,12 +191,11 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
     persist = rundir.journal(out_dir)
     if resume is not None and persist and os.path.isdir(persist):
         shutil.rmtree(persist)  # the checkpoint is what goes on, not the stopped run's Redis
-    with local_redis(redis_url, persist) as (url, server):
+    with local_redis(redis_url, persist) as (url, server), local_address() as broker:
         client = connect(url, fail_fast=True)
         start_clean(client, cfg.run_id, resume)
         metrics = MetricsWriter(cfg, stages, out_dir, client, tensorboard=tensorboard,
                                 append=resume is not None)
-        broker = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
         cluster = Cluster(log_dir=log_dir)
         # The broker is ours and starting: it may take a few seconds to answer its first ping.
         driver = Driver(cfg, client, broker, metrics, cluster, restart=restart,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -63,6 +67,33 @@ class Endpoint:
     def close(self) -> None:
         self.push.close(0)
         self.pull.close(0)
+
+
+IPC_PATH_MAX = 100  # bytes of a unix socket path (sun_path holds 107), our ".NN" suffix included
+
+
+@contextlib.contextmanager
+def local_address() -> Iterator[str]:
+    """A broker address for processes on this host only, removed after the block.
+
+    ipc:// (a unix socket in a new directory only this user can open) where ZeroMQ supports
+    it: it costs the ZeroMQ I/O threads of every process about half the CPU of loopback TCP
+    (docs/BENCHMARKS.md section 7) and no other user of the machine can connect. Otherwise, or
+    when the temporary directory's path is too long for a unix socket, tcp on 127.0.0.1.
+    """
+    if not zmq.has("ipc"):
+        yield f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
+        return
+    folder = tempfile.mkdtemp(prefix="zdni-")  # mode 0700
+    try:
+        path = f"{folder}/broker"
+        longest = f"{path}.{protocol.ENDPOINTS - 1}"  # the outbound sockets' paths
+        if len(longest.encode()) > IPC_PATH_MAX:
+            yield f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
+        else:
+            yield f"ipc://{path}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def free_port_range(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
