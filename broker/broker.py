@@ -27,7 +27,7 @@ from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
 from zdni.shell import Stopper, setup_logging
-from zdni.transport import make_socket
+from zdni.transport import NOBLOCK, POLLIN, make_socket, recv_frames, send_frames
 
 log = logging.getLogger("zdni.broker")
 QUEUE_LIMIT = 4096  # messages waiting per endpoint; the window keeps real traffic far below
@@ -45,6 +45,7 @@ class Broker:
         self.counts: Counter[str] = Counter()
         # Routing needs no Redis: the broker routes on through any outage, however long.
         self.watch = RedisWatch("[broker]", float("inf"))
+        self.waiting: set[int] = set()  # endpoints whose queue holds messages (serve)
 
     def stages_of(self, run: str) -> int:
         """The run's stage count, as its driver published it; raises MessageError('run') for a
@@ -81,21 +82,20 @@ class Broker:
         next_check = time.monotonic() + interval
         try:
             while not stopper.stopping:
-                waiting = [e for e, q in enumerate(queues) if q]
+                waiting = list(self.waiting)
                 for e in waiting:
                     poller.register(outs[e], zmq.POLLOUT)
                 events = dict(poller.poll(timeout=100))
                 for e in waiting:
                     poller.unregister(outs[e])
                     if events.get(outs[e]):
-                        self._flush(outs[e], queues[e])
-                if events.get(inbound):
-                    for _ in range(256):  # a burst at a time, then service queues and the monitor
-                        try:
-                            frames = inbound.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self.forward(frames, outs, queues)
+                        self._flush(e, outs[e], queues[e])
+                # A burst at a time, then service queues and the monitor; EVENTS says whether
+                # another message is there (cheaper than a receive that raises zmq.Again).
+                for _ in range(256):
+                    if not int(inbound.getsockopt(zmq.EVENTS)) & POLLIN:
+                        break
+                    self.forward(recv_frames(inbound, NOBLOCK), outs, queues)
                 if time.monotonic() >= next_check:
                     try:
                         interval = self.watch.call(self.monitor, default=1.0) or 1.0
@@ -132,7 +132,7 @@ class Broker:
         queue = queues[dst]
         if not queue:
             try:
-                outs[dst].send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(outs[dst], frames, NOBLOCK)
                 self.counts["forwarded"] += 1
                 return
             except zmq.Again:
@@ -141,15 +141,17 @@ class Broker:
             self._drop("queue_full", f"endpoint {dst} has {len(queue)} messages waiting")
             return
         queue.append(frames)
+        self.waiting.add(dst)
 
-    def _flush(self, sock: zmq.Socket, queue: deque[list[Any]]) -> None:
+    def _flush(self, endpoint: int, sock: zmq.Socket, queue: deque[list[Any]]) -> None:
         while queue:
             try:
-                sock.send_multipart(queue[0], zmq.NOBLOCK, copy=False)
+                send_frames(sock, queue[0], NOBLOCK)
             except zmq.Again:
                 return
             queue.popleft()
             self.counts["forwarded"] += 1
+        self.waiting.discard(endpoint)
 
     def _drop(self, reason: str, text: str) -> None:
         self.counts[f"dropped:{reason}"] += 1

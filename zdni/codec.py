@@ -9,9 +9,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import torch
+import zmq
 
-from zdni.header import _SCALARS, _check_spec, _unpack, _view, decode_header
-from zdni.protocol import DTYPES, PROTOCOL_VERSION, MessageError
+from zdni.header import _SCALARS, _check_spec, _unpack, _view, check_header, decode_header
+from zdni.protocol import DTYPES, MAX_HEADER_BYTES, PROTOCOL_VERSION, MessageError
 
 __all__ = ["Message", "decode", "decode_header", "decode_state", "dtype_name", "encode",
            "encode_state"]
@@ -54,6 +55,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of `t` as a flat buffer, a view of its memory if it is a contiguous CPU tensor."""
+    if t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        try:  # the common case in five calls: a plain tensor's memory as it is
+            return t.numpy().data.cast("B")
+        except (TypeError, RuntimeError):  # bfloat16, 0-d, empty or a conj/neg view
+            pass
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -74,6 +80,15 @@ def _tensor(view: memoryview, dtype: str, shape: list[int], pin: bool = False) -
             raise MessageError("frames", f"a tensor frame is not a contiguous buffer: {e}") from e
         t.reshape(-1).view(torch.uint8).numpy()[:] = src
     return t
+
+
+def _frame_tensor(frame: zmq.Frame, dtype: str, shape: list[int]) -> torch.Tensor:
+    """A tensor over a received frame's own memory, without a copy: the frame is ZeroMQ's
+    message, which nothing else holds or changes once received, and the tensor keeps it alive."""
+    view = frame.buffer
+    if not view.nbytes:
+        return torch.empty(shape, dtype=_TORCH[dtype])
+    return torch.frombuffer(view, dtype=_TORCH[dtype]).view(shape)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -97,14 +112,19 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 def decode(frames: list[Any], expect_run: str | None = None, check_finite: bool = True,
            pin_memory: bool = False) -> Message:
-    """Validate a received multipart message and copy its tensors out of the frames (into
-    pinned host memory with `pin_memory`: a worker computing on a GPU asks for that)."""
+    """Validate a received multipart message and take its tensors out of the frames: frames a
+    socket received (zmq.Frame) are used in place, without a copy; other buffers (bytes, which
+    a caller may change or reuse) are copied, as they are into pinned host memory with
+    `pin_memory` (a worker computing on a GPU asks for that)."""
     h = decode_header(frames)
     if expect_run is not None and h["run"] != expect_run:
         raise MessageError("run", f"expected run {expect_run!r}, got {h['run']!r}")
     tensors = {}
     for (name, dtype, shape), frame in zip(h["tensors"], frames[1:]):
-        t = _tensor(_view(frame), dtype, shape, pin_memory)
+        if type(frame) is zmq.Frame and not pin_memory:
+            t = _frame_tensor(frame, dtype, shape)
+        else:
+            t = _tensor(_view(frame), dtype, shape, pin_memory)
         if check_finite:
             _check_finite(name, t)
         tensors[name] = t
@@ -127,11 +147,14 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     header = {"v": PROTOCOL_VERSION, "kind": msg.kind, "run": msg.run, "it": msg.it,
               "src": msg.src, "dst": msg.dst, "tensors": specs, "meta": msg.meta}  # fmt: skip
     try:
-        out: list[bytes | memoryview] = [msgpack.packb(header), *frames]
-        decode_header(out)  # one set of rules: we never emit what a receiver would drop
+        check_header(header)  # one set of rules: we never emit what a receiver would drop
+        packed = msgpack.packb(header)
     except (MessageError, TypeError, OverflowError) as e:
         raise ValueError(f"cannot encode {msg.kind!r} message: {e}") from e
-    return out
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ValueError(f"cannot encode {msg.kind!r} message: its header is {len(packed)} "
+                         f"bytes, more than {MAX_HEADER_BYTES}")
+    return [packed, *frames]
 
 
 def _check_state_meta(meta: object) -> None:
@@ -202,3 +225,4 @@ def decode_state(
             raise MessageError("size", f"{name!r} {entry}: expected {size} bytes, got {got}")
         tensors[name] = _tensor(fields[name], entry[0], entry[1])
     return tensors, meta
+

@@ -38,6 +38,27 @@ def make_socket(ctx: zmq.Context, kind: int, hwm: int = HWM, curve: Curve | None
     return sock
 
 
+# Plain ints: pyzmq's flag enums cost an enum operation per frame when combined.
+NOBLOCK, SNDMORE, POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN)
+
+
+def send_frames(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> None:
+    """socket.send_multipart(frames, flags, copy=False) in fewer Python calls: frames under
+    pyzmq's copy threshold are copied, larger ones sent from their memory. A multipart message
+    is queued whole or not at all, so NOBLOCK raises zmq.Again before the first frame only."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, flags if i == last else flags | SNDMORE, copy=False)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
+    """socket.recv_multipart(flags, copy=False): the frames of one message, as zmq.Frame."""
+    frames = [sock.recv(flags, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(flags, copy=False))
+    return frames
+
+
 class Endpoint:
     """An endpoint's two sockets: PUSH into the broker's inbound, PULL from its outbound."""
 
@@ -54,15 +75,21 @@ class Endpoint:
     def send(self, frames: list[Any], timeout_ms: int = 10_000) -> None:
         """Send one message's frames (zdni.codec.encode) without copying tensor bytes; raise
         TimeoutError if the broker cannot take it."""
+        try:  # the broker almost always has room: no poll before the send
+            send_frames(self.push, frames, NOBLOCK)
+            return
+        except zmq.Again:
+            pass
         if not self.push.poll(timeout_ms, zmq.POLLOUT):
             raise TimeoutError(f"the broker did not accept a message in {timeout_ms} ms")
-        self.push.send_multipart(frames, copy=False)
+        send_frames(self.push, frames, NOBLOCK)
 
     def recv(self, timeout_ms: int) -> list[Any] | None:
         """One message's frames, or None when nothing came within the timeout."""
-        if not self.poller.poll(timeout_ms):
+        waiting = int(self.pull.getsockopt(zmq.EVENTS)) & POLLIN  # no poll when one is here
+        if not waiting and not self.poller.poll(timeout_ms):
             return None
-        return self.pull.recv_multipart(copy=False)
+        return recv_frames(self.pull)
 
     def close(self) -> None:
         self.push.close(0)
