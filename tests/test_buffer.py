@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 import torch
@@ -101,24 +103,49 @@ def test_get_returns_writable_copies(redis_client: redis.Redis) -> None:
     assert torch.equal(got["h"], values(0)["h"] + 1.0)
 
 
-@pytest.mark.parametrize(
-    ("case", "field", "value"),
-    [
-        ("garbage meta", "__meta__", b"\xc1"),
-        ("garbage spec", "__spec__", b"\x00\x01"),
-        ("short tensor", "h", b"\x00" * 8),
-    ],
-)
-def test_corrupted_slot_returns_none_and_counts(redis_client: redis.Redis, case: str, field: str,
-                                                value: bytes) -> None:
+def _garbage_header(blob: bytes) -> bytes:
+    return blob[:4] + b"\xc1" * (len(blob) - 4)
+
+
+CORRUPTIONS = [  # (case, what replaces a good slot's bytes; None: a hash under the key)
+    ("garbage header", _garbage_header),
+    ("header length past the end", lambda b: (2**31).to_bytes(4, "little") + b[4:]),
+    ("short tensor", lambda b: b[:-8]),
+    ("extra bytes", lambda b: b + b"\x00"),
+    ("empty", lambda b: b""),
+    ("not a string", None),
+]
+
+
+@pytest.mark.parametrize(("case", "corrupt"), CORRUPTIONS, ids=[c for c, _ in CORRUPTIONS])
+def test_corrupted_slot_returns_none_and_counts(redis_client: redis.Redis, case: str,
+                                                corrupt: Any) -> None:
     """An unreadable slot in Redis reads as None and counts one error; it does not raise."""
     RedisRing(redis_client, "r1", 2, "out", N).put(5, values(5))
-    redis_client.hset(keys.slot("r1", 2, "out", 5 % N), field, value)
+    key = keys.slot("r1", 2, "out", 5 % N)
+    if corrupt is None:
+        redis_client.delete(key)
+        redis_client.hset(key, "h", b"\x00" * 8)
+    else:
+        redis_client.set(key, corrupt(redis_client.get(key)))
     restarted = RedisRing(redis_client, "r1", 2, "out", N)
     assert restarted.get(5) is None
     assert restarted.errors == 1
     assert restarted.get(6) is None  # an empty slot is not an error
     assert restarted.errors == 1
+
+
+def test_a_slot_is_one_set_of_the_tensors_bytes(redis_client: redis.Redis) -> None:
+    """A slot is one Redis string, replaced by one command: after 3 rounds of writes Redis has
+    seen one SET per put and nothing else on the slots (no MULTI, DEL or HSET)."""
+    ring = RedisRing(redis_client, "r1", 2, "out", N)
+    redis_client.config_resetstat()
+    for it in range(3 * N):
+        ring.put(it, values(it))
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_set"]["calls"] == 3 * N
+    assert not {"cmdstat_multi", "cmdstat_del", "cmdstat_hset"} & set(stats)
+    assert redis_client.type(keys.slot("r1", 2, "out", 0)) == b"string"
 
 
 def test_writer_puts_reach_redis_in_order_after_flush(redis_client: redis.Redis) -> None:

@@ -17,9 +17,11 @@ from zdni.codec import (
     Message,
     decode,
     decode_header,
+    decode_slot,
     decode_state,
     dtype_name,
     encode,
+    encode_slot,
     encode_state,
 )
 from zdni.protocol import MessageError
@@ -491,5 +493,33 @@ def test_fuzz_decode_state_only_raises_decode_error() -> None:
             continue
         assert all(isinstance(t, torch.Tensor) for t in tensors.values())
         assert isinstance(meta, dict)
+        outcomes["ok"] += 1
+    assert outcomes["ok"] and outcomes["rejected"], outcomes
+
+
+def test_slot_round_trip_and_fuzz_only_raises_decode_error() -> None:
+    """A ring slot comes back bit for bit as copies; 500 random corruptions of its bytes (and
+    odd headers) either decode or raise MessageError; both outcomes occur."""
+    tensors = {"h": torch.randn(3, 4), "g": torch.randn(3, 4).to(torch.bfloat16),
+               "y": torch.arange(3), "e": torch.empty(0, 2)}
+    blob = b"".join(bytes(p) for p in encode_slot(11, tensors))
+    it, got = decode_slot(blob)
+    assert it == 11 and list(got) == list(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t)
+    rng = random.Random(11)
+    outcomes = {"ok": 0, "rejected": 0}
+    for _ in range(500):
+        frames = mutate(rng, [blob[:4], blob[4:]])
+        if rng.random() < 0.3:  # a well-framed header of odd values
+            odd = msgpack.packb({"it": rng.choice(ODD_VALUES), "tensors": rng.choice(
+                [[["h", "float32", [rng.choice(ODD_DIMS)]]], ODD_VALUES, [[1, 2, 3]]])})
+            frames = [len(odd).to_bytes(4, "little"), odd, *frames[2:]]
+        try:
+            decode_slot(b"".join(bytes(f) if not isinstance(f, str) else f.encode()
+                                 for f in frames))
+        except MessageError:
+            outcomes["rejected"] += 1
+            continue
         outcomes["ok"] += 1
     assert outcomes["ok"] and outcomes["rejected"], outcomes

@@ -6,10 +6,13 @@ cDNI, the labels) and 'in' (full mode: the raw input x, labels and synthetic inp
 `it - N` left there, so a run holds at most 2N slots per stage however long it trains (the seed
 report's "batch trick"). A value is found again only by the iteration that wrote it.
 
-Writes go to Redis in one pipelined round trip. The worker also keeps the N slots it wrote in
-memory and reads them from there first; Redis is read when the worker has restarted. Given a
-RingWriter, a ring writes from that writer's thread instead, so the stage never waits on Redis
-(scripts/profile_worker.py measures the share it took).
+A slot is one Redis string (zdni.codec.encode_slot: a small header, then the tensors' bytes),
+written with one SET that replaces whatever the slot held: the value's parts go to the socket
+from the tensors' own memory, several slots per round trip, with no bytes joined and one
+command per slot (a hash needed MULTI, DEL, HSET, EXEC: 3 to 6 times the CPU, section 7 of
+docs/BENCHMARKS.md). The worker also keeps the N slots it wrote in memory and reads them from
+there first; Redis is read when the worker has restarted. Given a RingWriter, a ring writes
+from that writer's thread instead, so the stage never waits on Redis.
 """
 
 from __future__ import annotations
@@ -17,20 +20,23 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol
 
 import redis
 import torch
+from redis.connection import Connection
 
 from zdni import keys
-from zdni.codec import decode_state, encode_state
+from zdni.codec import decode_slot, encode_slot
 from zdni.outage import TRANSIENT, RedisWatch
 from zdni.protocol import MessageError
 
 Tensors = dict[str, torch.Tensor]
 log = logging.getLogger("zdni.buffer")
 WRITER_DEPTH = 64  # slots waiting for Redis; past it put() waits, so memory stays bounded
+COPY_BELOW = 64 * 1024  # bytes: smaller parts of slots are joined into one send (pyzmq's rule)
 
 
 class Ring(Protocol):
@@ -70,6 +76,8 @@ class RingWriter:
         self.pending: queue.Queue[tuple[str, int, Tensors] | None] = queue.Queue(depth)
         self.errors = 0
         self.watch = RedisWatch("ring writer:", float("inf"))
+        # The thread's own connection, held for its life: no pool round per batch.
+        self.conn: Connection = client.connection_pool.get_connection()
         self.thread = threading.Thread(target=self._run, name="ring-writer", daemon=True)
         self.thread.start()
 
@@ -84,6 +92,7 @@ class RingWriter:
         if self.thread.is_alive():
             self.pending.put(None)
             self.thread.join()
+            self.client.connection_pool.release(self.conn)
 
     def __enter__(self) -> RingWriter:
         return self
@@ -103,33 +112,66 @@ class RingWriter:
                     break
             slots = [item for item in batch if item is not None]
             stop = len(slots) < len(batch)
-            pipe = self.client.pipeline(transaction=True)
-            queued = 0
+            commands = []
             for key, it, tensors in slots:
                 try:
-                    _queue_write(pipe, key, it, tensors)
-                    queued += 1
-                except Exception as exc:  # encode_state refuses it: this slot only is lost
+                    commands.append(set_command(key, encode_slot(it, tensors)))
+                except Exception as exc:  # encode_slot refuses it: this slot only is lost
                     self.errors += 1
                     log.error("ring writer: slot %s of iteration %d not written: %s", key, it, exc)
             try:
                 # While Redis is away slots are dropped at once (said once), not retried: the
                 # stage reads its own slots from memory and needs Redis only after a restart.
-                if queued and self.watch.call(pipe.execute) is None:
-                    self.errors += queued
-            except Exception as exc:  # not a lost connection: Redis refused the write
-                self.errors += queued
-                log.error("ring writer: %d slots not written to Redis: %s", queued, exc)
+                refused = self.watch.call(write, self.conn, commands) if commands else 0
+                self.errors += len(commands) if refused is None else refused
+            except Exception as exc:  # not a lost connection: something else went wrong
+                self.errors += len(commands)
+                log.error("ring writer: %d slots not written to Redis: %s", len(commands), exc)
             finally:
                 for _ in batch:
                     self.pending.task_done()
 
 
-def _queue_write(pipe: redis.client.Pipeline, key: str, it: int, tensors: Tensors) -> None:
-    """Replace hash `key` with iteration `it`'s tensors, in `pipe`."""
-    fields = encode_state({name: t.detach().cpu() for name, t in tensors.items()}, {"it": it})
-    pipe.delete(key)
-    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+def set_command(key: str, value: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """`SET key value` in the Redis protocol (RESP), the value given as parts in order: Redis
+    reads them as one bulk string, so the tensors' memory goes to the socket as it is."""
+    name = key.encode()
+    size = sum(len(part) for part in value)  # bytes, or memoryviews cast to bytes
+    head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n" % (len(name), name, size)
+    return [head + value[0], *value[1:], b"\r\n"]  # the slot's first part is its small header
+
+
+def write(conn: Connection, commands: list[list[bytes | memoryview]]) -> int:
+    """Send the commands on a connection of our client (its address, password and TLS), then
+    read every reply; returns how many Redis refused (each is logged). A lost connection raises
+    (zdni.outage.TRANSIENT); the connection reconnects on its next use."""
+    refused = 0
+    conn.send_packed_command(_coalesce(part for command in commands for part in command))
+    for _ in commands:
+        try:
+            conn.read_response()
+        except redis.ResponseError as exc:  # e.g. out of memory: the slot is not there
+            refused += 1
+            log.error("ring: Redis refused a slot: %s", exc)
+    return refused
+
+
+def _coalesce(parts: Iterable[bytes | memoryview]) -> list[bytes | memoryview]:
+    """The parts with runs of small ones joined: a send per part costs a system call, and
+    copying a few KiB costs less than one (tensors of COPY_BELOW bytes or more go as they are)."""
+    out: list[bytes | memoryview] = []
+    small: list[bytes | memoryview] = []
+    for part in parts:
+        if len(part) < COPY_BELOW:
+            small.append(part)
+            continue
+        if small:
+            out.append(b"".join(small))
+            small = []
+        out.append(part)
+    if small:
+        out.append(b"".join(small))
+    return out
 
 
 class RedisRing:
@@ -154,9 +196,12 @@ class RedisRing:
         if self.writer is not None:
             self.writer.put(self.key(it), it, tensors)
         else:
-            pipe = self.client.pipeline(transaction=True)
-            _queue_write(pipe, self.key(it), it, tensors)
-            pipe.execute()
+            conn = self.client.connection_pool.get_connection()
+            try:
+                if write(conn, [set_command(self.key(it), encode_slot(it, tensors))]):
+                    raise redis.ResponseError(f"Redis refused slot {self.key(it)}")
+            finally:
+                self.client.connection_pool.release(conn)
         self.local[it % self.size] = (it, tensors)
 
     def get(self, it: int) -> Tensors | None:
@@ -165,14 +210,17 @@ class RedisRing:
         if entry is not None:
             return entry[1] if entry[0] == it else None
         try:
-            raw: dict[bytes, bytes] = self.client.hgetall(self.key(it))  # type: ignore[assignment]
+            raw = self.client.get(self.key(it))
         except TRANSIENT:  # Redis away: as if the slot had been overwritten
             return None
-        if not raw:
+        except redis.ResponseError:  # not a slot at all (another type under its key)
+            self.errors += 1
+            return None
+        if raw is None:
             return None
         try:
-            tensors, meta = decode_state(raw)
+            stored, tensors = decode_slot(raw)  # type: ignore[arg-type]
         except MessageError:
             self.errors += 1
             return None
-        return tensors if meta.get("it") == it else None
+        return tensors if stored == it else None

@@ -12,10 +12,10 @@ import torch
 import zmq
 
 from zdni.header import _SCALARS, _check_spec, _unpack, _view, check_header, decode_header
-from zdni.protocol import DTYPES, MAX_HEADER_BYTES, PROTOCOL_VERSION, MessageError
+from zdni.protocol import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS, PROTOCOL_VERSION, MessageError
 
-__all__ = ["Message", "decode", "decode_header", "decode_state", "dtype_name", "encode",
-           "encode_state"]
+__all__ = ["Message", "decode", "decode_header", "decode_slot", "decode_state", "dtype_name",
+           "encode", "encode_slot", "encode_state"]
 
 MAX_STATE_NAME = 1024  # stored states name tensors by state_dict paths, which can be long
 SPEC, META = "__spec__", "__meta__"  # the two non-tensor fields of a stored state
@@ -226,3 +226,55 @@ def decode_state(
         tensors[name] = _tensor(fields[name], entry[0], entry[1])
     return tensors, meta
 
+
+_SLOT_KEYS = frozenset({"it", "tensors"})
+_LENGTH = 4  # bytes of a slot's header length, little-endian
+
+
+def encode_slot(it: int, tensors: dict[str, torch.Tensor]) -> list[bytes | memoryview]:
+    """A ring slot as the parts of one byte string, in order: the header's length (4 bytes,
+    little-endian), the msgpack header {"it": it, "tensors": [[name, dtype, shape], ...]}, then
+    each tensor's bytes, views of its memory when it is a contiguous CPU tensor (nothing is
+    joined: zdni.buffer sends the parts to Redis as one value). Raises ValueError for what
+    decode_slot would refuse."""
+    specs, parts = [], []
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"slot tensor {name!r} is a {type(t).__name__}, not a tensor")
+        specs.append([name, dtype_name(t.dtype), list(t.shape)])
+        try:
+            _check_spec(*specs[-1])
+        except MessageError as e:
+            raise ValueError(f"cannot store slot tensor {name!r}: {e}") from e
+        parts.append(_raw(t))
+    header = msgpack.packb({"it": it, "tensors": specs})
+    return [len(header).to_bytes(_LENGTH, "little") + header, *parts]
+
+
+def decode_slot(blob: bytes | memoryview) -> tuple[int, dict[str, torch.Tensor]]:
+    """Validate what encode_slot stored (read back from Redis: untrusted like the wire) and
+    return its iteration and copies of its tensors; a MessageError names what is wrong."""
+    view = _view(blob)
+    if view.nbytes < _LENGTH:
+        raise MessageError("size", f"expected a slot of >= {_LENGTH} bytes, got {view.nbytes}")
+    size = int.from_bytes(view[:_LENGTH], "little")
+    if size > min(MAX_HEADER_BYTES, view.nbytes - _LENGTH):
+        raise MessageError("header", f"slot header of {size} bytes in {view.nbytes}")
+    h = _unpack(view[_LENGTH : _LENGTH + size], "slot header", MAX_HEADER_BYTES, 64)
+    if type(h) is not dict or h.keys() != _SLOT_KEYS:
+        raise MessageError("header", f"expected a slot header with {sorted(_SLOT_KEYS)}")
+    it, specs = h["it"], h["tensors"]
+    if type(it) is not int or it < 0 or type(specs) is not list or len(specs) > MAX_TENSORS:
+        raise MessageError("header", f"slot of iteration {it!r:.40} with {specs!r:.80}")
+    offset, tensors = _LENGTH + size, {}
+    for spec in specs:
+        if type(spec) is not list or len(spec) != 3 or spec[0] in tensors:
+            raise MessageError("header", f"expected a new [name, dtype, shape], got {spec!r:.80}")
+        nbytes = _check_spec(*spec)
+        if offset + nbytes > view.nbytes:
+            raise MessageError("size", f"{spec}: {nbytes} bytes past the slot's end")
+        tensors[spec[0]] = _tensor(view[offset : offset + nbytes], spec[1], spec[2])
+        offset += nbytes
+    if offset != view.nbytes:
+        raise MessageError("size", f"slot of {view.nbytes} bytes holds {offset}")
+    return it, tensors
