@@ -51,6 +51,21 @@ def test_url_works_from_a_separate_client() -> None:
         reader.close()
 
 
+def test_local_url_is_a_private_unix_socket_that_survives_a_restart() -> None:
+    """local_url is a unix socket in a directory only this user can open, sees the data the
+    TCP url sees, answers again after restart(), and is removed with the server."""
+    with EmbeddedRedis() as server:
+        assert server.local_url.startswith("unix://") and server.sock_dir is not None
+        assert oct(os.stat(server.sock_dir).st_mode & 0o777) == "0o700"
+        local = connect(server.local_url)
+        local.set("shared", b"42")
+        assert redis.Redis.from_url(server.url).get("shared") == b"42"
+        server.restart()
+        assert connect(server.local_url).ping()
+        folder = server.sock_dir
+    assert not folder.exists()
+
+
 def test_stop_leaves_no_process_and_no_directory() -> None:
     """stop() ends the process, removes the temp dir, and is safe to call again."""
     server = EmbeddedRedis().start()

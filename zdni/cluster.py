@@ -59,7 +59,7 @@ def local_redis(url: str | None, persist_dir: str | None = None
         yield url, None
         return
     with EmbeddedRedis(persist_dir=persist_dir) as server:
-        yield server.url, server
+        yield server.local_url, server  # every process of a local run is on this host
 
 
 def write_run_file(run_dir: str | None, **fields: Any) -> None:

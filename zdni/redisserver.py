@@ -29,6 +29,7 @@ STOP_TIMEOUT_S = 5.0  # SHUTDOWN NOSAVE with persistence off exits in millisecon
 SOCKET_TIMEOUT_S = 5.0  # long enough for a remote Redis under load, short enough to notice it died
 HEALTH_CHECK_S = 30  # PING an idle pooled connection before reuse, so a restart is noticed
 RETRIES = 3  # transient connection errors and timeouts, backing off 0.2 s, 0.4 s, 0.8 s (cap 2 s)
+UNIX_PATH_MAX = 100  # bytes of a unix socket's path (sun_path holds 107)
 PORT_ATTEMPTS = 5  # another process may take the free port between our probe and redis binding it
 
 
@@ -150,6 +151,7 @@ class EmbeddedRedis:
         self.maxmemory = maxmemory  # e.g. "512mb"; None: unlimited
         self.persist_dir = persist_dir  # append-only file here, kept after stop()
         self.dir: Path | None = None
+        self.sock_dir: Path | None = None  # a private directory for the unix socket
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
         self._pid: int | None = None
@@ -174,6 +176,20 @@ class EmbeddedRedis:
         return f"redis://{self.connect_host}:{self.port}/0"
 
     @property
+    def local_url(self) -> str:
+        """``unix://PATH?db=0``, its unix socket (mode 0700), for clients on this host: no
+        loopback TCP stack per command, and no other user can connect; `url` where the
+        socket's path would be too long. Raises RedisError if never started."""
+        sock = self._socket_path()
+        return f"unix://{sock}?db=0" if sock else self.url
+
+    def _socket_path(self) -> str | None:
+        if self.sock_dir is None:
+            return None
+        path = str(self.sock_dir / "redis.sock")
+        return path if len(path.encode()) <= UNIX_PATH_MAX else None
+
+    @property
     def connect_host(self) -> str:
         """The address a local client dials: loopback when we bind every interface."""
         return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
@@ -191,6 +207,7 @@ class EmbeddedRedis:
                 raise RedisError(f"cannot use {self.persist_dir} for Redis: {exc}") from None
         else:
             self.dir = Path(tempfile.mkdtemp(prefix="zdni-redis-", dir=self.workdir))
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="zdni-redis-"))  # mode 0700: ours only
         atexit.register(self.stop)
         attempts = PORT_ATTEMPTS if self.requested_port == 0 else 1
         why = ""
@@ -217,6 +234,9 @@ class EmbeddedRedis:
         if self.dir is not None and not self.persist_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None if not self.persist_dir else self.dir
+        if self.sock_dir is not None:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            self.sock_dir = None
 
     def alive(self) -> bool:
         """Whether our redis-server process is still running."""
@@ -246,6 +266,9 @@ class EmbeddedRedis:
             "protected-mode yes",
             f'logfile "{self.dir / "redis.log"}"',
         ]
+        sock = self._socket_path()
+        if sock:
+            lines += [f'unixsocket "{sock}"', "unixsocketperm 700"]
         if self.maxmemory:
             lines.append(f"maxmemory {self.maxmemory}")
         conf = self.dir / "redis.conf"
