@@ -403,10 +403,30 @@ def main() -> None:
                     print(describe(r), flush=True)
     print(f"# load at the end {os.getloadavg()}")
     ratios(results)
+    if len(variants) > 1:
+        paired(results)
     if args.json:
         with open(args.json, "a") as fh:
             for r in results:
                 fh.write(json.dumps(r) + "\n")
+
+
+def paired(results: list[dict[str, Any]]) -> None:
+    """Each variant against the first, repeat by repeat (runs next to each other saw about the
+    same load): the ratio of all processes' CPU per iteration, and its median."""
+    ok = [r for r in results if "error" not in r]
+    names = list(dict.fromkeys(r["variant"] for r in ok))
+    for runner in dict.fromkeys(r["runner"] for r in ok):
+        for k in sorted({r["stages"] for r in ok if r["runner"] == runner}):
+            runs = {(r["variant"], r["repeat"]): sum(per_iteration(r).values()) for r in ok
+                    if r["runner"] == runner and r["stages"] == k}
+            for name in names[1:]:
+                reps = sorted({rep for _, rep in runs})
+                got = sorted(runs[name, rep] / runs[names[0], rep] for rep in reps
+                             if (name, rep) in runs and (names[0], rep) in runs)
+                if got:
+                    print(f"{name} / {names[0]}, {runner} K={k}: CPU per iteration x "
+                          f"{' '.join(f'{g:.2f}' for g in got)}, median {got[len(got) // 2]:.2f}")
 
 
 def ratios(results: list[dict[str, Any]]) -> None:
