@@ -19,7 +19,6 @@ from torch import nn
 
 from zdni import checkpoint, keys
 from zdni.config import RunConfig
-from zdni.data import BatchFeeder
 from zdni.loop import load_data
 from zdni.models import build_stages
 
@@ -49,8 +48,7 @@ def assert_workers_equal_pytorch(client: redis.Redis, cfg: RunConfig) -> None:
 def batches(cfg: RunConfig, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """An epoch's batches (the first by default), as the run's driver feeds them."""
     data = load_data(cfg)
-    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed,
-                         shuffle=not data.ordered)
+    feeder = data.train.feeder(cfg.batch_size, cfg.seed, not data.ordered, cfg.data_workers)
     return [(xb, yb) for _, xb, yb in feeder.iter_epoch(epoch)]
 
 

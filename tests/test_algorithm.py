@@ -177,7 +177,7 @@ def test_m_learns_the_true_gradient_of_a_fixed_network(mnist_dir: Path) -> None:
     the true gradient's norm, where predicting zero scores 1), the bootstrapped M too."""
     stages = build_pipeline(RunConfig(mode="sg", conditioned=True, stages=3, synth_lr=1e-5))
     for stage in stages:
-        stage.opt = None  # fixed stages: only the synthesizers learn
+        stage.updater = stage.opt = None  # fixed stages: only the synthesizers learn
     x_all, y_all = load_dataset("mnist", str(mnist_dir), True, False, 2048)
     runner = Oracle(stages)
     for it in range(600):

@@ -156,7 +156,7 @@ def test_encode_copies_non_contiguous_once() -> None:
 
 def header(**fields: Any) -> dict[str, Any]:
     """The header of a valid act message with one float32 [2, 3] tensor, fields overridden."""
-    h: dict[str, Any] = {"v": 2, "kind": "act", "run": "r", "it": 0, "src": 1, "dst": 2,
+    h: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION, "kind": "act", "run": "r", "it": 0, "src": 1, "dst": 2,
                          "tensors": [["h", "float32", [2, 3]]], "meta": {}}  # fmt: skip
     h.update(fields)
     return h

@@ -94,7 +94,7 @@ def test_metrics_and_events_come_incrementally(api: TestClient, redis_client: re
     assert first["records"][0]["config"] == json.loads(cfg.to_json())
     assert first["records"][3]["train_loss"] == pytest.approx(1 / 3)
     assert api.get(f"/api/runs/r/metrics?since={first['last']}").json()["records"] == []
-    writer.eval(3, 1, 0.5, 0.4, 0.9)
+    writer.eval(3, 1, 0.5, {"test_loss": 0.4, "test_accuracy": 0.9})
     new = api.get(f"/api/runs/r/metrics?since={first['last']}").json()
     assert [r["kind"] for r in new["records"]] == ["eval"] and new["last"] > first["last"]
     page = api.get("/api/runs/r/metrics?limit=2").json()

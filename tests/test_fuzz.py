@@ -28,8 +28,8 @@ def msg(kind: str, it: int, src: int, dst: int, run: str = RUN, **tensors: torch
 
 
 def header_with(**changes: object) -> bytes:
-    header = {"v": 2, "kind": "act", "run": RUN, "it": 1, "src": 1, "dst": 2,
-              "tensors": [], "meta": {}}
+    header = {"v": protocol.PROTOCOL_VERSION, "kind": "act", "run": RUN, "it": 1, "src": 1,
+              "dst": 2, "tensors": [], "meta": {}}
     header.update(changes)
     return msgpack.packb(header)
 
@@ -73,7 +73,7 @@ def hostile(rng: random.Random, far: int) -> tuple[str, list]:
     if pick == 14:
         return "worker", msg(protocol.ACT, 0, 1, 2, h=h)  # a replay of a trained iteration
     return "driver", codec.encode(codec.Message(protocol.EVAL_RESULT, RUN, rng.randrange(3), 3, 0,
-                                                {}, {"n": 5, "correct": 10**6, "loss_sum": -1.0}))
+                                                {}, {"n": 5, "metric_sum": 1e6, "loss_sum": 1.0}))
 
 
 def _broker_drops(client: redis.Redis) -> int:

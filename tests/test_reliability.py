@@ -267,7 +267,7 @@ def test_operator_mistakes_are_one_line_errors(mnist_dir: Path, tmp_path: Path) 
         writer.observe(3, {"loss": 1.0})
         writer.iteration(1, 1, 128, 0.1)
         if epochs:
-            writer.epoch(1, 0.5, 0.9, 0.2, 1, 128)
+            writer.epoch(1, {"test_loss": 0.5, "test_accuracy": 0.9}, 0.2, 1, 128)
         writer.close()
     result = runner.invoke(main, ["report", str(tmp_path / "runs"), "-o", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output

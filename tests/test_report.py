@@ -64,7 +64,8 @@ def fake_run(root: Path, name: str, mode: str, seed: int, accs: list[float]) -> 
             writer.observe(1, {"grad_loss": 1e-3 / it, "staleness": 2.0})
         writer.iteration(it, 1 + it // 100, it * 128, it * 0.05, 4, {1: 1, 2: 2, 3: 3})
         if it % 100 == 0:
-            writer.epoch(it // 100, 0.1, accs[it // 100 - 1], it * 0.05, it, it * 128)
+            writer.epoch(it // 100, {"test_loss": 0.1, "test_accuracy": accs[it // 100 - 1]},
+                         it * 0.05, it, it * 128)
     writer.close()
 
 

@@ -191,8 +191,9 @@ class Snapshots:
 
 
 def test_keep_best_writes_the_best_epoch_and_keeps_it_across_a_resume(tmp_path: Path) -> None:
-    """With keep_best, model.pt holds the stages' weights of the epoch with the best accuracy
-    (epoch 2 of 0.5, 0.9, 0.7), also when the best came before a resume; without, the last."""
+    """With keep_best, model.pt holds the stages' weights of the epoch the loop found best
+    (LoopState.best: epoch 2 of accuracies 0.5, 0.9, 0.7), also when the best came before a
+    resume; without, the last."""
     from zdni import rundir
     from zdni.loop import LoopState
     from zdni.resume import Checkpointer
@@ -206,6 +207,7 @@ def test_keep_best_writes_the_best_epoch_and_keeps_it_across_a_resume(tmp_path: 
             saver = Checkpointer(str(run), cfg)
             for epoch, accuracy in enumerate((0.5, 0.9), start=1):
                 runner.fed, state.epoch, state.accuracy = 10 * epoch, epoch, accuracy
+                state.best = [epoch, accuracy]  # as zdni.loop.train keeps it: both improved
                 saver.save(runner, state, metrics)  # type: ignore[arg-type]
         found = read(str(run))
         with rundir.closing(str(run), found.cfg, None, resumed=True):

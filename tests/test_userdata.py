@@ -57,8 +57,9 @@ def test_pt_factory_and_live_forms_agree(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("change,message", [
     ({"y_test": None}, "missing arrays y_test"),
-    ({"y_train": np.full(40, -1)}, "labels must be >= 0"),
-    ({"y_train": np.zeros(40, dtype=np.float32)}, "1-D integer array"),
+    ({"y_train": np.full(40, -1)}, "class indices must be >= 0"),
+    ({"y_train": np.zeros(40, dtype=np.float32)}, "y_train is torch.float32 .* y_test torch.int64"),
+    ({"y_train": np.full(40, np.inf, dtype=np.float32)}, "targets must be finite"),
     ({"y_train": np.zeros(39, dtype=np.int64)}, "40 samples but y_train 39"),
     ({"x_test": np.zeros((10, 3), dtype=np.uint8)}, "train samples are"),
     ({"x_train": np.full((40, 2, 4, 4), np.nan, dtype=np.float32)}, "must be finite"),

@@ -17,9 +17,9 @@ from zdni.buffer import RedisRing, RingWriter
 from zdni.codec import Message
 from zdni.device import to_host
 from zdni.health import beat
-from zdni.inbox import Inbox, check_labels, check_tensor
-from zdni.loop import score
+from zdni.inbox import Inbox, check_tensor
 from zdni.models import build_stages, input_shape, stage_shapes
+from zdni.objective import check_targets
 from zdni.outage import RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
@@ -29,7 +29,7 @@ from zdni.shell import Stopper, read_config, setup_logging
 from zdni.stage import Outcome, Stage, StageError
 from zdni.synthservice import RemoteSynth
 from zdni.transport import Endpoint
-from zdni.usercode import check_allowed
+from zdni.usercode import check_allowed, check_named
 
 log = logging.getLogger("zdni.worker")
 RECENT = 4096  # iterations remembered as finished, to drop replays
@@ -45,7 +45,8 @@ class Worker:
                  device: str = "cpu", threads: int | None = None,
                  checkpoint_dir: str | None = None, wait_s: float = 60.0,
                  curve: Curve | None = None, allow_model: str | None = None,
-                 served: frozenset[str] = frozenset()) -> None:
+                 served: frozenset[str] = frozenset(),
+                 allow_code: frozenset[str] = frozenset()) -> None:
         self.index = stage
         self.broker = broker
         self.curve = curve
@@ -60,13 +61,15 @@ class Worker:
         self.watch = RedisWatch(self.who, self.cfg.redis_timeout_s)
         check_allowed(self.cfg.model, allow_model, self.who)  # before any user code is imported
         modules = build_stages(self.cfg)
+        if stage == len(modules):  # the last stage imports the loss and metric
+            check_named(self.cfg.loss, allow_code, self.who, "--loss")
+            check_named(self.cfg.metric, allow_code, self.who, "--metric")
         # Unless told, assume every stage shares this host (honcho, one machine): torch's default
         # of a thread per core in each of K workers oversubscribes the cores (docs/BENCHMARKS.md).
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // len(modules)))
         if not 1 <= stage <= len(modules):
             raise SystemExit(f"{self.who} run {self.run} has stages 1..{len(modules)}")
         self.shapes = stage_shapes(modules, input_shape(self.cfg))
-        self.labels = tuple(self.cfg.label_shape)  # per-sample label shape ([] : one class)
         # Ring slots go to Redis from a thread: the stage reads its own slots from memory and
         # needs Redis only after a restart, so it need not wait for the write.
         self.writer = RingWriter(self.redis, depth=self.cfg.ring_size)
@@ -224,13 +227,11 @@ class Worker:
             if self.inbox.needs_x:
                 x = check_tensor("x", t.get("x"), self.shapes[0], torch.float32)
             if self.inbox.needs_y:
-                y = check_labels(t.get("y"), x.shape[0] if x is not None else None,
-                                 self.cfg.classes, self.labels)
+                y = check_targets(t.get("y"), x.shape[0] if x is not None else None, self.cfg)
             self._run_events(it, self.inbox.add_batch(it, x, y))
         elif kind == protocol.ACT:
             h = check_tensor("h", t.get("h"), self.shapes[self.index - 1], torch.float32)
-            y = check_labels(t.get("y"), h.shape[0], self.cfg.classes, self.labels) \
-                if self.inbox.act_labels \
+            y = check_targets(t.get("y"), h.shape[0], self.cfg) if self.inbox.act_labels \
                 else None
             self._run_events(it, self.inbox.add_act(it, h, y))
         elif kind == protocol.GRAD:
@@ -330,13 +331,14 @@ class Worker:
 
     def _evaluate(self, msg: Message) -> None:
         h = check_tensor("h", msg.tensors.get("h"), self.shapes[self.index - 1], torch.float32)
-        y = check_labels(msg.tensors.get("y"), h.shape[0], self.cfg.classes, self.labels)
+        y = check_targets(msg.tensors.get("y"), h.shape[0], self.cfg)
         out = self.stage.evaluate(h)
         if self.index < self.count:
             self._send(protocol.EVAL, msg.it, self.index + 1, {"h": out, "y": y}, msg.meta)
             return
         meta = dict(msg.meta)
-        meta["loss_sum"], meta["correct"] = score(out, y)
+        assert self.stage.objective is not None  # the last stage's
+        meta["loss_sum"], meta["metric_sum"] = self.stage.objective.score(out, y)
         meta["n"] = int(y.shape[0])
         self._send(protocol.EVAL_RESULT, msg.it, protocol.DRIVER, {}, meta)
 
@@ -421,7 +423,8 @@ class Worker:
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
          threads: int | None, checkpoint_dir: str | None, wait_s: float = 60.0,
-         curve: Curve | None = None, allow_model: str | None = None, once: bool = False) -> None:
+         curve: Curve | None = None, allow_model: str | None = None, once: bool = False,
+         allow_code: frozenset[str] = frozenset()) -> None:
     """Entry point of `zdni worker`: serve the named run, or (as rq's workers serve job after
     job) the current run, then the next one, until SIGTERM or, with `once`, one run."""
     setup_logging(f"[stage {stage}]")
@@ -431,7 +434,7 @@ def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
         # serve() installs the two-stage stop while a run is being served.
         signal.signal(signal.SIGTERM, _leave)
         worker = Worker(stage, broker, redis_url, run, device, threads, checkpoint_dir, wait_s,
-                        curve, allow_model, frozenset(served))
+                        curve, allow_model, frozenset(served), allow_code)
         worker.serve()
         served.add(worker.attempt)
         if once or run is not None or (worker.stopper is not None and worker.stopper.signalled):

@@ -54,11 +54,15 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
               (factory keyword arguments in model_args={...}); in process also an
               nn.Sequential (or a list of modules): its children are the units cuts fall between
     dataset   "mnist" / "cifar10" (from data_dir), a .npz or .pt file, a reference returning
-              (train, test); in process also (train, test) themselves, each a pair of tensors
-              or a Dataset of (x, y)
+              (train, test) or (train, val, test) (its keyword arguments in
+              dataset_args={...}); in process also (train, test) or (train, val, test)
+              themselves, each a pair of tensors or a Dataset of (x, y), read lazily
+              (zdni/stream.py) unless it is a TensorDataset
     distributed  True: a broker and a worker process per stage (with an embedded Redis unless
               redis_url is given); False: every stage in this process (the reference runner)
-    settings  any RunConfig field: mode="sg", conditioned=True, stages=3, epochs=5, lr=...
+    settings  any RunConfig field: mode="sg", conditioned=True, stages=3, epochs=5, lr=...;
+              loss= and metric= take a reference ("torch.nn.functional:mse_loss",
+              "file.py:fn") or, in process, the function itself (zdni/objective.py)
 
     resume    a run directory: continue that run from its latest checkpoint, as it ran (in
               process or distributed) and with its own settings, to epochs=N in all (default:
@@ -72,8 +76,9 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
         return _resume(resume, model if live_model else None, quiet, redis_url, threads,
                        **settings)
     live_data = dataset is not None and not isinstance(dataset, str)
-    if distributed and (live_model or live_data):
-        what = "model" if live_model else "dataset"
+    live_fns = {k: settings.pop(k) for k in ("loss", "metric") if callable(settings.get(k))}
+    if distributed and (live_model or live_data or live_fns):
+        what = "model" if live_model else "dataset" if live_data else next(iter(live_fns))
         raise UserCodeError(
             f"a distributed run needs its {what} by reference (\"file.py:factory\", a file "
             "name): every worker process builds it itself from a name its operator allows, "
@@ -85,6 +90,7 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
         raise ConfigError(f"unknown settings {', '.join(unknown)}; the settings are "
                           f"RunConfig's fields: {', '.join(sorted(names))}")
     units = _units(model) if live_model else None
+    settings.update({k: LIVE for k in live_fns})
     cfg = RunConfig(model=LIVE if live_model else str(model), **settings)
     if dataset is None:
         cfg.dataset = "cifar10" if cfg.model in ("seed-cnn", "dni-cnn") else "mnist"
@@ -106,22 +112,30 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
     else:
         import torch
 
-        from zdni.loop import Data
+        from zdni.data import DataError
+        from zdni.loop import with_validation
         from zdni.trainer import train_inproc
-        from zdni.userdata import prepare
+        from zdni.userdata import splits_of
 
         if threads:
             torch.set_num_threads(threads)
         data = None
         if live_data:
-            assert isinstance(dataset, tuple | list) and len(dataset) == 2, \
-                "dataset must be (train, test)"
-            (x_train, y_train), (x_test, y_test), norm = prepare(dataset[0], dataset[1])
-            data = Data(x_train[:cfg.train_limit], y_train[:cfg.train_limit],
-                        x_test[:cfg.test_limit], y_test[:cfg.test_limit], norm=norm)
+            if not (isinstance(dataset, tuple | list) and len(dataset) in (2, 3)):
+                raise DataError("dataset must be (train, test) or (train, val, test)")
+            train, val, test, norm = splits_of(tuple(dataset))
+            data = with_validation(cfg, train.limit(cfg.train_limit), val,
+                                   test.limit(cfg.test_limit))
+            data.norm = norm
+        objective = None
+        if live_fns:
+            from zdni.objective import Objective
+
+            objective = Objective(cfg.loss, cfg.metric, cfg.metric_goal,
+                                  loss_fn=live_fns.get("loss"), metric_fn=live_fns.get("metric"))
         live = _network(model) if live_model else None
         summary = train_inproc(cfg, quiet=quiet, out_dir=out_dir, data=data, units=units,
-                               live=live)
+                               live=live, objective=objective)
     from zdni.summary import write_summary
 
     write_summary(out_dir, summary)

@@ -19,7 +19,10 @@ from torch import nn
 
 from zdni import methods
 from zdni.config import RunConfig
-from zdni.models import make_optimizer, stage_shapes
+from zdni.models import stage_shapes
+from zdni.objective import conditioning_classes
+from zdni.optim import build_optimizer
+from zdni.optimspec import synth_spec
 
 __all__ = ["Costs", "profile", "split", "stage_costs"]
 
@@ -104,7 +107,8 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
     dev = torch.device(device)
     shapes = stage_shapes([nn.Sequential(u) for u in units], input_shape)
     batch = cfg.batch_size
-    y = torch.randint(0, cfg.classes, (batch, *cfg.label_shape), device=dev)
+    y = torch.randint(0, cfg.classes, (batch, *cfg.label_shape), device=dev) \
+        if cfg.target_dtype == "int64" else torch.randn(batch, *cfg.label_shape, device=dev)
     positions = math.prod(cfg.label_shape)
     unit_costs = []
     for u, shape in zip(units, shapes):
@@ -125,8 +129,8 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
     for b in range(1, n):
         if method.synthetic:
             m = GradientSynthesizer(shapes[b], cfg.synth_hidden, cfg.synth_width,
-                                    cfg.conditioned, cfg.classes, positions).to(dev)
-            m_opt = make_optimizer(cfg, list(m.parameters()), cfg.synth_lr)
+                                    cfg.conditioned, conditioning_classes(cfg), positions).to(dev)
+            m_opt = build_optimizer(synth_spec(cfg), list(m.parameters()))
             h = torch.randn(batch, *shapes[b], device=dev)
 
             def m_step(m: nn.Module = m, h: torch.Tensor = h,
@@ -140,8 +144,8 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
             exit_costs[b] = _median_time(m_step, dev)
         if method.keeps_I(cfg, 2, 2):  # a later stage's input synthesizer
             i_net = InputSynthesizer(shapes[0], shapes[b], cfg.synth_hidden, cfg.synth_width,
-                                     cfg.conditioned, cfg.classes, positions).to(dev)
-            i_opt = make_optimizer(cfg, list(i_net.parameters()), cfg.synth_lr)
+                                     cfg.conditioned, conditioning_classes(cfg), positions).to(dev)
+            i_opt = build_optimizer(synth_spec(cfg), list(i_net.parameters()))
             target = torch.zeros(batch, *shapes[b], device=dev)
 
             def i_step(net: nn.Module = i_net, opt: torch.optim.Optimizer = i_opt,

@@ -4,6 +4,7 @@ The records are those of zdni/metrics.py; each number becomes a scalar at step =
 iteration, under a tag TensorBoard groups into one card per quantity:
 
     loss/train, loss/test, accuracy/train, accuracy/test    iter, eval and epoch records
+    loss/val, METRIC/val, METRIC/test                       a validation set, a metric of yours
     speed/samples_per_s, pipeline/inflight                   iter records
     lag/stage_S, staleness/stage_S, M_loss/stage_S, I_loss/stage_S and any other per-stage
     field (a dict keyed by stage) as FIELD/stage_S             iter records
@@ -37,15 +38,18 @@ class BoardError(ZdniError, RuntimeError):
 def tags(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
     """(step, {tag: value}) of one metric record (pure); step None for records without one."""
     kind = record.get("kind")
-    if kind not in ("iter", "eval", "epoch"):
+    if kind not in ("iter", "eval", "epoch", "test"):
         return None, {}
     step = record.get("iterations" if kind == "epoch" else "iteration")
     out: dict[str, float] = {}
     for name, value in record.items():
-        if kind == "epoch" and not name.startswith("test_"):
+        split, _, quantity = name.partition("_")
+        if kind == "epoch" and split not in ("val", "test"):
             continue  # its training numbers are means over the epoch, not at its last step
         if name in SCALARS and _number(value):
             out[SCALARS[name]] = float(value)
+        elif split in ("val", "test") and quantity and _number(value):  # val_mae: mae/val
+            out[f"{quantity}/{split}"] = float(value)
         elif kind == "iter" and isinstance(value, dict):
             for stage, v in value.items():
                 if _number(v):

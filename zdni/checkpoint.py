@@ -21,6 +21,7 @@ from torch import nn
 
 from zdni import keys
 from zdni.codec import decode_state, encode_state
+from zdni.optim import Updater
 from zdni.protocol import SYNTH
 from zdni.stage import Stage
 
@@ -31,14 +32,17 @@ RNG = "rng."  # the prefix of a stage's random streams in a backup (zdni/rng.py)
 def stage_state(stage: Stage, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor that defines the stage's training state (its units' random streams
     included, as rng.KIND.UNIT), and the metadata beside them."""
-    tensors, meta = collect(stage.parts(), stage.optimizers(), iteration, stage.index)
+    tensors, meta = collect(stage.parts(), stage.optimizers(), iteration, stage.index,
+                            stage.updaters())
     tensors.update({f"{RNG}{k}": v for k, v in stage.rng.state_dict().items()})
     return tensors, meta
 
 
 def collect(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-            iteration: int, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors of named modules and optimizers, and the metadata beside them."""
+            iteration: int, index: int, updaters: dict[str, Updater] | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of named modules and optimizers, and the metadata beside them (with the
+    updaters' update counts and schedule positions: zdni/optim.py)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in parts.items():
         for key, value in module.state_dict().items():
@@ -51,19 +55,21 @@ def collect(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optim
                 t = value if torch.is_tensor(value) else torch.tensor(value)
                 tensors[f"opt.{name}.{idx}.{key}"] = t.detach().cpu()
         groups[name] = sd["param_groups"]
-    meta = {"it": iteration, "stage": index, "param_groups": groups}
+    meta = {"it": iteration, "stage": index, "param_groups": groups,
+            "updaters": {name: up.state_dict() for name, up in (updaters or {}).items()}}
     return tensors, meta
 
 
 def restore_stage(stage: Stage, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Load a backup into the stage, in place (its random streams too: it goes on drawing the
     dropout masks the saved stage would have drawn)."""
-    restore(stage.parts(), stage.optimizers(), tensors, meta)
+    restore(stage.parts(), stage.optimizers(), tensors, meta, stage.updaters())
     stage.rng.load_state_dict({k[len(RNG):]: v for k, v in tensors.items() if k.startswith(RNG)})
 
 
 def restore(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-            tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+            tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+            updaters: dict[str, Updater] | None = None) -> None:
     """Load what `collect` gathered back into the same named modules and optimizers."""
     for name, module in parts.items():
         prefix = f"{name}."
@@ -77,6 +83,10 @@ def restore(parts: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optim
                 idx, field = key[len(prefix):].split(".", 1)
                 state.setdefault(int(idx), {})[field] = value
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+    saved = meta.get("updaters") or {}  # absent in backups made before schedules existed
+    for name, up in (updaters or {}).items():
+        if name in saved:
+            up.load_state_dict(saved[name])
 
 
 def save(client: redis.Redis, run: str, stage: Stage, iteration: int,

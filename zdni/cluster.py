@@ -188,6 +188,8 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
     """The local cluster of `train_distributed`: Redis (unless given), broker, workers."""
     # The workers import user code only because their own command line names it.
     allow = ["--model", cfg.model] if is_reference(cfg.model) else []
+    code = [arg for name in ("loss", "metric") if is_reference(getattr(cfg, name))
+            for arg in (f"--{name}", getattr(cfg, name))]
     persist = rundir.journal(out_dir)
     if resume is not None and persist and os.path.isdir(persist):
         shutil.rmtree(persist)  # the checkpoint is what goes on, not the stopped run's Redis
@@ -217,7 +219,7 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
                         ["--threads", str(threads)]
                     cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
                                                  "--redis-url", url, "--run", cfg.run_id,
-                                                 *place, *allow])
+                                                 *place, *allow, *code])
                 summary = _train(driver, data, quiet, cfg, out_dir, resume)
                 cluster.stop()  # the broker writes its final counters as it exits
                 summary["counts"] = driver.counts()

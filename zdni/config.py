@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdni import methods
+from zdni import methods, optimspec
 from zdni.errors import ZdniError
+from zdni.optimspec import OPTIMIZERS as OPTIMIZERS  # the choices, for the CLI
+from zdni.optimspec import SCHEDULES as SCHEDULES
 from zdni.protocol import RUN_ID_RE
 from zdni.usercode import is_reference, tag
 
@@ -21,7 +23,6 @@ ZOO = MODELS + tuple(f"fcn{k}" for k in (2, *range(7, 17)))  # fcn2..fcn16 all b
 ZOO_TEXT = "seed-mlp, fcn2..fcn16, seed-cnn, dni-cnn, copy-lstm, copy-gru"
 DATASETS = ("mnist", "cifar10")
 COPY_DATA = re.compile(r"^copy-L(\d{1,3})-T(\d{1,3})$")  # chunked Copy (zdni/sequence.py)
-OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("local", "remote")
 BALANCES = ("time", "params")
 LIVE = "live"  # a model or data set given as a Python object to zdni.train (in process only)
@@ -49,7 +50,13 @@ class RunConfig:
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
     # mnist | cifar10 (read from data_dir), a .npz or .pt file, or a factory by reference
     dataset: str = "mnist"
+    dataset_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a factory
     data_dir: str = field(default_factory=default_data_dir)
+    data_workers: int = 0  # DataLoader processes reading a lazily read data set; 0 = the driver
+    # Validation: "best" is chosen on it; the test set is scored at the end (zdni/loop.py).
+    val_split: float = 0.0  # the fraction of the training set held out for validation
+    val_data: str = ""  # or a validation set of its own: a .npz/.pt file of x_val, y_val
+    test_every_epoch: bool = False  # with validation, also score the test set every epoch
     stages: int = 3  # number of pipeline stages; ignored when `cuts` is given
     cuts: list[int] | None = None  # explicit cut points between units, e.g. [1, 3]
     balance: str | None = None  # time | params: choose the cuts by measurement (zdni/balance.py)
@@ -59,12 +66,29 @@ class RunConfig:
     input_shape: list[int] | None = None
     classes: int = 10
     label_shape: list[int] = field(default_factory=list)  # per-sample label shape: [] = one class
+    target_dtype: str = "int64"  # int64: class indices; float32: values (regression, multi-label)
+    # The loss and metric (zdni/objective.py): built-in names or the user's, by reference.
+    loss: str = "cross_entropy"  # or package.module:fn / file.py:fn, fn(output, target)
+    metric: str = ""  # accuracy | loss | a reference; "" = accuracy with cross_entropy, else loss
+    metric_goal: str = ""  # max | min: which way the metric improves ("" = the metric's own)
     epochs: int = 5  # fcn3 reaches 98% within 5 epochs of Adam at lr 1e-3
     batch_size: int = 128  # samples; the DNI paper's MNIST batch size
     lr: float = 1e-3  # Adam learning rate of the stages
     synth_lr: float = 1e-4  # Adam learning rate of M and I; slower than the stages, as in DNI
-    optimizer: str = "adam"
+    # The optimizer, schedule and clipping (zdni/optimspec.py says what each one does).
+    optimizer: str = "adam"  # adam | adamw | sgd
     momentum: float = 0.9  # only for sgd
+    nesterov: bool = False  # only for sgd
+    weight_decay: float = 0.0  # adam, sgd: L2 added to the gradient; adamw: decoupled
+    lr_schedule: str = "constant"  # constant | step | cosine
+    warmup: int = 0  # schedule units of linear warm-up before the schedule
+    lr_step_size: int = 1  # step: multiply lr by lr_gamma every this many units
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0  # cosine: the learning rate it ends at
+    schedule_by: str = "iteration"  # the schedule's unit: iteration | epoch
+    clip_norm: float = 0.0  # clip each stage's gradient norm to this before updating; 0 = off
+    synth_optim: dict[str, Any] = field(default_factory=dict)  # M and I: overrides of the above
+    max_iterations: int | None = None  # stop after this many iterations (a data set too large)
     conditioned: bool = False  # cDNI: synthesizers also see the one-hot label
     synth_hidden: int = 0  # hidden layers in M and I; 0 = linear, as the DNI paper's MNIST M
     synth_width: int = 1024  # units per hidden synthesizer layer (channels for conv ones)
@@ -118,6 +142,7 @@ class RunConfig:
                               "twice and advance its state twice): use sg or backprop")
         if self.balance is not None:
             _choice("balance", self.balance, BALANCES)
+        self._check_data()
         if not isinstance(self.model_args, dict) or not all(
                 isinstance(k, str) and k.isidentifier() for k in self.model_args):
             raise ConfigError(f"model_args must map argument names to values, got "
@@ -129,9 +154,9 @@ class RunConfig:
                 isinstance(self.input_shape, list) and 1 <= len(self.input_shape) <= 5
                 and all(isinstance(d, int) and d >= 1 for d in self.input_shape)):
             raise ConfigError(f"input_shape must be 1-5 positive sizes, got {self.input_shape!r}")
+        self._check_objective()
         if not isinstance(self.classes, int) or not 2 <= self.classes <= 100_000:
             raise ConfigError(f"classes must be 2..100000, got {self.classes!r}")
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("synth_placement", self.synth_placement, PLACEMENTS)
         for name in ("epochs", "batch_size", "eval_batch_size", "max_inflight", "ring_size"):
             _positive(name, getattr(self, name))
@@ -150,7 +175,7 @@ class RunConfig:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
-        for name in ("train_limit", "test_limit"):
+        for name in ("train_limit", "test_limit", "max_iterations"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 when given, got {value}")
@@ -174,7 +199,52 @@ class RunConfig:
             raise ConfigError(
                 f"run_id {self.run_id!r} must be 1-64 letters, digits, '_', '.' or '-'"
             )
+        try:
+            optimspec.check(self)
+        except optimspec.OptimError as exc:
+            raise ConfigError(str(exc)) from None
         return self
+
+    def _check_data(self) -> None:
+        if not isinstance(self.dataset_args, dict) or not all(
+                isinstance(k, str) and k.isidentifier() for k in self.dataset_args):
+            raise ConfigError(f"dataset_args must map argument names to values, got "
+                              f"{self.dataset_args!r:.80}")
+        if self.dataset_args and not is_reference(self.dataset):
+            raise ConfigError(f"dataset_args are a factory's arguments; dataset {self.dataset} "
+                              "is not a factory (package.module:factory or file.py:factory)")
+        if not (isinstance(self.val_split, int | float) and 0 <= self.val_split < 1):
+            raise ConfigError(f"val_split must be a fraction 0 <= f < 1, got {self.val_split!r}")
+        if self.val_split and self.val_data:
+            raise ConfigError("give val_split or val_data, not both")
+        if self.val_data and not self.val_data.endswith(DATA_FILES):
+            raise ConfigError(f"val_data {self.val_data!r} must be a .npz or .pt file of x_val "
+                              "and y_val (a factory gives (train, val, test) instead)")
+        if (self.val_split or self.val_data) and parse_copy_data(self.dataset):
+            raise ConfigError(f"dataset {self.dataset} is generated in order: it has no "
+                              "validation split")
+        if self.val_data and self.dataset in DATASETS:
+            raise ConfigError(f"dataset {self.dataset} takes --val-split; --val-data goes with "
+                              "a data set of your own (its inputs normalized as its own)")
+        if not isinstance(self.data_workers, int) or not 0 <= self.data_workers <= 64:
+            raise ConfigError(f"data_workers must be 0..64, got {self.data_workers!r}")
+
+    def _check_objective(self) -> None:
+        if self.target_dtype not in ("int64", "float32"):
+            raise ConfigError(f"target_dtype must be int64 or float32, got {self.target_dtype!r}")
+        for name, builtins in (("loss", ("cross_entropy",)), ("metric", ("", "accuracy", "loss"))):
+            value = getattr(self, name)
+            if not (value in builtins or value == LIVE or is_reference(value)):
+                raise ConfigError(f"{name} {value!r} is neither {' nor '.join(b for b in builtins if b)}"
+                                  " nor a reference: package.module:fn or file.py:fn")
+        if self.metric_goal not in ("", "max", "min"):
+            raise ConfigError(f"metric_goal must be max or min, got {self.metric_goal!r}")
+        if self.target_dtype == "float32" and (self.loss == "cross_entropy"
+                                               or self.metric == "accuracy"):
+            what = "cross-entropy" if self.loss == "cross_entropy" else "accuracy"
+            raise ConfigError(f"the targets are float values, but {what} needs class indices: "
+                              "give your loss (--loss, e.g. torch.nn.functional:mse_loss) and "
+                              "a metric other than accuracy")
 
     def to_json(self) -> str:
         """The JSON the driver publishes in Redis."""

@@ -355,8 +355,10 @@ class BatchFeeder:
         idx = self._perm(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         return self.x[idx], self.y[idx]
 
-    def iter_epoch(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Yield (index, x, y) for every batch of an epoch, in order."""
-        for index in range(self.batches_per_epoch):
+    def iter_epoch(self, epoch: int, start: int = 0
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (index, x, y) for the epoch's batches from `start` on (a run resumed at
+        (epoch, position)), in order."""
+        for index in range(start, self.batches_per_epoch):
             x, y = self.batch(epoch, index)
             yield index, x, y

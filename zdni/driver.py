@@ -22,13 +22,15 @@ import zmq
 from zdni import checkpoint, codec, keys, methods, protocol
 from zdni.config import RunConfig, new_run_id
 from zdni.launcher import Cluster
-from zdni.loop import Data, LoopState, RunError, Saver, State, train
+from zdni.loop import LoopState, RunError, Saver, State, train
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
+from zdni.objective import counts_samples
 from zdni.outage import RedisWatch
 from zdni.recovery import Recovery
 from zdni.redisserver import EmbeddedRedis
 from zdni.security import Curve
+from zdni.split import Data, Split
 from zdni.transport import Endpoint
 from zdni.window import Window
 
@@ -97,6 +99,8 @@ class Driver:
         self.next_health = 0.0
         self.ctx: zmq.Context | None = None
         self.net: Endpoint | None = None
+        # An accuracy's sum counts samples: 0..n is all an honest batch can report.
+        self.counts_right = counts_samples(cfg)
 
     @property
     def fed(self) -> int:
@@ -175,7 +179,7 @@ class Driver:
                 self.window.done(msg.it, msg.src)
         elif msg.kind == protocol.EVAL_RESULT:
             problem = eval_result_problem(msg.src, msg.it, msg.meta, self.stages,
-                                          self.eval_expected)
+                                          self.eval_expected, self.counts_right)
             if problem:
                 log.error("[driver] dropped an eval result: %s", problem)
                 self.window.tally["dropped:bad_eval_result"] += 1
@@ -381,9 +385,10 @@ class Driver:
     def progress(self) -> dict[str, Any]:
         return {"lag": max(self.window.lags().values())}
 
-    def epoch_end(self, epoch: int, accuracy: float) -> None:
-        self.set_state(epoch=epoch, iteration=self.fed, test_accuracy=accuracy)
-        log.info("[driver] epoch %d: test accuracy %.4f", epoch, accuracy)
+    def epoch_end(self, epoch: int, scores: dict[str, float], best: bool) -> None:
+        self.set_state(epoch=epoch, iteration=self.fed, **scores)
+        log.info("[driver] epoch %d: %s%s", epoch, ", ".join(
+            f"{k.replace('_', ' ')} {v:.4g}" for k, v in scores.items()), " (best)" if best else "")
 
     def summary_extra(self) -> dict[str, Any]:
         return {"max_inflight": self.window.size, "ring_size": self.cfg.ring_size,
@@ -416,28 +421,39 @@ class Driver:
         remote = self.cfg.synth_placement == "remote" and methods.get(self.cfg.mode).synthetic
         return self.watch.call(checkpoint.gather, self.redis, run, self.stages, label, remote)
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
-        """Forward the test set through the stages; (mean loss, accuracy)."""
+    def evaluate(self, split: Split, epoch: int) -> tuple[float, float]:
+        """Forward a split through the stages, batch by batch (at most max_inflight batches
+        held, read as they are sent); (mean loss, mean metric)."""
         self.eval_results.clear()
         self.eval_expected.clear()
-        batch = self.cfg.eval_batch_size
-        starts = list(range(0, len(x), batch))
+        batches = iter(split.eval_batches(self.cfg.eval_batch_size, self.cfg.seed,
+                                          self.cfg.data_workers))
+        held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # sent, not yet answered
         sent_at: dict[int, float] = {}
 
         def send(b: int) -> None:
-            a = starts[b]
-            self.eval_expected[b] = min(batch, len(x) - a)
+            x, y = held[b]
+            self.eval_expected[b] = len(x)
             sent_at[b] = time.monotonic()
-            self.send(protocol.EVAL, b, 1, {"h": x[a : a + batch].contiguous(),
-                                            "y": y[a : a + batch].contiguous()}, {"epoch": epoch})
+            self.send(protocol.EVAL, b, 1, {"h": x.contiguous(), "y": y.contiguous()},
+                      {"epoch": epoch})
 
-        sent = 0
+        sent = samples = 0
+        more = True
         lost_s = self.window.lost_s
-        while len(self.eval_results) < len(starts):
-            while sent < len(starts) and sent - len(self.eval_results) < self.cfg.max_inflight:
+        while more or self.eval_expected:
+            while more and len(self.eval_expected) < self.cfg.max_inflight:
+                nxt = next(batches, None)
+                if nxt is None:
+                    more = False
+                    break
+                held[sent] = nxt
+                samples += len(nxt[0])
                 send(sent)
                 sent += 1
             self.pump()
+            for b in [b for b in held if b not in self.eval_expected]:
+                del held[b]  # answered
             if self.eval_lost:  # the broker came back empty: what it held will never arrive
                 self.eval_lost = False
                 log.warning("[driver] sending the %d unanswered eval batches again",
@@ -450,9 +466,9 @@ class Driver:
                           b, lost_s)
                 self.window.tally["resent:eval"] += 1
                 send(b)  # evaluation changes no state: sending it again is safe
-        loss = sum(r["loss_sum"] for r in self.eval_results.values()) / len(x)
-        correct = sum(r["correct"] for r in self.eval_results.values())
-        return loss, correct / len(x)
+        loss = sum(r["loss_sum"] for r in self.eval_results.values()) / samples
+        metric = sum(r["metric_sum"] for r in self.eval_results.values())
+        return loss, metric / samples
 
     def stop_workers(self, timeout_s: float = 30.0) -> None:
         """Ask every stage to back up and stop; wait for their 'stopped' beats."""
@@ -472,16 +488,18 @@ class Driver:
 
 
 def eval_result_problem(src: int, it: int, meta: dict[str, Any], stages: int,
-                        expected: dict[int, int]) -> str | None:
+                        expected: dict[int, int], counts: bool = True) -> str | None:
     """Why an eval result cannot be taken (pure), or None: it must answer an outstanding batch,
-    come from the last stage and hold a count and loss that batch can have."""
+    come from the last stage and hold finite sums of loss and metric; with `counts` (accuracy)
+    the metric's sum is a count of samples, 0..n."""
     if src != stages:
         return f"from endpoint {src}, not the last stage {stages}"
     if it not in expected:
         return f"batch {it} is not outstanding"
-    n, correct, loss = meta.get("n"), meta.get("correct"), meta.get("loss_sum")
-    if n != expected[it] or not isinstance(correct, int) or not 0 <= correct <= expected[it]:
-        return f"batch {it}: n={n!r} correct={correct!r}, expected n={expected[it]}"
-    if not isinstance(loss, float) or not math.isfinite(loss) or loss < 0:
-        return f"batch {it}: loss_sum {loss!r} is not a finite non-negative number"
+    n, metric, loss = meta.get("n"), meta.get("metric_sum"), meta.get("loss_sum")
+    if n != expected[it] or not isinstance(metric, float) or not math.isfinite(metric) or (
+            counts and not 0 <= metric <= expected[it]):
+        return f"batch {it}: n={n!r} metric_sum={metric!r}, expected n={expected[it]}"
+    if not isinstance(loss, float) or not math.isfinite(loss):
+        return f"batch {it}: loss_sum {loss!r} is not a finite number"
     return None

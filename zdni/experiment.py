@@ -150,8 +150,10 @@ def same_settings(had: dict[str, Any], cfg: RunConfig, *aside: str) -> bool:
     """Whether a run's recorded config is cfg's, but for the data directory, what planning
     derives from the settings (zdni/plan.py), and the settings `aside`."""
     want = json.loads(cfg.to_json())
+    # What planning fills in (zdni/plan.py) is derived from the settings, not one of them.
     derived: dict[str, Any] = dict.fromkeys(("data_dir", "input_shape", "classes",
-                                             "epoch_batches", *aside))
+                                             "epoch_batches", "label_shape", "target_dtype",
+                                             *aside))
     if want.get("balance"):
         derived["cuts"] = None
     return {**had, **derived} == {**want, **derived}

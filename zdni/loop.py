@@ -11,38 +11,28 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from zdni.config import DATASETS, RunConfig, parse_copy_data
-from zdni.data import BatchFeeder, Normalization, load_dataset, reader_normalization
+from zdni.data import DataError, load_dataset, reader_normalization
 from zdni.errors import ZdniError
 from zdni.metrics import MetricsWriter
+from zdni.objective import Objective, objective_of
 from zdni.progress import Progress
 from zdni.sequence import copy_chunks
+from zdni.split import Data, Split, TensorSplit, hold_out
 from zdni.summary import build_summary
 
-__all__ = ["Data", "LoopState", "RunError", "Runner", "Saver", "State", "load_data", "score",
-           "train"]
+__all__ = ["Data", "LoopState", "RunError", "Runner", "Saver", "State", "load_data", "train",
+           "with_validation"]
 
 State = tuple[dict[str, torch.Tensor], dict[str, Any]]  # one stage's tensors and metadata
 
 
 class RunError(ZdniError, RuntimeError):
     """The run cannot go on: a stage died, stalled or never started. The message says which."""
-
-
-class Data(NamedTuple):
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    ordered: bool = False  # fed in order, unshuffled: chunks of sequences (copy-L*-T*)
-    # How raw inputs were made into these (zdni.data.reader_normalization's form), recorded
-    # beside the trained model; None: taken as they are.
-    norm: Normalization | None = None
 
 
 class Runner(Protocol):
@@ -73,8 +63,8 @@ class Runner(Protocol):
         """Feed every batch waiting to be fed again, then drain."""
         ...
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
-        """(mean test loss, test accuracy) of the current parameters."""
+    def evaluate(self, split: Split, epoch: int) -> tuple[float, float]:
+        """(mean loss, mean metric) of the current parameters on a split, batch by batch."""
         ...
 
     def flight(self) -> tuple[int | None, dict[int, int] | None]:
@@ -85,8 +75,9 @@ class Runner(Protocol):
         """Extra fields of the progress bar."""
         ...
 
-    def epoch_end(self, epoch: int, accuracy: float) -> None:
-        """An epoch was evaluated (the distributed runner records it in Redis)."""
+    def epoch_end(self, epoch: int, scores: dict[str, float], best: bool) -> None:
+        """An epoch was evaluated (scores: val_/test_ loss and metric); `best`: its selection
+        score is the best so far (the distributed runner records them in Redis)."""
         ...
 
     def summary_extra(self) -> dict[str, Any]:
@@ -107,14 +98,16 @@ class Runner(Protocol):
 class LoopState:
     """Where the loop stands between two batches: what continuing a run needs besides the
     stages' own states (zdni/resume.py writes it beside them). The batches themselves need no
-    state: BatchFeeder's order is a pure function of (seed, epoch)."""
+    state: a feeder's batch is a pure function of (seed, epoch, position)."""
 
     epoch: int = 0  # the epoch in progress, 0-based (== epochs done when position is 0)
     position: int = 0  # the next batch of that epoch
     fed: int = 0  # iterations fed so far: the next iteration's number
     samples: int = 0  # training samples fed so far
     wall_s: float = 0.0  # training time so far, seconds
-    accuracy: float | None = None  # the newest test accuracy
+    accuracy: float | None = None  # the newest test accuracy (None where not scored)
+    # [epoch, score] of the best epoch so far, on the set "best" is chosen on (loop.train)
+    best: list[float] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # the summary's epoch rows
     metrics: dict[str, Any] = field(default_factory=dict)  # MetricsWriter.state()
 
@@ -131,19 +124,12 @@ class Saver(Protocol):
         ...
 
 
-def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-    """Summed cross-entropy and the count of correct predictions of one evaluation batch. With
-    labels shaped per sample (a chunk of a sequence's outputs), a sample is correct when every
-    one of its positions is, and its loss is the sum over them."""
-    y = y.to(logits.device)
-    right = (logits.argmax(1) == y).reshape(len(y), -1).all(dim=1)
-    return F.cross_entropy(logits, y, reduction="sum").item(), int(right.sum())
-
-
 def load_data(cfg: RunConfig, download: bool = False) -> Data:
-    """The run's training and test sets (cached per process: a second call is free): a zoo
-    dataset from cfg.data_dir, or a user's file or factory (zdni/userdata.py)."""
+    """The run's training, validation and test sets (cached per process: a second call is
+    free): a zoo dataset from cfg.data_dir, or a user's file or factory (zdni/userdata.py);
+    the validation set held out of the training set (cfg.val_split) or read (cfg.val_data)."""
     copy = parse_copy_data(cfg.dataset)
+    val: Split | None = None
     if copy:  # generated: sequence batches of chunks, in order (zdni.sequence.copy_chunks)
         length, T = copy
         chunks = -(-(2 * length + 1) // T)
@@ -152,46 +138,86 @@ def load_data(cfg: RunConfig, download: bool = False) -> Data:
         test = max(1, (cfg.test_limit or 10 * per_batch) // per_batch)
         x_train, y_train = copy_chunks(train, cfg.batch_size, length, T, seed=cfg.seed)
         x_test, y_test = copy_chunks(test, cfg.batch_size, length, T, seed=cfg.seed + 10_007)
-        return Data(x_train, y_train, x_test, y_test, ordered=True)
+        return Data.of(x_train, y_train, x_test, y_test, ordered=True)
     if cfg.dataset in DATASETS:
-        x_train, y_train = load_dataset(cfg.dataset, cfg.data_dir, True, download,
-                                        cfg.train_limit)
-        x_test, y_test = load_dataset(cfg.dataset, cfg.data_dir, False, download, cfg.test_limit)
-        return Data(x_train, y_train, x_test, y_test, norm=reader_normalization(cfg.dataset))
-    from zdni.userdata import load_user_dataset, user_normalization
+        train_split: Split = TensorSplit(*load_dataset(cfg.dataset, cfg.data_dir, True, download,
+                                                       cfg.train_limit))
+        test_split: Split = TensorSplit(*load_dataset(cfg.dataset, cfg.data_dir, False, download,
+                                                      cfg.test_limit))
+        norm = reader_normalization(cfg.dataset)
+    else:
+        from zdni.userdata import load_user_splits, read_val
 
-    (x_train, y_train), (x_test, y_test) = load_user_dataset(cfg.dataset)
-    a, b = cfg.train_limit, cfg.test_limit
-    return Data(x_train[:a], y_train[:a], x_test[:b], y_test[:b],
-                norm=user_normalization(cfg.dataset))
+        train_split, val, test_split, norm = load_user_splits(cfg.dataset, cfg.dataset_args)
+        if cfg.val_data:
+            if val is not None:
+                raise DataError(f"{cfg.dataset} gives a validation set already: no --val-data")
+            train_split, val, test_split, norm = read_val(cfg.dataset, cfg.val_data,
+                                                          cfg.dataset_args)
+        train_split, test_split = train_split.limit(cfg.train_limit), test_split.limit(
+            cfg.test_limit)
+    data = with_validation(cfg, train_split, val, test_split)
+    data.norm = norm
+    return data
+
+
+def with_validation(cfg: RunConfig, train: Split, val: Split | None, test: Split) -> Data:
+    """The run's data, with cfg.val_split of the training set held out for validation."""
+    if cfg.val_split:
+        if val is not None:
+            raise DataError(f"{cfg.dataset} gives a validation set already: no --val-split")
+        train, val = hold_out(train, cfg.val_split, cfg.seed)
+    return Data(train, test, val)
+
+
+def better(value: float, best: float | None, higher: bool) -> bool:
+    """Whether `value` beats `best` (None: nothing yet) in the metric's direction."""
+    return best is None or (value > best if higher else value < best)
 
 
 def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
-          quiet: bool = False, start: LoopState | None = None,
-          saver: Saver | None = None) -> dict[str, Any]:
-    """Train cfg.epochs epochs through `runner`; returns the summary. From `start` (a resumed
-    run: the runner's stages already hold its checkpoint), else from the beginning; `saver`
-    checkpoints when it is due and at every epoch's end."""
-    feeder = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed,
-                         shuffle=not data.ordered)
+          quiet: bool = False, start: LoopState | None = None, saver: Saver | None = None,
+          objective: Objective | None = None) -> dict[str, Any]:
+    """Train cfg.epochs epochs (at most cfg.max_iterations iterations) through `runner`;
+    returns the summary. From `start` (a resumed run: the runner's stages already hold its
+    checkpoint), else from the beginning; `saver` checkpoints when it is due and at every
+    epoch's end.
+
+    Every epoch is scored on the validation set when there is one (and on the test set too
+    with cfg.test_every_epoch), else on the test set; "best" is the epoch whose score on that
+    set was best, in the metric's direction. With a validation set, the test set is scored
+    once, at the end.
+    """
+    objective = objective or objective_of(cfg)
+    m = objective.metric
+    feeder = data.train.feeder(cfg.batch_size, cfg.seed, not data.ordered, cfg.data_workers)
     per_epoch = feeder.batches_per_epoch
+    on, watched = ("val", data.val) if data.val is not None else ("test", data.test)
     state = start or LoopState()
     if start is not None:
         runner.start_at(start.fed)
         metrics.restore(start.metrics, start.fed, start.epoch + 1)
-    progress = Progress(per_epoch * cfg.epochs, runner.label, quiet=quiet)
+    total = per_epoch * cfg.epochs
+    progress = Progress(min(total, cfg.max_iterations or total), runner.label, quiet=quiet)
     began = time.monotonic() - state.wall_s  # a resumed run's wall time goes on counting
+    shown: float | None = None  # the newest score, for the progress line
+
+    def evaluate(split: Split, name: str, epoch: int) -> dict[str, float]:
+        loss, value = runner.evaluate(split, epoch)
+        return {f"{name}_loss": loss, f"{name}_{m}": value}
 
     def step(x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+        nonlocal shown
         it = runner.feed(x, y)
         state.samples += len(x)
         metrics.iteration(it, epoch + 1, state.samples, time.monotonic() - began,
                           *runner.flight())
         if cfg.eval_every and it % cfg.eval_every == 0 and it % per_epoch:
             runner.drain()  # evaluate the parameters of one iteration, not a mix
-            result = runner.evaluate(data.x_test, data.y_test, epoch)
-            _, state.accuracy = metrics.eval(it, epoch + 1, time.monotonic() - began, *result)
-        progress.update(it, epoch=epoch + 1, loss=metrics.last_loss, acc=state.accuracy,
+            scores = evaluate(watched, on, epoch)
+            metrics.eval(it, epoch + 1, time.monotonic() - began, scores)
+            shown = scores[f"{on}_{m}"]
+        progress.update(it, epoch=epoch + 1, loss=metrics.last_loss, **{f"{on}_{m}": shown},
                         sps=round(state.samples / max(time.monotonic() - began, 1e-9)),
                         **runner.progress())
 
@@ -202,21 +228,46 @@ def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
         saver.save(runner, state, metrics)
 
     first_epoch, first_batch = state.epoch, state.position
+    done = first_epoch * per_epoch + first_batch  # batches of the data set fed (no replays)
     for epoch in range(first_epoch, cfg.epochs):
-        for index in range(first_batch if epoch == first_epoch else 0, per_epoch):
+        for index, xb, yb in feeder.iter_epoch(epoch, first_batch if epoch == first_epoch
+                                               else 0):
             for rx, ry in runner.replays():
                 step(rx, ry, epoch)
-            step(*feeder.batch(epoch, index), epoch)
+            step(xb, yb, epoch)
+            done += 1
+            if done == cfg.max_iterations:
+                break
             if saver is not None and index + 1 < per_epoch and saver.due(runner.fed):
                 checkpoint(epoch, index + 1)
         runner.settle()
-        test_loss, state.accuracy = runner.evaluate(data.x_test, data.y_test, epoch)
-        state.history.append(metrics.epoch(epoch + 1, test_loss, state.accuracy,
-                                           time.monotonic() - began, runner.fed, state.samples))
-        runner.epoch_end(epoch + 1, state.accuracy)
+        scores = evaluate(watched, on, epoch)
+        if data.val is not None and cfg.test_every_epoch:
+            scores |= evaluate(data.test, "test", epoch)
+        shown = scores[f"{on}_{m}"]
+        state.accuracy = scores.get("test_accuracy")
+        state.history.append(metrics.epoch(epoch + 1, scores, time.monotonic() - began,
+                                           runner.fed, state.samples))
+        improved = better(shown, state.best[1] if state.best else None,
+                          objective.higher_is_better)
+        if improved:
+            state.best = [epoch + 1, shown]
+        runner.epoch_end(epoch + 1, scores, improved)
         if saver is not None:
             checkpoint(epoch + 1, 0)
+        if done == cfg.max_iterations:  # the last, partial epoch was evaluated
+            break
     progress.close()
+    final = {k: v for k, v in state.history[-1].items() if k.startswith("test_")}
+    if data.val is not None and not cfg.test_every_epoch:  # the test set, once, at the end
+        final = evaluate(data.test, "test", len(state.history))
+        metrics.record("test", iteration=runner.fed, **final)
     wall = time.monotonic() - began
+    assert state.best is not None
+    scored = {"metric": m, "metric_goal": objective.goal, "best_on": on,
+              "best_epoch": int(state.best[0]), f"best_{on}_{m}": state.best[1], **final}
+    if data.val is not None:
+        scored |= {f"val_{m}": state.history[-1][f"val_{m}"],
+                   "val_loss": state.history[-1]["val_loss"]}
     return build_summary(cfg, runner.stages, state.history, runner.fed, state.samples, wall,
-                         runner=runner.name, extra=runner.summary_extra())
+                         runner=runner.name, scores=scored, extra=runner.summary_extra())

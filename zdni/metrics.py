@@ -12,8 +12,13 @@ Record kinds (every record also has ``kind`` and ``t``, unix seconds):
            per stage (keys "1".."S"): lag (batches fed but not yet finished by that stage: its
            queue depth), staleness (iterations a stage had updated past `it` when the true
            gradient of `it` arrived), grad_loss (M's L2 loss), input_loss (I's L2 loss)
-    eval   iteration, epoch, wall_s, test_loss, test_accuracy (every --eval-every iterations)
-    epoch  the summary's history row (train and test loss/accuracy, per-stage grad_loss/input_loss) plus
+    eval   iteration, epoch, wall_s, and the scores of the set "best" is chosen on:
+           val_loss, val_METRIC with a validation set, else test_loss, test_METRIC (METRIC is
+           accuracy by default: zdni/objective.py), every --eval-every iterations
+    test   iteration, test_loss, test_METRIC: the test set scored once, at the end, when a
+           validation set was scored every epoch
+    epoch  the summary's history row (train loss/accuracy, the scores as eval's, per-stage
+           grad_loss/input_loss) plus
            samples and samples_per_s since the start
     stage  one per stage at each epoch's end: lag_mean/lag_max, staleness_mean/staleness_max,
            grad_loss, input_loss over the epoch
@@ -131,17 +136,15 @@ class MetricsWriter:
         self.window.clear()
         self.last_samples, self.last_wall = samples, wall_s
 
-    def eval(self, iteration: int, epoch: int, wall_s: float, test_loss: float,
-             test_accuracy: float) -> tuple[float, float]:
-        """A test evaluation within an epoch; returns (test_loss, test_accuracy)."""
-        self.record("eval", iteration=iteration, epoch=epoch, wall_s=round(wall_s, 3),
-                    test_loss=test_loss, test_accuracy=test_accuracy)
-        return test_loss, test_accuracy
+    def eval(self, iteration: int, epoch: int, wall_s: float, scores: dict[str, float]) -> None:
+        """An evaluation within an epoch: scores are {SPLIT_loss, SPLIT_METRIC}."""
+        self.record("eval", iteration=iteration, epoch=epoch, wall_s=round(wall_s, 3), **scores)
 
-    def epoch(self, epoch: int, test_loss: float, test_accuracy: float, wall_s: float,
+    def epoch(self, epoch: int, scores: dict[str, float], wall_s: float,
               iterations: int, samples: int) -> dict[str, Any]:
         """Close an epoch: its history row (returned, and recorded), then one stage record per
-        stage; the training numbers are the means of what the stages reported in the epoch."""
+        stage; the training numbers are the means of what the stages reported in the epoch,
+        `scores` the epoch's evaluations ({val,test}_loss and {val,test}_METRIC)."""
         per_stage = {name: {str(s): _mean(self.epoch_acc[f"{name}:{s}"])
                             for s in range(1, self.stages + 1) if self.epoch_acc.get(f"{name}:{s}")}
                      for name in ("grad_loss", "input_loss")}
@@ -149,8 +152,7 @@ class MetricsWriter:
             "epoch": epoch, "iterations": iterations,
             "train_loss": _mean(self.epoch_acc.get("train_loss", [])),
             "train_accuracy": _mean(self.epoch_acc.get("train_accuracy", [])),
-            "test_loss": test_loss, "test_accuracy": test_accuracy,
-            "wall_s": round(wall_s, 3), **per_stage}
+            **scores, "wall_s": round(wall_s, 3), **per_stage}
         wall = round(wall_s, 3)
         self.record("epoch", **row, samples=samples,
                     samples_per_s=round(samples / wall, 1) if wall > 0 else None)

@@ -27,8 +27,9 @@ from torch import nn
 from zdni.config import LIVE, RunConfig, parse_copy_data
 from zdni.data import Normalization
 from zdni.errors import ZdniError
-from zdni.loop import State, load_data, score
+from zdni.loop import State, load_data
 from zdni.models import build_units, cut_points
+from zdni.objective import Objective
 from zdni.usercode import call, is_reference
 
 __all__ = ["INFO_FILE", "MODEL_FILE", "Model", "ModelFileError", "evaluate", "load", "write"]
@@ -78,6 +79,8 @@ def describe(cfg: RunConfig, norm: Normalization | None, names: list[str]) -> di
         "dataset": cfg.dataset, "data_dir": cfg.data_dir, "test_limit": cfg.test_limit,
         "input_shape": cfg.input_shape, "classes": cfg.classes, "label_shape": cfg.label_shape,
         "normalization": norm, "mode": cfg.mode, "conditioned": cfg.conditioned,
+        "target_dtype": cfg.target_dtype, "loss": cfg.loss, "metric": cfg.metric,
+        "metric_goal": cfg.metric_goal,
         "load": "net = FACTORY(**model_args); net.load_state_dict(torch.load('model.pt', "
                 "weights_only=True)); inputs: (x / scale - mean) / std",
     }
@@ -208,13 +211,19 @@ def evaluate(model: Model | str, dataset: str, data_dir: str | None = None,
     _check_fit(info, dataset, x, y)
     x = renormalize(x, data.norm, info.get("normalization"))
     device = next(iter(model.parameters()), torch.zeros(0)).device
-    loss_sum, correct = 0.0, 0
+    # The run's loss and metric (zdni/objective.py); a live one (in process) was not recorded.
+    named = {k: info.get(k, "") for k in ("loss", "metric", "metric_goal")}
+    live = named["loss"] == LIVE or named["metric"] == LIVE
+    objective = Objective() if live else Objective(named["loss"] or "cross_entropy",
+                                                   named["metric"], named["metric_goal"])
+    loss_sum, metric_sum = 0.0, 0.0
     for start in range(0, len(x), batch_size):
         out = model.net(x[start : start + batch_size].to(device))
-        loss, right = score(out, y[start : start + batch_size])
-        loss_sum, correct = loss_sum + loss, correct + right
+        loss, value = objective.score(out, y[start : start + batch_size])
+        loss_sum, metric_sum = loss_sum + loss, metric_sum + value
     return {"run_id": info.get("run_id"), "dataset": dataset, "split": split,
-            "samples": len(x), "loss": loss_sum / len(x), "accuracy": correct / len(x)}
+            "samples": len(x), "loss": loss_sum / len(x),
+            objective.metric: metric_sum / len(x)}
 
 
 def _check_fit(info: dict[str, Any], dataset: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -226,7 +235,10 @@ def _check_fit(info: dict[str, Any], dataset: str, x: torch.Tensor, y: torch.Ten
         raise ModelFileError(f"{dataset}: labels of shape {tuple(y.shape[1:])} per sample, "
                              f"but the model was trained on {tuple(info.get('label_shape') or [])}")
     classes = info.get("classes")
-    if classes is not None and y.numel() and int(y.max()) >= classes:
+    if y.is_floating_point() != (info.get("target_dtype") == "float32"):
+        raise ModelFileError(f"{dataset}: targets are {y.dtype}, but the model was trained on "
+                             f"{info.get('target_dtype', 'int64')} targets")
+    if classes is not None and not y.is_floating_point() and y.numel() and int(y.max()) >= classes:
         raise ModelFileError(f"{dataset}: labels go up to {int(y.max())}, but the model has "
                              f"{classes} classes (0..{classes - 1})")
 

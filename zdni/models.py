@@ -198,9 +198,3 @@ def stage_shapes(stages: Sequence[nn.Module], in_shape: tuple[int, ...]) -> list
             shapes.append(tuple(h.shape[1:]))
     return shapes
 
-
-def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The optimizer every stage and synthesizer uses, per the config."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
-    return torch.optim.Adam(params, lr=lr)

@@ -8,6 +8,7 @@ problem here is a one-line ConfigError, DataError or UserCodeError, before anyth
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -16,30 +17,38 @@ from torch import nn
 
 from zdni import balance, methods
 from zdni.config import ConfigError, RunConfig
-from zdni.data import BatchFeeder
-from zdni.loop import Data
+from zdni.data import DataError
 from zdni.models import build_units, cut_points, stage_shapes
+from zdni.objective import CROSS_ENTROPY, Objective, objective_of
+from zdni.split import Data, TensorSplit
 from zdni.usercode import UserCodeError
 from zdni.userdata import classes_of
 
 __all__ = ["plan"]
 
+PROBE = 8  # training samples the loss and metric are tried on before the run starts
+
 
 def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
-         device: str = "cpu", threads: int | None = None, resumed: bool = False
-         ) -> dict[str, Any]:
-    """Fill in cfg.input_shape, cfg.classes and (with cfg.balance) cfg.cuts; check that the
-    model's output fits the classes and that the cut can be made. Returns what balancing chose
-    and measured (empty without cfg.balance), for the summary. A `resumed` run keeps the cuts
-    it was balanced to when it started: its checkpoint's weights are cut there."""
+         device: str = "cpu", threads: int | None = None, resumed: bool = False,
+         objective: Objective | None = None) -> dict[str, Any]:
+    """Fill in cfg.input_shape, the targets' kind and shape, cfg.classes, the batches per
+    epoch and (with cfg.balance) cfg.cuts; check that the model's output fits the targets (the
+    loss and metric run on a few real samples) and that the cut can be made. Returns what
+    balancing chose and measured (empty without cfg.balance), for the summary. A `resumed` run
+    keeps the cuts it was balanced to when it started: its checkpoint's weights are cut there."""
     method = methods.get(cfg.mode)
     if cfg.conditioned and not method.synthetic:
         raise ConfigError(f"--conditioned needs a method with synthesizers (sg, full): "
                           f"{cfg.mode} has none; drop --conditioned or pick another --mode")
-    cfg.input_shape = [int(d) for d in data.x_train.shape[1:]]
-    cfg.epoch_batches = BatchFeeder(data.x_train, data.y_train, cfg.batch_size, cfg.seed,
-                                    shuffle=not data.ordered).batches_per_epoch
-    needed = classes_of(data.y_train, data.y_test)
+    x, y = data.train.probe(PROBE)
+    cfg.input_shape = [int(d) for d in x.shape[1:]]
+    cfg.epoch_batches = data.steps_per_epoch(cfg.batch_size)
+    cfg.label_shape = [int(d) for d in y.shape[1:]]  # [] for one target per sample
+    cfg.target_dtype = "float32" if y.is_floating_point() else "int64"
+    cfg.validate()  # float targets need a loss other than cross-entropy
+    _same_kind(data, x, y)
+    needed = _classes(data, y)
     state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)
     try:
@@ -52,12 +61,17 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
         raise UserCodeError(f"model {cfg.model}: a forward pass on inputs of shape "
                             f"{tuple(cfg.input_shape)} raised {type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:160]}") from None
-    cfg.label_shape = [int(d) for d in data.y_train.shape[1:]]  # [] for one class per sample
     want = (needed, *cfg.label_shape)
-    if len(out) != len(want) or out[0] < needed or tuple(out[1:]) != want[1:]:
-        raise ConfigError(f"model {cfg.model} outputs {out} per sample, but the data's labels "
-                          f"need {needed} classes: the output must be {want} (or more classes)")
-    cfg.classes = out[0]  # a subset of the data may not show every class; the model knows
+    if cfg.loss == CROSS_ENTROPY:
+        if len(out) != len(want) or out[0] < needed or tuple(out[1:]) != want[1:]:
+            raise ConfigError(f"model {cfg.model} outputs {out} per sample, but the data's "
+                              f"labels need {needed} classes: the output must be {want} (or "
+                              "more classes)")
+        cfg.classes = out[0]  # a subset of the data may not show every class; the model knows
+    else:
+        streamed_indices = cfg.target_dtype == "int64" and not _in_memory(data) and out
+        cfg.classes = max(needed, out[0]) if streamed_indices else needed
+        _probe(cfg, units, x, y, objective or objective_of(cfg))
     record: dict[str, Any] = {}
     if cfg.balance is not None and not resumed:
         if cfg.cuts:
@@ -90,3 +104,58 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
             cut_points(len(units), cfg.stages, cfg.cuts)):
         raise ConfigError(f"freeze_stage {cfg.freeze_stage} is not a stage of this run")
     return record
+
+
+def _in_memory(data: Data) -> bool:
+    return all(isinstance(p, TensorSplit) for p in (data.train, data.test, data.val) if p)
+
+
+def _classes(data: Data, y: torch.Tensor) -> int:
+    """Classes the targets need: every label's in memory, the first samples' when streamed
+    (the model's output then says how many there are)."""
+    if not _in_memory(data):
+        return classes_of(y, y)
+    parts = [p for p in (data.train, data.test, data.val) if isinstance(p, TensorSplit)]
+    return max(classes_of(p.y, p.y) for p in parts)
+
+
+def _same_kind(data: Data, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The validation and test sets' samples and targets have the training set's shapes and
+    kind (their first samples, for a set read lazily)."""
+    for name, part in (("validation", data.val), ("test", data.test)):
+        if part is None:
+            continue
+        px, py = part.probe(2)
+        if px.shape[1:] != x.shape[1:] or py.shape[1:] != y.shape[1:] or (
+                py.is_floating_point() != y.is_floating_point()):
+            raise DataError(f"the {name} set's samples are {tuple(px.shape[1:])} with targets "
+                            f"{py.dtype} {tuple(py.shape[1:])}; the training set's "
+                            f"{tuple(x.shape[1:])} with {y.dtype} {tuple(y.shape[1:])}")
+
+
+def _probe(cfg: RunConfig, units: list[nn.Module], x: torch.Tensor, y: torch.Tensor,
+           objective: Objective) -> None:
+    """The loss and metric on the model's output for a few training samples (eval mode, no
+    gradient: the units are not changed), so that targets the loss does not accept are one
+    line before anything starts."""
+    model = nn.Sequential(*units)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            out = model(x)
+            try:
+                loss = objective.loss(out, y)
+                _, metric = objective.score(out, y)
+            except UserCodeError:
+                raise
+            except Exception as exc:
+                raise UserCodeError(
+                    f"loss {cfg.loss} or metric {cfg.metric or 'loss'} on the model's output "
+                    f"{tuple(out.shape)} and targets {y.dtype} {tuple(y.shape)} raised "
+                    f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
+    finally:
+        model.train(was)
+    if not torch.isfinite(loss) or not math.isfinite(metric):
+        raise UserCodeError(f"loss {cfg.loss} gave {float(loss)} and the metric {metric} on the "
+                            "model's output for the first training samples: expected finite")

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import re
 
-PROTOCOL_VERSION = 2  # 2: activations carry their labels (h, y) outside full mode
+# 2: activations carry their labels (h, y) outside full mode; 3: eval results carry the
+# metric's sum (not a count of correct answers), targets may be float32
+PROTOCOL_VERSION = 3
 
 # Endpoints. Stages are numbered from 1, as the user numbers them.
 DRIVER = 0
@@ -42,7 +44,7 @@ GRAD = "grad"  # stage i -> stage i-1: dL/dh_{i-1}, the true (or bootstrapped) g
 DONE = "done"  # stage -> driver: the stage finished its update for `it`; meta holds its losses
 #                and those of synthesizer training held since its last DONE (meta "event")
 EVAL = "eval"  # driver -> stage / stage -> stage: a forward-only evaluation batch
-EVAL_RESULT = "eval_result"  # last stage -> driver: loss sum and correct count of a batch
+EVAL_RESULT = "eval_result"  # last stage -> driver: loss and metric sums of a batch
 CONTROL = "control"  # driver -> stage: meta["op"] in CONTROL_OPS
 SYNTH_REQ = "synth_req"  # stage -> synthesizer service: predict / train (remote placement)
 SYNTH_REP = "synth_rep"  # synthesizer service -> stage: the prediction
@@ -74,7 +76,7 @@ META: dict[str, tuple[str, ...]] = {
     GRAD: (),
     DONE: (DONE_EVENT, "loss", "accuracy", "grad_loss", "input_loss", "staleness"),
     EVAL: ("epoch",),
-    EVAL_RESULT: ("epoch", "loss_sum", "correct", "n"),
+    EVAL_RESULT: ("epoch", "loss_sum", "metric_sum", "n"),
     CONTROL: ("op", "at", "to"),
     SYNTH_REQ: ("op", "remember"),
     SYNTH_REP: ("op", "grad_loss", "input_loss"),

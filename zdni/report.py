@@ -47,11 +47,14 @@ def group(runs: list[Run], given: dict[str, str] | None = None) -> list[Variant]
 
 # -- table --------------------------------------------------------------------------------------
 def run_numbers(run: Run, target: float) -> dict[str, Any]:
-    """Best and final accuracy, wall time, samples/s and time to the target accuracy."""
+    """Best and final accuracy (on the validation set where the run had one: Run.accuracy),
+    wall time, samples/s and time to the target accuracy."""
     epochs = run.kind("epoch")
-    accs = [r["test_accuracy"] for r in epochs]
+    accs: list[float] = [r["val_accuracy"] if "val_accuracy" in r else r["test_accuracy"]
+                         for r in epochs if "val_accuracy" in r or "test_accuracy" in r]
     reached = [wall for _, wall, acc in run.accuracy() if acc >= target]
-    return {"best": max(accs), "final": accs[-1], "wall_s": epochs[-1]["wall_s"],
+    return {"best": max(accs, default=None), "final": accs[-1] if accs else None,
+            "wall_s": epochs[-1]["wall_s"],
             "sps": epochs[-1].get("samples_per_s"), "to_target": reached[0] if reached else None,
             "epochs": len(epochs)}
 

@@ -107,8 +107,11 @@ class Checkpointer:
             return
         state.fed = runner.fed
         state.metrics = metrics.state()
-        if self.cfg.keep_best and state.position == 0 and state.accuracy is not None and (
-                self.best is None or state.accuracy > self.best["test_accuracy"]):
+        # The epoch just ended is the best so far on the set "best" is chosen on (the
+        # validation set when there is one), in the metric's direction (zdni.loop.train).
+        if self.cfg.keep_best and state.position == 0 and state.best is not None and int(
+                state.best[0]) == state.epoch and (self.best is None
+                                                   or self.best["epoch"] != state.epoch):
             self.best = write_best(self.run_dir, state, states)
         write(self.run_dir, self.cfg, state, states, runner.name, self.best)
         self.taken += 1
@@ -124,7 +127,7 @@ def write_best(run_dir: str, loop: LoopState, states: dict[int, State]) -> dict[
         checkpoint.write_file(os.path.join(folder(run_dir), name), encode_state(weights, meta))
         files[str(endpoint)] = name
     return {"iteration": loop.fed - 1, "epoch": loop.epoch, "test_accuracy": loop.accuracy,
-            "files": files}
+            "score": loop.best[1] if loop.best else None, "files": files}
 
 
 def folder(run_dir: str) -> str:

@@ -155,14 +155,17 @@ def render(info: dict[str, Any]) -> str:
     lines = []
     summary, ckpt = info.get("summary"), info.get("checkpoint")
     if info["status"] == "finished" and summary:
+        m, on = summary.get("metric", "accuracy"), summary.get("best_on", "test")
         lines.append(f"run {summary['run_id']}: finished, {summary['epochs']} epochs, "
                      f"{summary['iterations']} iterations in {summary['wall_s']:.0f} s; test "
-                     f"accuracy {summary['test_accuracy']:.4f} (best "
-                     f"{summary['best_test_accuracy']:.4f})")
+                     f"{m} {_num(summary.get(f'test_{m}'))} (best {on} {m} "
+                     f"{_num(summary.get(f'best_{on}_{m}', summary.get('best_test_accuracy')))}"
+                     f", epoch {summary.get('best_epoch', '?')})")
         for row in summary.get("history", []):
+            scores = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in row.items()
+                               if k.startswith(("val_", "test_")))
             lines.append(f"  epoch {row['epoch']:>3}: train loss {row['train_loss'] or 0:.4f}, "
-                         f"test loss {row['test_loss']:.4f}, test accuracy "
-                         f"{row['test_accuracy']:.4f}")
+                         f"{scores}")
     else:
         lines.append(f"run in {info['run_dir']}: {info['status'] or 'not running'}")
     if ckpt:
@@ -175,3 +178,7 @@ def render(info: dict[str, Any]) -> str:
                      + (" --epochs N" if ckpt["epoch"] >= ckpt["epochs"] else ""))
     lines.append(f"model: {info['model'] or 'none'}")
     return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"

@@ -46,9 +46,12 @@ class Run:
         return (self.start.get("runner"), *sorted((k, repr(v)) for k, v in cfg.items()))
 
     def accuracy(self) -> list[tuple[int, float, float]]:
-        """(iteration, wall_s, test accuracy) of every eval and epoch record, in order."""
+        """(iteration, wall_s, accuracy) of every eval and epoch record, in order: on the
+        validation set where the run had one, else on the test set (none for another metric)."""
         points = [(int(r.get("iterations", r.get("iteration", 0))), float(r["wall_s"]),
-                   float(r["test_accuracy"])) for r in self.records if r["kind"] in ("eval", "epoch")]
+                   float(r["val_accuracy"] if "val_accuracy" in r else r["test_accuracy"]))
+                  for r in self.records if r["kind"] in ("eval", "epoch")
+                  and ("val_accuracy" in r or "test_accuracy" in r)]
         return sorted(points)
 
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zdni.buffer import MemoryRing, Ring
 from zdni.config import RunConfig
-from zdni.metrics import train_accuracy
-from zdni.models import make_optimizer
+from zdni.objective import Objective, objective_of
+from zdni.optim import Updater, make_updater
+from zdni.optimspec import stage_spec
 from zdni.rng import UnitStreams, span
 from zdni.synthesizer import LocalSynth, StageError, Synth
 
@@ -120,6 +120,7 @@ class Stage:
         rings: Mapping[str, Ring] | None = None,
         device: str = "cpu",
         synth: Synth | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.cfg = cfg
         self.index = index
@@ -134,13 +135,17 @@ class Stage:
             "in": MemoryRing(cfg.ring_size),
         }
         params = list(self.module.parameters())
-        self.opt = None if self.frozen or not params else make_optimizer(cfg, params, cfg.lr)
+        self.updater: Updater | None = None if self.frozen or not params else make_updater(
+            stage_spec(cfg), params, cfg)  # optimizer, schedule, clipping (zdni/optim.py)
+        self.opt = self.updater.opt if self.updater else None
         self.has_M = self.keeps_M(cfg, index, self.count)
         self.has_I = self.keeps_I(cfg, index, self.count)
         self.synth: Synth = synth or LocalSynth(cfg, index, shapes, self.rings["out"], device,
                                                 self.has_M, self.has_I, span(module))
         self.needs_x, self.needs_y = self.needs(cfg, index, self.count)
         self.rng = UnitStreams(cfg.seed, module, self.device)  # dropout: per unit (zdni/rng.py)
+        # Only the last stage computes the loss (and imports a user's loss function).
+        self.objective = (objective or objective_of(cfg)) if self.last else None
 
     @property
     def local(self) -> LocalSynth | None:
@@ -171,8 +176,8 @@ class Stage:
         return self.rng.forward(self.module, h)
 
     def _step(self) -> None:
-        if self.opt is not None:
-            self.opt.step()
+        if self.updater is not None:
+            self.updater.step()
 
     def _zero(self) -> None:
         self.module.zero_grad(set_to_none=True)
@@ -191,6 +196,14 @@ class Stage:
         opts = {"stage": self.opt, "M": self.m_opt, "I": self.i_opt}
         return {k: v for k, v in opts.items() if v is not None}
 
+    def updaters(self) -> dict[str, Updater]:
+        """The updaters whose update counts and schedule positions a backup holds, by the name
+        of the part they train (zdni/optim.py)."""
+        local = self.local
+        ups = {"stage": self.updater, "M": local.m_up if local else None,
+               "I": local.i_up if local else None}
+        return {k: v for k, v in ups.items() if v is not None}
+
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return t.to(self.device, non_blocking=True) if t is not None else None
 
@@ -198,9 +211,10 @@ class Stage:
         """The last stage: backward from the loss; returns its value."""
         if y is None:
             raise StageError(f"stage {self.index} is last and needs labels")
-        loss = F.cross_entropy(out, y)
+        assert self.objective is not None
+        loss = self.objective.loss(out, y)  # the run's loss (zdni/objective.py)
         loss.backward()
-        return {"loss": loss.item(), "accuracy": train_accuracy(out, y)}
+        return {"loss": loss.item(), **self.objective.train_metrics(out, y)}
 
     def _backward_output(
         self, it: int, out: torch.Tensor, y: torch.Tensor | None, remember: bool

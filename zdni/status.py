@@ -63,8 +63,10 @@ def collect(client: redis.Redis, run: str) -> dict[str, Any]:
 def render(status: dict[str, Any]) -> str:
     """A table for the terminal."""
     st = status["state"]
+    scored = next(((k, v) for k, v in st.items() if k.startswith(("val_", "test_"))
+                   and not k.endswith("_loss")), ("test_accuracy", "-"))
     lines = [f"run {status['run']}: {st.get('status', '?')}, epoch {st.get('epoch', 0)},"
-             f" iteration {st.get('iteration', 0)}, test accuracy {st.get('test_accuracy', '-')}"]
+             f" iteration {st.get('iteration', 0)}, {scored[0].replace('_', ' ')} {scored[1]}"]
     head = f"{'stage':>6} {'state':<10} {'iter':>7} {'beat age':>8} {'cpu%':>6} {'rss MB':>7}" \
            f" {'trained':>8} {'dropped':>8}  host"
     lines.append(head)

@@ -11,10 +11,13 @@ from zdni.config import RunConfig
 
 def build_summary(
     cfg: RunConfig, stages: int, history: list[dict[str, Any]], iterations: int, samples: int,
-    wall_s: float, runner: str, extra: dict[str, Any] | None = None,
+    wall_s: float, runner: str, scores: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The summary record: the fields the README documents, then runner-specific extras."""
-    accuracies = [row["test_accuracy"] for row in history]
+    """The summary record: the fields the README documents, the scores (zdni.loop.train's:
+    metric, metric_goal, best_on (val or test), best_epoch, best_{best_on}_METRIC, the final
+    test_loss and test_METRIC, with validation val_loss and val_METRIC of the last epoch), then
+    runner-specific extras."""
     summary: dict[str, Any] = {
         "run_id": cfg.run_id,
         "runner": runner,
@@ -28,8 +31,7 @@ def build_summary(
         "iterations": iterations,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
-        "test_accuracy": accuracies[-1] if accuracies else None,
-        "best_test_accuracy": max(accuracies) if accuracies else None,
+        **(scores or {}),
         "train_loss": history[-1]["train_loss"] if history else None,
         "wall_s": round(wall_s, 3),
         "samples_per_s": round(samples / wall_s, 1) if wall_s > 0 else None,

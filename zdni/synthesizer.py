@@ -17,7 +17,10 @@ from torch import nn
 
 from zdni.buffer import MemoryRing, Ring
 from zdni.config import RunConfig
-from zdni.models import NUM_CLASSES, make_optimizer
+from zdni.models import NUM_CLASSES
+from zdni.objective import conditioning_classes
+from zdni.optim import Updater, make_updater
+from zdni.optimspec import synth_spec
 
 CONV_WIDTH_CAP = 128  # channels: a 1024-channel conv synthesizer would dwarf the stage it serves
 
@@ -35,9 +38,11 @@ def _with_label(t: torch.Tensor, y: torch.Tensor | None, classes: int) -> torch.
     label shaped per sample (a chunk's targets) is one-hot at every position, flattened."""
     if y is None:
         return t
-    onehot = F.one_hot(y, classes).to(t.dtype)
+    # float targets (regression, multi-label) condition as their values (zdni/objective.py)
+    onehot = y.to(t.dtype) if y.is_floating_point() else F.one_hot(y, classes).to(t.dtype)
+    onehot = onehot.reshape(len(y), -1)
     if t.dim() == 2:
-        return torch.cat([t, onehot.reshape(len(y), -1)], dim=1)
+        return torch.cat([t, onehot], dim=1)
     planes = onehot[:, :, None, None].expand(-1, -1, *t.shape[2:])
     return torch.cat([t, planes], dim=1)
 
@@ -181,18 +186,23 @@ class LocalSynth:
         self.I: nn.Module | None = None  # noqa: E741
         if with_M:
             self.M = GradientSynthesizer(
-                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned, cfg.classes,
-                math.prod(cfg.label_shape),
+                shapes[index], cfg.synth_hidden, cfg.synth_width, cfg.conditioned,
+                conditioning_classes(cfg), math.prod(cfg.label_shape),
             ).to(device)
         torch.manual_seed(synthesizer_seed(cfg, first, "I"))
         if with_I:
             self.I = InputSynthesizer(
                 shapes[0], shapes[index - 1], cfg.synth_hidden, cfg.synth_width, cfg.conditioned,
-                cfg.classes, math.prod(cfg.label_shape),
+                conditioning_classes(cfg), math.prod(cfg.label_shape),
             ).to(device)
         torch.random.set_rng_state(generator_state)
-        self.m_opt = make_optimizer(cfg, list(self.M.parameters()), cfg.synth_lr) if self.M else None
-        self.i_opt = make_optimizer(cfg, list(self.I.parameters()), cfg.synth_lr) if self.I else None
+        spec = synth_spec(cfg)
+        self.m_up: Updater | None = make_updater(spec, list(self.M.parameters()), cfg) \
+            if self.M else None
+        self.i_up: Updater | None = make_updater(spec, list(self.I.parameters()), cfg) \
+            if self.I else None
+        self.m_opt = self.m_up.opt if self.m_up else None
+        self.i_opt = self.i_up.opt if self.i_up else None
 
     def _label(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return y if self.cfg.conditioned else None
@@ -223,7 +233,8 @@ class LocalSynth:
         h = slot["h"].to(g.device)
         loss = F.mse_loss(self.M(h, y.to(g.device) if y is not None else None), g)
         loss.backward()
-        self.m_opt.step()
+        assert self.m_up is not None
+        self.m_up.step()
         return {"grad_loss": loss.item(), **agreement(slot["g"], g)}
 
     def predict_input(self, it: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -239,5 +250,6 @@ class LocalSynth:
         self.i_opt.zero_grad(set_to_none=True)
         loss = F.mse_loss(self.I(x, self._label(y)), h)
         loss.backward()
-        self.i_opt.step()
+        assert self.i_up is not None
+        self.i_up.step()
         return {"input_loss": loss.item()}

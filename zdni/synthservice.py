@@ -29,7 +29,9 @@ from zdni import checkpoint, methods, protocol
 from zdni.buffer import MemoryRing, Ring
 from zdni.codec import Message
 from zdni.config import RunConfig
-from zdni.inbox import check_labels, check_tensor
+from zdni.inbox import check_tensor
+from zdni.objective import check_targets
+from zdni.optim import Updater
 from zdni.protocol import MessageError
 from zdni.synthesizer import LocalSynth
 
@@ -100,24 +102,29 @@ class SynthService:
                 self.synths[i] = synth
                 self.inputs[i] = make_ring(i, "synth-in")
 
-    def _named(self) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
+    def _named(self) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer],
+                              dict[str, Updater]]:
         parts: dict[str, nn.Module] = {}
         opts: dict[str, torch.optim.Optimizer] = {}
+        ups: dict[str, Updater] = {}
         for i, s in self.synths.items():
-            for name, module, opt in (("M", s.M, s.m_opt), ("I", s.I, s.i_opt)):
+            for name, module, up in (("M", s.M, s.m_up), ("I", s.I, s.i_up)):
                 if module is not None:
                     parts[f"s{i}{name}"] = module
-                if opt is not None:
-                    opts[f"s{i}{name}"] = opt
-        return parts, opts
+                if up is not None:
+                    opts[f"s{i}{name}"] = up.opt
+                    ups[f"s{i}{name}"] = up
+        return parts, opts, ups
 
     def state(self, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Every synthesizer's and optimizer's tensors, for a backup."""
-        return checkpoint.collect(*self._named(), iteration, protocol.SYNTH)
+        parts, opts, ups = self._named()
+        return checkpoint.collect(parts, opts, iteration, protocol.SYNTH, ups)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Load a backup made by `state`, in place."""
-        checkpoint.restore(*self._named(), tensors, meta)
+        parts, opts, ups = self._named()
+        checkpoint.restore(parts, opts, tensors, meta, ups)
 
     def handle(self, msg: Message) -> Message:
         """Apply one request; returns the reply. Raises MessageError for a bad request."""
@@ -129,8 +136,7 @@ class SynthService:
         if synth is None:
             raise MessageError("endpoint", f"stage {msg.src} has no synthesizers in this run")
         i, t = msg.src, msg.tensors
-        y = check_labels(t["y"], None, self.cfg.classes, tuple(self.cfg.label_shape)) \
-            if "y" in t else None
+        y = check_targets(t["y"], None, self.cfg) if "y" in t else None
         out: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"op": op}
         if op == protocol.SYNTH_GRAD:

@@ -8,7 +8,7 @@ equals it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -16,36 +16,47 @@ from torch import nn
 
 from zdni import checkpoint, methods, rundir
 from zdni.config import RunConfig
-from zdni.loop import Data, State, load_data, score, train
+from zdni.loop import State, load_data, train
 from zdni.metrics import MetricsWriter
 from zdni.models import build_stages, cut_points, input_shape, stage_count, stage_shapes
+from zdni.objective import Objective, objective_of
 from zdni.oracle import Oracle
 from zdni.plan import plan
 from zdni.resume import Checkpoint, Checkpointer
+from zdni.split import Data, Split, TensorSplit
 from zdni.stage import Outcome, Stage
 
 
-def build_pipeline(cfg: RunConfig, device: str = "cpu",
-                   units: list[nn.Module] | None = None) -> list[Stage]:
+def build_pipeline(cfg: RunConfig, device: str = "cpu", units: list[nn.Module] | None = None,
+                   objective: Objective | None = None) -> list[Stage]:
     """Every stage of the run with its synthesizers, as each worker would build its own (or
-    from the units of a live model)."""
+    from the units of a live model; with a live loss and metric)."""
     modules = build_stages(cfg, units)
     shapes = stage_shapes(modules, input_shape(cfg))
-    return [methods.build(cfg, i + 1, m, shapes, device=device) for i, m in enumerate(modules)]
+    return [methods.build(cfg, i + 1, m, shapes, device=device, objective=objective)
+            for i, m in enumerate(modules)]
 
 
 @torch.no_grad()
-def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
-    """Test loss (mean) and accuracy of the composed stages."""
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), batch):
-        h = x[start : start + batch]
+def evaluate_batches(stages: list[Stage], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> tuple[float, float]:
+    """Mean loss and metric (accuracy by default) of the composed stages over the batches."""
+    objective = stages[-1].objective or objective_of(stages[-1].cfg)
+    loss_sum, metric_sum, n = 0.0, 0.0, 0
+    for x, y in batches:
+        h = x
         for stage in stages:
             h = stage.evaluate(h)
-        batch_loss, batch_correct = score(h, y[start : start + batch])
+        batch_loss, batch_metric = objective.score(h, y)
         loss_sum += batch_loss
-        correct += batch_correct
-    return loss_sum / len(x), correct / len(x)
+        metric_sum += batch_metric
+        n += len(x)
+    return loss_sum / n, metric_sum / n
+
+
+def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
+    """Mean loss and metric of the composed stages on (x, y), in batches of `batch`."""
+    return evaluate_batches(stages, TensorSplit(x, y).eval_batches(batch, 0, 0))
 
 
 class InprocRunner:
@@ -54,10 +65,12 @@ class InprocRunner:
     name = "inproc"
 
     def __init__(self, cfg: RunConfig, metrics: MetricsWriter, device: str = "cpu",
-                 units: list[nn.Module] | None = None) -> None:
+                 units: list[nn.Module] | None = None,
+                 objective: Objective | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.pipeline = build_pipeline(cfg, device, units)
+        self.pipeline = build_pipeline(cfg, device, units, objective)
+        self.objective = self.pipeline[-1].objective
         self.stages = len(self.pipeline)
         self.window = methods.get(cfg.mode).largest_window(cfg)
         self.oracle = Oracle(self.pipeline, self.window)
@@ -86,8 +99,9 @@ class InprocRunner:
         """Nothing is lost in process: settling is draining."""
         self.drain()
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float]:
-        return evaluate(self.pipeline, x, y, self.cfg.eval_batch_size)
+    def evaluate(self, split: Split, epoch: int) -> tuple[float, float]:
+        return evaluate_batches(self.pipeline, split.eval_batches(
+            self.cfg.eval_batch_size, self.cfg.seed, self.cfg.data_workers))
 
     def flight(self) -> tuple[int | None, dict[int, int] | None]:
         return None, None  # the oracle's in-flight count is its schedule's, not a measurement
@@ -95,7 +109,7 @@ class InprocRunner:
     def progress(self) -> dict[str, Any]:
         return {}
 
-    def epoch_end(self, epoch: int, accuracy: float) -> None:
+    def epoch_end(self, epoch: int, scores: dict[str, float], best: bool) -> None:
         """No run state outside this process to record."""
 
     def summary_extra(self) -> dict[str, Any]:
@@ -111,28 +125,29 @@ class InprocRunner:
 def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
                  out_dir: str | None = None, data: Data | None = None,
                  units: list[nn.Module] | None = None, tensorboard: str | None = None,
-                 live: nn.Module | None = None, resume: Checkpoint | None = None
-                 ) -> dict[str, Any]:
+                 live: nn.Module | None = None, resume: Checkpoint | None = None,
+                 objective: Objective | None = None) -> dict[str, Any]:
     """Train with every stage in this process; returns the summary (metrics, checkpoints and
-    model.pt go to out_dir). `data` and `units` are live objects (the Python API, `live` the
-    network they are the children of); otherwise cfg names them. With `resume`, go on from
-    that checkpoint (zdni.resume.prepare)."""
+    model.pt go to out_dir). `data`, `units` and `objective` are live objects (the Python API,
+    `live` the network the units are the children of); otherwise cfg names them. With
+    `resume`, go on from that checkpoint (zdni.resume.prepare)."""
     cfg.validate()
     data = data if data is not None else load_data(cfg, download)
-    chosen = plan(cfg, data, units, resumed=resume is not None)
+    chosen = plan(cfg, data, units, resumed=resume is not None, objective=objective)
     count = stage_count(cfg) if units is None else len(cut_points(len(units), cfg.stages,
                                                                    cfg.cuts))
     with rundir.closing(out_dir, cfg, data.norm, live, resumed=resume is not None):
         metrics = MetricsWriter(cfg, count, out_dir, runner="inproc", tensorboard=tensorboard,
                                 append=resume is not None)
         try:
-            runner = InprocRunner(cfg, metrics, units=units)
+            runner = InprocRunner(cfg, metrics, units=units, objective=objective)
             if resume is not None:
                 for stage in runner.pipeline:
                     checkpoint.restore_stage(stage, *resume.states[stage.index])
             saver = Checkpointer(out_dir, cfg, resume) if out_dir else None
             summary = train(cfg, runner, data, metrics, quiet,
-                            start=resume.loop if resume else None, saver=saver)
+                            start=resume.loop if resume else None, saver=saver,
+                            objective=runner.objective)
             if saver is not None:
                 summary["checkpoints"] = saver.tally()
         finally:

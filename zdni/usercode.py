@@ -21,7 +21,8 @@ from typing import Any
 
 from zdni.errors import ZdniError
 
-__all__ = ["UserCodeError", "call", "check_allowed", "is_reference", "parse_args", "resolve"]
+__all__ = ["UserCodeError", "call", "check_allowed", "check_named", "is_reference", "parse_args",
+           "resolve"]
 
 REFERENCE_RE = re.compile(r"^(?P<where>[^:\s][^:]*):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
 
@@ -98,6 +99,22 @@ def check_allowed(ref: str, allowed: str | None, who: str) -> None:
         raise UserCodeError(
             f"{who} the run's model is code {ref!r}, which this worker's operator did not name "
             f"({named}); to allow it, start the worker with --model {ref} (or ZDNI_MODEL={ref})")
+
+
+# Modules whose functions and loss classes a worker may call without its operator naming them:
+# torch is imported already, so naming one of these imports nothing new.
+TORCH_LOSSES = ("torch.nn.functional", "torch.nn")
+
+
+def check_named(ref: str, allowed: frozenset[str], who: str, option: str) -> None:
+    """Refuse a run's loss or metric that is code this process's operator did not name with
+    `option` (torch's own losses excepted)."""
+    match = REFERENCE_RE.match(ref)
+    if match is None or match["where"] in TORCH_LOSSES or ref in allowed:
+        return
+    raise UserCodeError(
+        f"{who} the run's {option[2:]} is code {ref!r}, which this worker's operator did not "
+        f"name; to allow it, start the worker with {option} {ref}")
 
 
 def parse_args(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:

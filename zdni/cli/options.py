@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from zdni import methods
+from zdni.cli.recipe import recipe_options
 from zdni.config import (
     BALANCES,
     DATASETS,
@@ -70,6 +71,16 @@ def allow_model_option(func: F) -> F:
     return option("--model", "allow_model", default=None, envvar="ZDNI_MODEL",
                   help="Allow the run's model to be this reference (module:factory or "
                        "file.py:factory); zoo models need no allowing.")(func)
+
+
+def allow_objective_options(func: F) -> F:
+    """A worker's --loss and --metric: the user code of the run's objective it may import (the
+    same variables name them for `zdni train` and `zdni run`)."""
+    func = option("--metric", "allow_metric", default=None, envvar="ZDNI_METRIC",
+                  help="Allow the run's metric to be this reference.")(func)
+    return option("--loss", "allow_loss", default=None, envvar="ZDNI_LOSS",
+                  help="Allow the run's loss to be this reference (torch.nn.functional's "
+                       "and torch.nn's need no allowing).")(func)
 
 
 def broker_option(func: F) -> F:
@@ -214,7 +225,9 @@ config_options = _stack(
     option("--synth-lr", type=float, default=_D.synth_lr, show_default=True,
                  envvar="ZDNI_SYNTH_LR"),
     option("--optimizer", type=click.Choice(OPTIMIZERS), default=_D.optimizer,
-                 show_default=True, envvar="ZDNI_OPTIMIZER"),
+                 show_default=True, envvar="ZDNI_OPTIMIZER",
+                 help="torch.optim.Adam, AdamW or SGD (settings below; zdni/optim.py)."),
+    recipe_options,
     option("--conditioned/--unconditioned", default=_D.conditioned, show_default=True,
                  envvar="ZDNI_CONDITIONED", help="cDNI: synthesizers also see the label."),
     option("--synth-hidden", type=int, default=_D.synth_hidden, show_default=True,
@@ -267,6 +280,8 @@ def config_from(kwargs: dict[str, Any]) -> RunConfig:
 
     names = set(RunConfig.__dataclass_fields__)
     raw = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    if raw.get("metric_goal") is None:
+        raw.pop("metric_goal", None)
     if raw.get("dataset") is None:
         zoo_cnn = raw.get("model", "") in MODELS and raw.get("model", "").endswith("cnn")
         raw["dataset"] = "cifar10" if zoo_cnn else "mnist"

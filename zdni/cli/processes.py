@@ -12,6 +12,7 @@ from zdni.cli.options import (
     DEFAULT_BROKER,
     UserError,
     allow_model_option,
+    allow_objective_options,
     broker_option,
     clean_errors,
     curve_option,
@@ -59,6 +60,7 @@ def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
         help="Without --run: seconds to wait for a driver to publish a run.")
 @curve_option()
 @allow_model_option
+@allow_objective_options
 @option("--once", is_flag=True, envvar="ZDNI_WORKER_ONCE",
         help="Exit after one run (honcho's Procfile). Without it, and without --run, the worker "
              "serves run after run: when its run finishes, fails or is abandoned by its driver, "
@@ -66,7 +68,8 @@ def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
 @clean_errors
 def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, device: str,
            threads: int | None, checkpoint_dir: str | None, wait_s: float,
-           curve: Curve | None, allow_model: str | None, once: bool) -> None:
+           curve: Curve | None, allow_model: str | None, allow_loss: str | None,
+           allow_metric: str | None, once: bool) -> None:
     """Run one stage's worker; the run's settings come from Redis."""
     from workers.worker import main as worker_main
     from zdni.device import DeviceError, apply, parse
@@ -88,7 +91,8 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
     url = redis_url_or_default(redis_url)
     wait_for_redis(url, f"[stage {stage}]")
     worker_main(stage, broker, url, run_id, spec.torch_device, threads or spec.threads,
-                checkpoint_dir, wait_s, curve, allow_model, once)
+                checkpoint_dir, wait_s, curve, allow_model, once,
+                frozenset(c for c in (allow_loss, allow_metric) if c))
 
 
 @main.command()

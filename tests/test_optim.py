@@ -1,0 +1,132 @@
+"""Tests of zdni.optim and zdni.optimspec: torch's optimizers and schedules as a run's settings name them, stepped
+per iteration or per epoch, clipping, M's and I's own settings, and backups of the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from zdni import checkpoint
+from zdni.codec import decode_state, encode_state
+from zdni.config import ConfigError, RunConfig
+from zdni.optim import Updater
+from zdni.optimspec import OptimSpec, stage_spec, synth_spec
+from zdni.oracle import Oracle
+from zdni.trainer import build_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def lrs(spec: OptimSpec, updates: int, per_epoch: int | None = None,
+        total: int | None = None) -> list[float]:
+    """The learning rate of each of `updates` updates of one parameter."""
+    p = nn.Parameter(torch.zeros(3))
+    up = Updater(spec, [p], per_epoch, total)
+    out = []
+    for _ in range(updates):
+        out.append(up.lr)
+        p.grad = torch.ones(3)
+        up.step()
+    return out
+
+
+def test_cosine_with_warmup_by_iteration() -> None:
+    """Warm-up rises as lr*(t+1)/(w+1), then the cosine falls to lr_min at the run's end."""
+    spec = OptimSpec(lr=1.0, lr_schedule="cosine", warmup=3, lr_min=0.1)
+    got = lrs(spec, 13, total=13)
+    assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    cosine = [0.1 + 0.9 * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(10)]
+    assert got[3:] == pytest.approx(cosine)
+
+
+def test_step_schedule_by_epoch_steps_once_per_epoch() -> None:
+    """By epoch, the schedule moves once every epoch_batches updates."""
+    spec = OptimSpec(lr=1.0, lr_schedule="step", lr_step_size=2, lr_gamma=0.5,
+                     schedule_by="epoch")
+    got = lrs(spec, 12, per_epoch=3)
+    assert got == pytest.approx([1.0] * 6 + [0.5] * 6)
+
+
+def test_clipping_bounds_the_update_norm() -> None:
+    """SGD without momentum moves a clipped parameter by exactly lr * clip_norm."""
+    p = nn.Parameter(torch.zeros(4))
+    up = Updater(OptimSpec(optimizer="sgd", lr=0.1, momentum=0.0, clip_norm=2.0), [p])
+    p.grad = torch.full((4,), 100.0)
+    up.step()
+    assert float(p.detach().norm()) == pytest.approx(0.1 * 2.0)
+
+
+def test_torch_optimizers_with_their_settings() -> None:
+    """adamw is AdamW with its decay, sgd takes momentum and Nesterov, adam its L2 decay."""
+    p = [nn.Parameter(torch.zeros(1))]
+    adamw = Updater(OptimSpec(optimizer="adamw", weight_decay=0.05), p).opt
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.05
+    sgd = Updater(OptimSpec(optimizer="sgd", momentum=0.8, nesterov=True), p).opt
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.8
+    assert type(Updater(OptimSpec(weight_decay=1e-4), p).opt) is torch.optim.Adam
+
+
+def test_synthesizers_take_the_stages_settings_unless_overridden() -> None:
+    """M and I use the stages' settings with synth_lr, each overridden by synth_optim."""
+    cfg = RunConfig(optimizer="adamw", weight_decay=0.1, lr_schedule="cosine", clip_norm=1.0,
+                    synth_optim={"optimizer": "sgd", "clip_norm": 0.5}).validate()
+    assert stage_spec(cfg).optimizer == "adamw" and stage_spec(cfg).lr == cfg.lr
+    spec = synth_spec(cfg)
+    assert (spec.optimizer, spec.clip_norm, spec.lr) == ("sgd", 0.5, cfg.synth_lr)
+    assert (spec.weight_decay, spec.lr_schedule) == (0.1, "cosine")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"optimizer": "lamb"}, "optimizer must be adam or adamw or sgd"),
+    ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0"),
+    ({"nesterov": True, "optimizer": "adam"}, "nesterov needs optimizer sgd"),
+    ({"lr_schedule": "onecycle"}, "lr_schedule must be"),
+    ({"warmup": -2}, "warmup must be a whole number >= 0"),
+    ({"synth_optim": {"lr": 1.0}}, "synth_optim: unknown settings"),
+    ({"synth_optim": {"clip_norm": -1}}, r"synth_optim \(M and I\): clip_norm"),
+    ({"max_iterations": 0}, "max_iterations must be >= 1"),
+])
+def test_bad_optimizer_settings_name_the_setting(changes: dict, message: str) -> None:
+    """Each bad optimizer setting is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**changes).validate()
+
+
+def test_a_restored_stage_continues_its_schedule_exactly() -> None:
+    """A backup (through the codec) carries the update count and schedule position: the
+    restored pipeline goes on with the same learning rates and parameters as the original."""
+    cfg = RunConfig(mode="sg", stages=3, conditioned=True, optimizer="adamw",
+                    weight_decay=0.01, lr_schedule="cosine", warmup=2, clip_norm=0.5,
+                    epoch_batches=4, epochs=2,
+                    synth_optim={"lr_schedule": "step", "schedule_by": "epoch",
+                                 "warmup": 0}).validate()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))
+            for _ in range(8)]
+    first = build_pipeline(cfg)
+    ahead = Oracle(first)
+    for it in range(5):
+        ahead.feed(*data[it])
+    ahead.drain()
+    second = build_pipeline(cfg)
+    for a, b in zip(first, second):
+        checkpoint.restore_stage(b, *decode_state(encode_state(*checkpoint.stage_state(a, 4))))
+    behind = Oracle(second)
+    behind.start_at(5)
+    for it in range(5, 8):
+        ahead.feed(*data[it])
+        behind.feed(*data[it])
+    ahead.drain()
+    behind.drain()
+    for a, b in zip(first, second):
+        assert a.updater is not None and b.updater is not None
+        assert a.updater.lr == b.updater.lr and a.updater.updates == b.updater.updates == 8
+        for pa, pb in zip(a.module.parameters(), b.module.parameters()):
+            torch.testing.assert_close(pa, pb)
+    m_up = first[0].local.m_up if first[0].local else None
+    # M stepped its own schedule by epoch: x 0.1 after each of the two epochs of 4 updates
+    assert m_up is not None and m_up.lr == pytest.approx(cfg.synth_lr * 0.01)
