@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from zdni import checkpoint
+from zdni import checkpoint, methods
 from zdni.codec import decode_state, encode_state
 from zdni.config import ConfigError, RunConfig
+from zdni.objective import Objective
 from zdni.optim import Updater
 from zdni.optimspec import OptimSpec, stage_spec, synth_spec
 from zdni.oracle import Oracle
@@ -96,37 +97,57 @@ def test_bad_optimizer_settings_name_the_setting(changes: dict, message: str) ->
         RunConfig(**changes).validate()
 
 
-def test_a_restored_stage_continues_its_schedule_exactly() -> None:
-    """A backup (through the codec) carries the update count and schedule position: the
-    restored pipeline goes on with the same learning rates and parameters as the original."""
-    cfg = RunConfig(mode="sg", stages=3, conditioned=True, optimizer="adamw",
+@pytest.mark.parametrize("mode", methods.names())
+def test_every_method_takes_the_users_loss_and_recipe_and_a_backup_keeps_it(mode: str) -> None:
+    """Every method: the last stage minimizes the user's loss on float targets, each stage and
+    each M and I make one update per iteration (so a schedule counted in updates steps the
+    same in a worker), and a backup (through the codec) carries the update count and schedule
+    position: the restored pipeline goes on with the same learning rates and parameters."""
+    cfg = RunConfig(mode=mode, stages=3, conditioned=methods.get(mode).synthetic,
+                    optimizer="adamw",
                     weight_decay=0.01, lr_schedule="cosine", warmup=2, clip_norm=0.5,
-                    epoch_batches=4, epochs=2,
-                    synth_optim={"lr_schedule": "step", "schedule_by": "epoch",
-                                 "warmup": 0}).validate()
+                    epoch_batches=4, epochs=2, target_dtype="float32", label_shape=[10],
+                    loss="live", synth_optim={"optimizer": "sgd", "lr_schedule": "step",
+                                              "schedule_by": "epoch", "warmup": 0}).validate()
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append((y.dtype, tuple(y.shape)))
+        return torch.nn.functional.mse_loss(out, y)
+
+    objective = Objective(cfg.loss, cfg.metric, loss_fn=mse)
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))
+    data = [(torch.randn(8, 1, 28, 28, generator=g), torch.rand(8, 10, generator=g))
             for _ in range(8)]
-    first = build_pipeline(cfg)
-    ahead = Oracle(first)
+    first = build_pipeline(cfg, objective=objective)
+    ahead = Oracle(first, first[0].largest_window(cfg))
     for it in range(5):
         ahead.feed(*data[it])
     ahead.drain()
-    second = build_pipeline(cfg)
+    assert seen and set(seen) == {(torch.float32, (8, 10))}
+    second = build_pipeline(cfg, objective=objective)
     for a, b in zip(first, second):
         checkpoint.restore_stage(b, *decode_state(encode_state(*checkpoint.stage_state(a, 4))))
-    behind = Oracle(second)
+    behind = Oracle(second, second[0].largest_window(cfg))
     behind.start_at(5)
     for it in range(5, 8):
         ahead.feed(*data[it])
         behind.feed(*data[it])
     ahead.drain()
     behind.drain()
+    synths = 0
     for a, b in zip(first, second):
-        assert a.updater is not None and b.updater is not None
-        assert a.updater.lr == b.updater.lr and a.updater.updates == b.updater.updates == 8
+        assert a.updaters().keys() == b.updaters().keys()
+        for name, up in a.updaters().items():
+            again = b.updaters()[name]
+            assert up.lr == again.lr and up.updates == again.updates == 8, (a.index, name)
+            synths += name != "stage"
         for pa, pb in zip(a.module.parameters(), b.module.parameters()):
             torch.testing.assert_close(pa, pb)
-    m_up = first[0].local.m_up if first[0].local else None
-    # M stepped its own schedule by epoch: x 0.1 after each of the two epochs of 4 updates
-    assert m_up is not None and m_up.lr == pytest.approx(cfg.synth_lr * 0.01)
+    assert synths == {"backprop": 0, "sg": 2, "full": 4}.get(mode, synths)
+    assert first[-1].updater is not None
+    assert first[-1].updater.lr == pytest.approx(cfg.lr_min)  # the cosine's end
+    for stage in first:  # M and I stepped their own schedule by epoch: x 0.1 after each epoch
+        for name, up in stage.updaters().items():
+            if name != "stage":
+                assert up.lr == pytest.approx(cfg.synth_lr * 0.01), (stage.index, name)

@@ -13,6 +13,7 @@ import redis
 import torch
 from procs import batches, worker_state  # noqa: E402
 
+from zdni import methods
 from zdni.cluster import train_distributed
 from zdni.config import RunConfig
 from zdni.loop import load_data, train
@@ -130,6 +131,44 @@ def test_regression_with_cdni_through_the_broker_equals_in_process(
     for key in ("test_mae", "test_loss", "best_val_mae", "val_mae"):
         assert summary[key] == pytest.approx(inproc[key], rel=1e-5), key
     assert summary["test_mae"] < 0.6  # it learns: predicting 0 scores 0.83 here
+
+
+@pytest.mark.parametrize("mode", [m for m in methods.names() if m != "sg"])  # sg: above
+def test_every_method_trains_the_users_recipe_through_the_broker_as_in_process(
+        mode: str, regression: tuple[str, str], redis_url: str,
+        redis_client: redis.Redis) -> None:
+    """Every other method with the user's loss and metric on float targets (cDNI where it has
+    synthesizers), AdamW with a cosine schedule after warm-up and clipping, and M and I on SGD
+    stepped per epoch: the workers end with the in-process runner's stages, Ms and Is, and the
+    same validation and test scores."""
+    source, data_file = regression
+    cfg = RunConfig(run_id=f"recipe-{mode}", model=f"{source}:net", dataset=data_file,
+                    loss=f"{source}:mse", metric=f"{source}:mae", mode=mode,
+                    conditioned=methods.get(mode).synthetic,
+                    epochs=2, batch_size=64, val_split=0.2, max_inflight=1, ring_size=4,
+                    checkpoint_every=0, stages=3, lr=1e-2, synth_lr=1e-3, eval_batch_size=64,
+                    optimizer="adamw", weight_decay=0.05, lr_schedule="cosine", warmup=2,
+                    clip_norm=0.5, synth_optim={"optimizer": "sgd", "warmup": 0,
+                                                "lr_schedule": "step",
+                                                "schedule_by": "epoch"}).validate()
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    reference = RunConfig.from_json(cfg.to_json())
+    data = load_data(reference)
+    metrics = MetricsWriter(reference, 3)
+    runner = InprocRunner(reference, metrics)
+    inproc = train(reference, runner, data, metrics, quiet=True)
+    parts = 0
+    for stage in runner.pipeline:
+        got = worker_state(redis_client, cfg.run_id, stage.index)
+        for part, module in stage.parts().items():
+            parts += 1
+            for name, value in module.state_dict().items():
+                torch.testing.assert_close(got[f"{part}.{name}"], value,
+                                           msg=f"stage {stage.index} {part}.{name}")
+    assert parts == 3 + {"backprop": 0, "full": 4}.get(mode, parts - 3)
+    assert summary["best_on"] == "val" and summary["metric_goal"] == "min"
+    for key in ("test_mae", "test_loss", "best_val_mae", "val_mae"):
+        assert summary[key] == pytest.approx(inproc[key], rel=1e-5), key
 
 
 GENERATED = '''

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -237,3 +238,48 @@ def test_a_hand_started_worker_serves_a_run_again_when_it_is_resumed(
     redis_client.hset(keys.state("r"), "started", "2.5")
     assert worker._wait_for_run(5.0, served) == "r"
     assert worker.attempt == attempt("r", b"2.5") not in served
+
+
+def test_a_live_loss_and_metric_are_given_again_to_resume(tmp_path: Path,
+                                                          repo_root: Path) -> None:
+    """A run trained in process with the user's loss and metric as functions (not in its
+    settings) resumes when they are passed again, to the weights and scores of an uninterrupted
+    run; without them, one line says to pass them; with a named loss, passing one is refused."""
+    import zdni
+    from zdni.config import ConfigError
+
+    def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean()
+
+    def mae(out: torch.Tensor, y: torch.Tensor) -> float:
+        return float((out - y).abs().mean())
+
+    mae.higher_is_better = False  # type: ignore[attr-defined]
+
+    def run(out: str, epochs: int) -> Any:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()),
+                                  torch.nn.Sequential(torch.nn.Linear(16, 1)))
+        return zdni.train(net, f"{repo_root}/examples/regression.py:data", distributed=False,
+                          dataset_args={"samples": 512}, loss=mse, metric=mae, epochs=epochs,
+                          stages=2, batch_size=128, quiet=True, out_dir=out)
+
+    whole = run(str(tmp_path / "whole"), 2)
+    part = str(tmp_path / "part")
+    run(part, 1)
+    net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()),
+                              torch.nn.Sequential(torch.nn.Linear(16, 1)))
+    with pytest.raises(ResumeError, match="live loss and metric: pass it again"):
+        zdni.train(net, resume=part, epochs=2, quiet=True)
+    resumed = zdni.train(net, resume=part, epochs=2, quiet=True, loss=mse, metric=mae)
+    assert resumed.summary["test_mae"] == whole.summary["test_mae"]
+    assert resumed.summary["metric"] == "mae"
+    for name, value in weights(tmp_path / "whole").items():
+        torch.testing.assert_close(weights(Path(part))[name], value, rtol=0, atol=0, msg=name)
+    named = str(tmp_path / "named")
+    example = f"{repo_root}/examples/regression.py"
+    zdni.train(f"{example}:net", f"{example}:data", distributed=False,
+               dataset_args={"samples": 256}, loss="torch.nn.functional:mse_loss", epochs=1,
+               batch_size=128, quiet=True, out_dir=named)
+    with pytest.raises(ConfigError, match="named its loss"):
+        zdni.train(f"{example}:net", resume=named, epochs=2, loss=mse)

@@ -66,7 +66,8 @@ def train(model: str | nn.Module | list[nn.Module] = RunConfig.model,
 
     resume    a run directory: continue that run from its latest checkpoint, as it ran (in
               process or distributed) and with its own settings, to epochs=N in all (default:
-              its own); data_dir= if the data moved; a live model's run takes the model again
+              its own); data_dir= if the data moved; a live model's run takes the model again,
+              and a live loss's or metric's run the function again (loss=, metric=)
 
     Raises a zdni.ZdniError subclass (ConfigError, DataError, UserCodeError, RunError) whose
     one-line message says what is wrong.
@@ -149,12 +150,20 @@ def _resume(run_dir: str, model: Any, quiet: bool, redis_url: str | None,
     from zdni.resume import ResumeError, prepare
     from zdni.summary import write_summary
 
+    # A live loss or metric (a function, in process) is not in the run's settings: it is
+    # given again, as a live model is.
+    live_fns = {k: others.pop(k) for k in ("loss", "metric") if callable(others.get(k))}
     if others:
         raise ConfigError(f"resume goes on with the run's own settings: "
                           f"{', '.join(sorted(others))} cannot change them (only epochs and "
-                          "data_dir can)")
+                          "data_dir can, and a live loss or metric is given again)")
     found = prepare(run_dir, epochs, data_dir)
     cfg = found.cfg
+    given_again = sorted(k for k in live_fns if getattr(cfg, k) != LIVE)
+    if given_again:
+        raise ConfigError(f"run {cfg.run_id} named its {' and '.join(given_again)} "
+                          f"({', '.join(getattr(cfg, k) for k in given_again)}): a resumed run "
+                          "goes on with it; pass no function")
     if found.runner == "inproc":
         from zdni.trainer import train_inproc
 
@@ -164,9 +173,22 @@ def _resume(run_dir: str, model: Any, quiet: bool, redis_url: str | None,
         if cfg.dataset == LIVE:
             raise ResumeError(f"run {cfg.run_id} trained on live tensors: a resumed run "
                               "reads its data set by name")
+        missing = [k for k in ("loss", "metric") if getattr(cfg, k) == LIVE and k not in live_fns]
+        if missing:
+            what = " and ".join(missing)
+            raise ResumeError(f"run {cfg.run_id} trained with a live {what}: pass it again, "
+                              f"zdni.train(..., {', '.join(f'{k}=your_{k}' for k in missing)}"
+                              ", resume=run_dir)")
+        objective = None
+        if live_fns:
+            from zdni.objective import Objective
+
+            objective = Objective(cfg.loss, cfg.metric, cfg.metric_goal,
+                                  loss_fn=live_fns.get("loss"), metric_fn=live_fns.get("metric"))
         summary = train_inproc(cfg, quiet=quiet, out_dir=run_dir, resume=found,
                                units=_units(model) if model is not None else None,
-                               live=_network(model) if model is not None else None)
+                               live=_network(model) if model is not None else None,
+                               objective=objective)
     else:
         from zdni.cluster import train_distributed
 
