@@ -298,3 +298,36 @@ def test_the_readme_examples_run(tmp_path: Path, repo_root: Path, mnist_dir: Pat
                         out_dir=str(tmp_path / "img"))
     assert images["config"]["input_shape"] == [1, 28, 28]
     assert images["best_on"] == "val" and images["test_accuracy"] > 0.2  # chance is 0.1
+
+
+def test_model_json_keeps_the_users_loss_and_metric_and_evaluate_uses_them(
+        regression: tuple[str, str], tmp_path: Path) -> None:
+    """model.json names the run's loss, metric and target kind, and zdni.evaluate scores the
+    test set with them as the run did; a run trained with a live metric function takes it
+    again, and without it evaluate says so in one line."""
+    import json
+
+    import zdni
+    from zdni.modelfile import ModelFileError
+
+    source, data_file = regression
+    common = dict(distributed=False, epochs=1, batch_size=64, stages=2, quiet=True)
+    named = zdni.train(f"{source}:net", data_file, loss=f"{source}:mse",
+                       metric=f"{source}:mae", out_dir=str(tmp_path / "named"), **common)
+    info = json.loads((tmp_path / "named" / "model.json").read_text())
+    assert (info["loss"], info["metric"], info["target_dtype"]) == (
+        f"{source}:mse", f"{source}:mae", "float32")
+    scored = zdni.evaluate(named.run_dir, data_file)
+    assert scored["mae"] == pytest.approx(named["test_mae"], rel=1e-5)
+    assert scored["loss"] == pytest.approx(named["test_loss"], rel=1e-5)
+
+    def rmse(out: torch.Tensor, y: torch.Tensor) -> float:
+        return float(((out - y) ** 2).mean().sqrt())
+
+    rmse.higher_is_better = False  # type: ignore[attr-defined]
+    live = zdni.train(f"{source}:net", data_file, loss="torch.nn.functional:mse_loss",
+                      metric=rmse, out_dir=str(tmp_path / "live"), **common)
+    with pytest.raises(ModelFileError, match="live metric: pass it again"):
+        zdni.evaluate(live.run_dir, data_file)
+    assert zdni.evaluate(live.run_dir, data_file, metric=rmse)["rmse"] == pytest.approx(
+        live["test_rmse"], rel=1e-5)

@@ -5,7 +5,7 @@
                         conditioned=True, stages=3, epochs=2)
     result["test_accuracy"], result.model      # the summary, and the trained network
     net = zdni.load(result.run_dir)            # the same network, from RUN_DIR/model.pt
-    zdni.evaluate(net, "other.npz")            # its loss and accuracy on other data
+    zdni.evaluate(net, "other.npz")            # its loss and metric on other data
     zdni.train(resume=result.run_dir, epochs=4)  # two more epochs, from its checkpoint
 
 The names below are loaded on first use, so that importing a zdni module (the broker does)

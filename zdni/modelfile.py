@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -190,10 +191,14 @@ def renormalize(x: torch.Tensor, given: Normalization | None,
 @torch.no_grad()
 def evaluate(model: Model | str, dataset: str, data_dir: str | None = None,
              limit: int | None = None, split: str = "test",
-             batch_size: int = 1000) -> dict[str, Any]:
-    """Mean loss and accuracy of a run's model (or its directory) on a data set zdni reads
-    (mnist, cifar10, a .npz or .pt file, a factory), its inputs normalized as in training.
-    A data set whose samples or labels do not fit the model is a one-line ModelFileError."""
+             batch_size: int = 1000, loss: Callable[..., Any] | None = None,
+             metric: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Mean loss and metric (the run's own: model.json names them; accuracy by default) of a
+    run's model (or its directory) on a data set zdni reads (mnist, cifar10, a .npz or .pt
+    file, a factory), its inputs normalized as in training. A run trained with a live loss or
+    metric (a function, in process) takes it again as `loss` / `metric`. A data set whose
+    samples or labels do not fit the model, or a live loss or metric not given, is a one-line
+    ModelFileError."""
     if isinstance(model, str):
         model = load(model)
     info = model.info
@@ -211,16 +216,22 @@ def evaluate(model: Model | str, dataset: str, data_dir: str | None = None,
     _check_fit(info, dataset, x, y)
     x = renormalize(x, data.norm, info.get("normalization"))
     device = next(iter(model.parameters()), torch.zeros(0)).device
-    # The run's loss and metric (zdni/objective.py); a live one (in process) was not recorded.
-    named = {k: info.get(k, "") for k in ("loss", "metric", "metric_goal")}
-    live = named["loss"] == LIVE or named["metric"] == LIVE
-    objective = Objective() if live else Objective(named["loss"] or "cross_entropy",
-                                                   named["metric"], named["metric_goal"])
+    # The run's loss and metric (zdni/objective.py); a live one (in process) is given again.
+    named = {k: info.get(k) or "" for k in ("loss", "metric", "metric_goal")}
+    given = {"loss": loss, "metric": metric}
+    missing = [k for k in ("loss", "metric") if named[k] == LIVE and given[k] is None]
+    if missing:
+        raise ModelFileError(f"run {info.get('run_id')} trained with a live {' and '.join(missing)}"
+                             f": pass it again, zdni.evaluate(..., "
+                             f"{', '.join(f'{k}=your_{k}' for k in missing)})")
+    objective = Objective(named["loss"] or "cross_entropy", named["metric"], named["metric_goal"],
+                          loss_fn=loss if named["loss"] == LIVE else None,
+                          metric_fn=metric if named["metric"] == LIVE else None)
     loss_sum, metric_sum = 0.0, 0.0
     for start in range(0, len(x), batch_size):
         out = model.net(x[start : start + batch_size].to(device))
-        loss, value = objective.score(out, y[start : start + batch_size])
-        loss_sum, metric_sum = loss_sum + loss, metric_sum + value
+        batch_loss, value = objective.score(out, y[start : start + batch_size])
+        loss_sum, metric_sum = loss_sum + batch_loss, metric_sum + value
     return {"run_id": info.get("run_id"), "dataset": dataset, "split": split,
             "samples": len(x), "loss": loss_sum / len(x),
             objective.metric: metric_sum / len(x)}
