@@ -283,3 +283,32 @@ def test_a_live_loss_and_metric_are_given_again_to_resume(tmp_path: Path,
                batch_size=128, quiet=True, out_dir=named)
     with pytest.raises(ConfigError, match="named its loss"):
         zdni.train(f"{example}:net", resume=named, epochs=2, loss=mse)
+
+
+def test_a_cosine_schedule_is_not_stretched_by_a_resume(tmp_path: Path, repo_root: Path
+                                                        ) -> None:
+    """A finished run whose cosine schedule spans its epochs is not resumed to more epochs (the
+    cosine would climb back to lr): one line says so; a step schedule's run resumes; the limit
+    of max_iterations that fixes the length lets the cosine run go on."""
+    import zdni
+    from zdni.optimspec import stretched
+
+    example = f"{repo_root}/examples/regression.py"
+    runs = {}
+    for name, schedule in (("cosine", "cosine"), ("step", "step")):
+        runs[name] = str(tmp_path / name)
+        zdni.train(f"{example}:net", f"{example}:data", distributed=False,
+                   dataset_args={"samples": 256}, loss="torch.nn.functional:mse_loss",
+                   lr_schedule=schedule, epochs=1, batch_size=128, quiet=True,
+                   out_dir=runs[name])
+    with pytest.raises(ResumeError, match="cosine schedule of the stages and of M and I spans its 1 epochs"):
+        zdni.train(f"{example}:net", resume=runs["cosine"], epochs=2, quiet=True)
+    assert zdni.train(f"{example}:net", resume=runs["step"], epochs=2,
+                      quiet=True)["iterations"] == 4
+    bounded = RunConfig(lr_schedule="cosine", epoch_batches=2, epochs=1, max_iterations=2,
+                        synth_optim={"schedule_by": "epoch"})
+    assert stretched(bounded, 3) == []  # the iteration limit fixes both lengths
+    bounded.max_iterations = None
+    assert stretched(bounded, 3) == ["the stages", "M and I"]
+    assert stretched(RunConfig(lr_schedule="cosine", synth_optim={"lr_schedule": "step"},
+                               epoch_batches=2, epochs=1), 3) == ["the stages"]

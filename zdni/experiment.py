@@ -174,7 +174,10 @@ def resumable(run_dir: str, cfg: RunConfig, inproc: bool) -> Any:
     if found.runner != runner or found.loop.epoch >= cfg.epochs or not same_settings(
             json.loads(found.cfg.to_json()), cfg, "epochs"):
         return None
-    return resume.prepare(run_dir, cfg.epochs, cfg.data_dir)
+    try:
+        return resume.prepare(run_dir, cfg.epochs, cfg.data_dir)
+    except resume.ResumeError:  # e.g. a cosine schedule cannot be stretched: start over
+        return None
 
 
 def train_one(cfg: RunConfig, run_dir: str, inproc: bool, quiet: bool,

@@ -42,7 +42,7 @@ class RunConfig(Protocol):
     max_iterations: int | None
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "OptimError", "OptimSpec", "check", "stage_spec",
-           "synth_spec", "total_units"]
+           "stretched", "synth_spec", "total_units"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
@@ -121,6 +121,20 @@ def check(cfg: RunConfig) -> None:
                          f"{', '.join(SPEC_FIELDS)}")
     stage_spec(cfg).validate("optimizer of the stages")
     synth_spec(cfg).validate("synth_optim (M and I)")
+
+
+def stretched(cfg: RunConfig, epochs: int) -> list[str]:
+    """Whose cosine schedule (the stages', M's and I's) would span another length if the run
+    had `epochs` epochs: a checkpoint's schedule cannot go on over a longer run (torch's
+    cosine keeps its length and would climb back to lr after it)."""
+    per_epoch = cfg.epoch_batches or None
+    found = []
+    for who, spec in (("the stages", stage_spec(cfg)), ("M and I", synth_spec(cfg))):
+        if spec.lr_schedule == "cosine" and total_units(
+                spec, per_epoch, epochs, cfg.max_iterations) != total_units(
+                spec, per_epoch, cfg.epochs, cfg.max_iterations):
+            found.append(who)
+    return found
 
 
 def total_units(spec: OptimSpec, steps_per_epoch: int | None, epochs: int,

@@ -36,6 +36,7 @@ from zdni.config import ConfigError, RunConfig
 from zdni.errors import ZdniError
 from zdni.loop import LoopState, Runner, State
 from zdni.metrics import MetricsWriter
+from zdni.optimspec import stretched
 from zdni.protocol import MessageError
 
 __all__ = ["CHECKPOINT_DIR", "Checkpoint", "Checkpointer", "ResumeError", "prepare", "read",
@@ -203,6 +204,11 @@ def prepare(run_dir: str, epochs: int | None = None,
         more = "" if epochs is not None else f" of {cfg.epochs}"
         raise ResumeError(f"run {cfg.run_id} has trained {done} epochs{more}: give --epochs N "
                           f"with N > {done} to train on")
+    longer = stretched(cfg, wanted)
+    if longer:
+        raise ResumeError(f"run {cfg.run_id}: the cosine schedule of {' and of '.join(longer)} "
+                          f"spans its {cfg.epochs} epochs and cannot go on over {wanted}; "
+                          f"resume to its own {cfg.epochs} (no --epochs), or start a new run")
     cfg.epochs = wanted
     if data_dir is not None:
         cfg.data_dir = data_dir
