@@ -129,16 +129,21 @@ def wait_for_epoch(metrics: Path, epoch: int, iteration: int, proc: subprocess.P
     raise AssertionError(f"no iteration {iteration} of epoch {epoch} within {timeout} s")
 
 
+@pytest.mark.parametrize(("mode", "window"), [("sg", 1), ("full", 4)])
 def test_distributed_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_weights(
-        mnist_dir: Path, tmp_path: Path, repo_root: Path) -> None:
+        mnist_dir: Path, tmp_path: Path, repo_root: Path, mode: str, window: int) -> None:
     """The README's command (cDNI, 3 workers), Ctrl-C in epoch 2 of 4, then `zdni train
     --resume`: four epochs of history, the weights of an uninterrupted run (one batch in
-    flight is deterministic; the in-process runner is its reference), a run directory of a
-    few MB with model.pt, no Redis journal, and `zdni status --run-dir` showing the summary."""
+    flight is deterministic, and so is an --ordered run with 4, whose checkpoints drain the
+    pipeline as the in-process runner's do; the in-process runner is the reference), a run
+    directory of a few MB with model.pt, no Redis journal, and `zdni status --run-dir` showing
+    the summary."""
     run = tmp_path / "run"
+    settings = {**SMALL, "max_inflight": window}
     cmd = [sys.executable, "-m", "zdni", "train", "--conditioned", "--data-dir", str(mnist_dir),
-           "--epochs", "4", "--quiet", "--threads", "1", "--out", str(run),
-           *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]]
+           "--epochs", "4", "--quiet", "--threads", "1", "--out", str(run), "--mode", mode,
+           *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()],
+           *(["--ordered"] if window > 1 else [])]
     proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -161,7 +166,8 @@ def test_distributed_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_wei
     assert [r["epoch"] for r in summary["history"]] == [1, 2, 3, 4]
     assert summary["runner"] == "zdni" and summary["iterations"] == 64
 
-    reference = train_inproc(small(mnist_dir, "reference"), quiet=True,
+    reference = train_inproc(small(mnist_dir, "reference", mode=mode, max_inflight=window,
+                                   ordered=window > 1), quiet=True,
                              out_dir=str(tmp_path / "reference"))
     assert summary["test_accuracy"] == reference["test_accuracy"]
     for name, value in weights(tmp_path / "reference").items():

@@ -87,6 +87,30 @@ def test_turns_hold_early_events_and_release_them_in_order() -> None:
     assert [e for e, _ in turns.due()] == [("input", 3)]
 
 
+def test_turns_end_a_segment_at_a_checkpoint_and_start_where_a_resumed_stage_left_off() -> None:
+    """A checkpoint the loop takes mid-epoch ends the segment there (the held gradients run
+    without waiting for later inputs; finished() says when); a resumed stage starts at the
+    iteration after its backup's, not at 0, and the next segment still ends at the epoch's end."""
+    turns = Turns(Cursor(3, False, True), per_epoch=10)
+    for t in range(4):
+        turns.add(("input", t))
+    turns.add(("grad", 2), "g2")
+    turns.add(("grad", 3), "g3")
+    turns.add(("grad", 0), "g0")
+    turns.add(("grad", 1), "g1")
+    assert [e for e, _ in turns.due()] == [("input", 0), ("input", 1), ("input", 2), ("grad", 0),
+                                           ("input", 3), ("grad", 1)]
+    assert not turns.finished(3)
+    turns.end_at(4)  # checkpoint at iteration 3: grad 2 and grad 3 need no input 4 and 5
+    assert [e for e, _ in turns.due()] == [("grad", 2), ("grad", 3)]
+    assert turns.finished(3) and turns.cursor.end == 10
+    resumed = Turns(Cursor(3, False, True), per_epoch=10)
+    resumed.start_at(4)
+    resumed.add(("input", 4))
+    assert [e for e, _ in resumed.due()] == [("input", 4)]
+    assert (resumed.cursor.start, resumed.cursor.end) == (4, 10)
+
+
 def simulate(wirings: list[Wiring], window: int, iterations: int, per_epoch: int) -> int:
     """Run the orders of every stage against a driver that keeps at most `window` iterations in
     flight and drains at each epoch's end; returns the most in flight at once. Fails on a

@@ -89,6 +89,7 @@ class Worker:
                                   wiring.grad_event), self.cfg.epoch_batches or 1,
                            self.cfg.eval_every) if self.cfg.ordered else None
         self.carry_labels = method.labels_ride(self.cfg) and stage < self.count
+        self.checkpoint_at: int | None = None  # asked for, waiting for the segment to end there
         # Synthesizer losses wait for the next 'update' DONE instead of a message of their own.
         self.held: dict[str, Any] = {}
         self.held_it = -1
@@ -157,6 +158,8 @@ class Worker:
             checkpoint.restore_stage(self.stage, tensors, meta)
             self.iteration = int(meta["it"])
             self.counts["resumed"] += 1
+            if self.turns is not None:  # its order goes on after the backup's iteration
+                self.turns.start_at(self.iteration + 1)
             log.warning("%s resumed from the backup of iteration %d", self.who, self.iteration)
 
     def serve(self) -> None:
@@ -271,6 +274,7 @@ class Worker:
                 self._train_grad(it, payload)
             else:
                 self._run_event(kind, it)
+        self._checkpoint_if_finished()
 
     def _run_event(self, event: str, it: int) -> None:
         parts = self.inbox.peek(it)
@@ -353,10 +357,11 @@ class Worker:
         elif op == protocol.OP_CHECKPOINT:  # meta "at": save under that label (a snapshot), else now
             at = msg.meta.get("at")
             label = at if isinstance(at, int) and at >= 0 else self.iteration
-            self._save(label)
-            # The driver's checkpoint waits for every stage to say it backed up at `label`.
-            self.watch.call(self.redis.hset, keys.heartbeat(self.run, self.index), "checkpointed",
-                            label)
+            self.checkpoint_at = label
+            if self.turns is not None:  # an ordered run: the checkpoint drains, as in process
+                self.turns.end_at(label + 1)
+                self._run_due()
+            self._checkpoint_if_finished()
         elif op == protocol.OP_ROLLBACK:
             target = msg.meta.get("to")
             found = checkpoint.load(self.redis, self.run, self.index, int(target)) if isinstance(
@@ -370,6 +375,18 @@ class Worker:
             self.driver_fed = int(fed) if fed is not None else self.driver_fed
             self.redis.hset(keys.heartbeat(self.run, self.index), "rolled_back_to", self.iteration)
             log.warning("%s rolled back to iteration %d", self.who, self.iteration)
+
+    def _checkpoint_if_finished(self) -> None:
+        """Back up at the label asked for once every event up to it has run (an ordered run's
+        last gradients may still be on their way), then tell the driver."""
+        label = self.checkpoint_at
+        if label is None or (self.turns is not None and not self.turns.finished(label)):
+            return
+        self.checkpoint_at = None
+        self._save(label)
+        # The driver's checkpoint waits for every stage to say it backed up at `label`.
+        self.watch.call(self.redis.hset, keys.heartbeat(self.run, self.index), "checkpointed",
+                        label)
 
     def _rpc(self, op: str, it: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
              wait: bool) -> Message | None:

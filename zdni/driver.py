@@ -400,26 +400,34 @@ class Driver:
 
     def snapshot(self, timeout_s: float = 60.0) -> dict[int, State] | None:
         """Settle, have every stage back up at the last iteration fed and confirm it; their
-        states from Redis (and the synthesizer service's newest backup up to there)."""
+        states from Redis (and the synthesizer service's newest backup up to there). An
+        ordered run's stages are asked first: the checkpoint ends their segment there (a drain,
+        as in process), and the iterations before it can finish only once they know."""
+        asked = 0.0
+        if self.cfg.ordered and self.fed > 0:
+            self._ask_checkpoint(self.fed - 1)
+            asked = time.monotonic()
         self.settle()
         label = self.fed - 1
         if label < 0:
             return None
         deadline = time.monotonic() + timeout_s
         run = self.cfg.run_id
-        asked = 0.0
         while not self.watch.call(checkpoint.confirmed, self.redis, run, self.stages, label):
             if time.monotonic() > deadline:
                 return None
             if time.monotonic() - asked > 5.0:  # again after a while: a broker restart loses it
                 asked = time.monotonic()
-                for stage in range(1, self.stages + 1):
-                    with contextlib.suppress(TimeoutError):
-                        self.send(protocol.CONTROL, label, stage, {},
-                                  {"op": protocol.OP_CHECKPOINT, "at": label})
+                self._ask_checkpoint(label)
             self.pump(50)
         remote = self.cfg.synth_placement == "remote" and methods.get(self.cfg.mode).synthetic
         return self.watch.call(checkpoint.gather, self.redis, run, self.stages, label, remote)
+
+    def _ask_checkpoint(self, label: int) -> None:
+        for stage in range(1, self.stages + 1):
+            with contextlib.suppress(TimeoutError):
+                self.send(protocol.CONTROL, label, stage, {},
+                          {"op": protocol.OP_CHECKPOINT, "at": label})
 
     def evaluate(self, split: Split, epoch: int) -> tuple[float, float]:
         """Forward a split through the stages, batch by batch (at most max_inflight batches

@@ -113,6 +113,20 @@ class Turns:
         cursor.begin(0, next_drain(0, per_epoch, eval_every))
         self.held: dict[Event, Any] = {}
 
+    def start_at(self, start: int) -> None:
+        """Go on from iteration `start`, nothing in flight (a resumed or restarted stage)."""
+        self.cursor.begin(start, next_drain(start, self.per_epoch, self.eval_every))
+        self.held = {e: p for e, p in self.held.items() if e[1] >= start}
+
+    def end_at(self, end: int) -> None:
+        """The current segment ends at `end`: a drain the loop makes unforeseen (a checkpoint)."""
+        if self.cursor.start < end and (self.cursor.end is None or end < self.cursor.end):
+            self.cursor.end = end
+
+    def finished(self, it: int) -> bool:
+        """Whether every event of iterations up to `it` has run (a segment ended past it)."""
+        return self.cursor.start > it
+
     def add(self, event: Event, payload: Any = None) -> None:
         """An event is ready to run (with what it needs, e.g. a gradient)."""
         self.held[event] = payload

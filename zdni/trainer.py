@@ -119,6 +119,9 @@ class InprocRunner:
         self.oracle.start_at(fed)
 
     def snapshot(self) -> dict[int, State]:
+        """Drain, then every stage's state: a checkpoint is a cut with nothing in flight, so a
+        run resumed from it goes on exactly as an uninterrupted one (which drained there too)."""
+        self.drain()
         return {s.index: checkpoint.stage_state(s, self.fed - 1) for s in self.pipeline}
 
 
