@@ -6,7 +6,7 @@ Events of different stages touch different state, so equal per-stage orders give
 parameter for parameter, whatever the processes' speeds.
 
 Stage i's order in one segment of iterations a..b-1 (between two drains of the pipeline: an
-epoch's end or an extra evaluation), with window W:
+epoch's end, an extra evaluation or a checkpoint), with window W:
 
     for t in a..b-1:
         batch(u) for each u <= t + W - 1 not taken yet    (stages whose method has a batch event)
