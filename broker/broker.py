@@ -91,11 +91,16 @@ class Broker:
                     if events.get(outs[e]):
                         self._flush(e, outs[e], queues[e])
                 # A burst at a time, then service queues and the monitor; EVENTS says whether
-                # another message is there (cheaper than a receive that raises zmq.Again).
+                # another message is there (cheaper than a receive that raises zmq.Again), but
+                # it may say so when none is (seen over CURVE): then the receive raises Again.
                 for _ in range(256):
                     if not int(inbound.getsockopt(zmq.EVENTS)) & POLLIN:
                         break
-                    self.forward(recv_frames(inbound, NOBLOCK), outs, queues)
+                    try:
+                        frames = recv_frames(inbound, NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.forward(frames, outs, queues)
                 if time.monotonic() >= next_check:
                     try:
                         interval = self.watch.call(self.monitor, default=1.0) or 1.0

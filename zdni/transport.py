@@ -86,8 +86,12 @@ class Endpoint:
 
     def recv(self, timeout_ms: int) -> list[Any] | None:
         """One message's frames, or None when nothing came within the timeout."""
-        waiting = int(self.pull.getsockopt(zmq.EVENTS)) & POLLIN  # no poll when one is here
-        if not waiting and not self.poller.poll(timeout_ms):
+        if int(self.pull.getsockopt(zmq.EVENTS)) & POLLIN:  # no poll when one is here
+            try:
+                return recv_frames(self.pull, zmq.NOBLOCK)
+            except zmq.Again:  # EVENTS may say one is here when none is (seen over CURVE)
+                pass
+        if not self.poller.poll(timeout_ms):
             return None
         return recv_frames(self.pull)
 
