@@ -318,3 +318,26 @@ def test_a_cosine_schedule_is_not_stretched_by_a_resume(tmp_path: Path, repo_roo
     assert stretched(bounded, 3) == ["the stages", "M and I"]
     assert stretched(RunConfig(lr_schedule="cosine", synth_optim={"lr_schedule": "step"},
                                epoch_batches=2, epochs=1), 3) == ["the stages"]
+
+
+def test_a_run_id_its_redis_holds_is_refused_and_leaves_the_run_directory_free(
+        mnist_dir: Path, tmp_path: Path, redis_url: str, redis_client: redis.Redis) -> None:
+    """A new run with the id of a run in its Redis is one line, exit 2, and writes nothing in
+    its run directory (no run.json saying a run failed there), which a next run may then use."""
+    from click.testing import CliRunner
+
+    from zdni import keys
+    from zdni.cli import main
+    from zdni.rundir import refuse_reuse
+
+    redis_client.set(keys.config("taken"), RunConfig(run_id="taken").to_json())
+    out = tmp_path / "new"
+    result = CliRunner().invoke(main, [
+        "train", "--run-id", "taken", "--redis-url", redis_url, "--data-dir", str(mnist_dir),
+        "--train-limit", "256", "--test-limit", "100", "--epochs", "1", "--quiet",
+        "--threads", "1", "--out", str(out)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "run taken already exists in this Redis" in errors[0]
+    assert not (out / "run.json").exists()
+    refuse_reuse(str(out))  # the directory holds no run

@@ -122,8 +122,9 @@ def start_clean(client: Any, run: str, resume: Checkpoint | None) -> None:
     its checkpoint where its workers resume from."""
     if resume is None:
         if client.exists(keys.config(run)):
-            raise ConfigError(f"run {run} already exists in this Redis: continue it with "
-                              "`zdni train --resume RUN_DIR`, or give another --run-id")
+            raise rundir.RunIdTaken(f"run {run} already exists in this Redis: continue it "
+                                    "with `zdni train --resume RUN_DIR`, or give another "
+                                    "--run-id")
         return
     clear_run(client, run)
     seed(client, run, resume)

@@ -31,13 +31,18 @@ from zdni import modelfile, resume
 from zdni.config import ConfigError, RunConfig
 from zdni.data import Normalization
 
-__all__ = ["RUN_FILE", "closing", "describe", "read_outcome", "refuse_reuse"]
+__all__ = ["RUN_FILE", "RunIdTaken", "closing", "describe", "read_outcome", "refuse_reuse"]
 
 log = logging.getLogger("zdni.driver")
 
 RUN_FILE = "run.json"
 JOURNAL = "redis"
 HOLDS = (RUN_FILE, "summary.json", "metrics.jsonl", modelfile.MODEL_FILE, resume.CHECKPOINT_DIR)
+
+
+class RunIdTaken(ConfigError):
+    """A new run would take the id of a run its Redis holds: refused before the run starts, so
+    its run directory is left as it was (no run.json saying a run failed there)."""
 
 
 def refuse_reuse(out_dir: str) -> None:
@@ -91,16 +96,22 @@ def closing(out_dir: str | None, cfg: RunConfig, norm: Normalization | None,
         return
     if not resumed:
         _clear_leftovers(out_dir)
-    outcome = "failed"
+    outcome: str | None = "failed"
     try:
         yield
         outcome = "finished"
+    except RunIdTaken:
+        outcome = None  # refused before it started: nothing of it to close
+        with contextlib.suppress(OSError):
+            os.rmdir(out_dir)  # only when empty: a directory this attempt made
+        raise
     except BaseException as exc:  # Ctrl-C, a stop asked for (StopRequested.outcome), an error
         outcome = getattr(exc, "outcome", "interrupted" if isinstance(exc, KeyboardInterrupt)
                           else "failed")
         raise
     finally:
-        _close(out_dir, cfg, norm, live, outcome, keep_redis)
+        if outcome is not None:
+            _close(out_dir, cfg, norm, live, outcome, keep_redis)
 
 
 def _close(out_dir: str, cfg: RunConfig, norm: Normalization | None, live: nn.Module | None,
