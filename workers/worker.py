@@ -99,6 +99,7 @@ class Worker:
                 keys.counters(self.run, f"stage:{stage}")).items() if v.isdigit()})
         self.finished: OrderedDict[int, None] = OrderedDict()
         self.iteration = -1
+        self.took = -1  # the latest iteration whose input this stage took
         self.stopper: Stopper | None = None
         self.driver_seen = False  # its driver has beaten once: from then on, silence ends it
         self.driver_missing_since = 0.0
@@ -156,7 +157,7 @@ class Worker:
         if found is not None:
             tensors, meta = found
             checkpoint.restore_stage(self.stage, tensors, meta)
-            self.iteration = int(meta["it"])
+            self.iteration = self.took = int(meta["it"])
             self.counts["resumed"] += 1
             if self.turns is not None:  # its order goes on after the backup's iteration
                 self.turns.start_at(self.iteration + 1)
@@ -248,8 +249,9 @@ class Worker:
             self._flush_held()
             self._evaluate(msg)
         elif kind == protocol.SYNTH_REP:
-            metrics = {k: float(v) for k, v in msg.meta.items() if k.endswith("_loss")}
-            if metrics:  # the losses of a training request sent without waiting
+            metrics = {k: float(v) for k, v in msg.meta.items() if k.endswith("_loss") or k in (
+                "grad_cos", "grad_err")}
+            if metrics:  # what a training request sent without waiting measured
                 self._apply(it, Outcome(metrics=metrics))
         elif kind == protocol.CONTROL:
             self._flush_held()
@@ -285,11 +287,15 @@ class Worker:
         true_input = parts.x if self.index == 1 else parts.h
         assert true_input is not None  # the inbox joined parts of one batch size
         self.inbox.take(it)
+        self.took = max(self.took, it)
         y = parts.y if self.stage.needs_y else None
         self._apply(it, self.stage.train_input(it, true_input, y), labels=parts.y)
 
     def _train_grad(self, it: int, g: torch.Tensor) -> None:
-        self._apply(it, self.stage.train_grad(it, g))
+        out = self.stage.train_grad(it, g)
+        # How late iteration it's true gradient came: the inputs this stage took past it.
+        out.metrics["staleness"] = float(self.took - it)
+        self._apply(it, out)
         self.counts["grads"] += 1
 
     def _apply(self, it: int, out: Outcome, labels: torch.Tensor | None = None) -> None:
@@ -319,8 +325,6 @@ class Worker:
                        {**self.held, **metrics, protocol.DONE_EVENT: protocol.EVENT_UPDATE})
             self.held.clear()
         elif metrics:  # a synthesizer trained (M on a true gradient, I on a true input)
-            if "grad_loss" in metrics:  # how late iteration it's true gradient came
-                metrics["staleness"] = float(self.iteration - it)
             if metrics.keys() & self.held.keys():
                 self._flush_held()
             self.held.update(metrics)
@@ -369,7 +373,7 @@ class Worker:
             if found is None:
                 raise MessageError("value", f"no backup of stage {self.index} at iteration {target}")
             checkpoint.restore_stage(self.stage, *found)
-            self.iteration = int(found[1]["it"])
+            self.iteration = self.took = int(found[1]["it"])
             self.finished.clear()
             fed = self.redis.hget(keys.state(self.run), "fed")
             self.driver_fed = int(fed) if fed is not None else self.driver_fed

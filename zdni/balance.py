@@ -1,9 +1,10 @@
 """Cuts balanced by measurement (torchgpipe's balance_by_time): profile each unit, then a pure
 function splits the costs so that the slowest stage is as fast as it can be.
 
-A stage of units a..b-1 costs the sum of its units, plus, when it is not the last stage, its
-gradient synthesizer M at the boundary b (sg and full modes: M's forward and its training step),
-plus, when it is not the first stage in full mode, its input synthesizer I for boundary a.
+A stage of units a..b-1 costs the sum of its units, plus, when it is not the last stage, what
+its method adds at the boundary b (sg and full modes: M's forward and its training step; dgl: its
+auxiliary head), plus, when it is not the first stage, what the method adds at boundary a (full
+mode: its input synthesizer I). Each method names that work (zdni.stage.Stage.boundary_steps).
 Profiling and splitting are separate: `split` is table-tested on costs the tests inject.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,9 @@ from zdni.objective import conditioning_classes
 from zdni.optim import build_optimizer
 from zdni.optimspec import synth_spec
 
-__all__ = ["Costs", "profile", "split", "stage_costs"]
+__all__ = ["Costs", "profile", "split", "stage_costs", "synthesizer_steps"]
+
+Step = Callable[[], None]
 
 WARMUP = 2  # untimed passes: allocator and kernel selection settle
 REPEATS = 5  # timed passes; the median is kept
@@ -99,17 +102,13 @@ def _median_time(step: object, device: torch.device) -> float:
 
 def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...],
             device: str = "cpu") -> Costs:
-    """Each unit's forward and backward time on a batch of cfg.batch_size, and in sg/full mode
-    the synthesizers' forward and training step at every boundary, on `device`."""
-    from zdni.synthesizer import GradientSynthesizer, InputSynthesizer
-
+    """Each unit's forward and backward time on a batch of cfg.batch_size, and at every
+    boundary the work the run's method adds there (its `boundary_steps`: M and I in sg/full
+    mode, an auxiliary head in dgl), on `device`."""
     method = methods.get(cfg.mode)
     dev = torch.device(device)
     shapes = stage_shapes([nn.Sequential(u) for u in units], input_shape)
     batch = cfg.batch_size
-    y = torch.randint(0, cfg.classes, (batch, *cfg.label_shape), device=dev) \
-        if cfg.target_dtype == "int64" else torch.randn(batch, *cfg.label_shape, device=dev)
-    positions = math.prod(cfg.label_shape)
     unit_costs = []
     for u, shape in zip(units, shapes):
         u.to(dev).train()
@@ -124,40 +123,57 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
         u.cpu()
     n = len(units)
     exit_costs, entry_costs = [0.0] * (n + 1), [0.0] * (n + 1)
-    label = y if cfg.conditioned else None
-    x0 = torch.randn(batch, *shapes[0], device=dev)
     for b in range(1, n):
-        if method.synthetic:
-            m = GradientSynthesizer(shapes[b], cfg.synth_hidden, cfg.synth_width,
-                                    cfg.conditioned, conditioning_classes(cfg), positions).to(dev)
-            m_opt = build_optimizer(synth_spec(cfg), list(m.parameters()))
-            h = torch.randn(batch, *shapes[b], device=dev)
-
-            def m_step(m: nn.Module = m, h: torch.Tensor = h,
-                       opt: torch.optim.Optimizer = m_opt) -> None:
-                with torch.no_grad():
-                    m(h, label)
-                opt.zero_grad(set_to_none=True)
-                F.mse_loss(m(h, label), h.detach() * 0).backward()
-                opt.step()
-
-            exit_costs[b] = _median_time(m_step, dev)
-        if method.keeps_I(cfg, 2, 2):  # a later stage's input synthesizer
-            i_net = InputSynthesizer(shapes[0], shapes[b], cfg.synth_hidden, cfg.synth_width,
-                                     cfg.conditioned, conditioning_classes(cfg), positions).to(dev)
-            i_opt = build_optimizer(synth_spec(cfg), list(i_net.parameters()))
-            target = torch.zeros(batch, *shapes[b], device=dev)
-
-            def i_step(net: nn.Module = i_net, opt: torch.optim.Optimizer = i_opt,
-                       target: torch.Tensor = target) -> None:
-                with torch.no_grad():
-                    net(x0, label)
-                opt.zero_grad(set_to_none=True)
-                F.mse_loss(net(x0, label), target).backward()
-                opt.step()
-
-            entry_costs[b] = _median_time(i_step, dev)
+        at_exit, at_entry = method.boundary_steps(cfg, shapes[0], shapes[b], dev)
+        if at_exit is not None:
+            exit_costs[b] = _median_time(at_exit, dev)
+        if at_entry is not None:
+            entry_costs[b] = _median_time(at_entry, dev)
     return Costs(unit_costs, exit_costs, entry_costs)
+
+
+def synthesizer_steps(cfg: RunConfig, x_shape: tuple[int, ...], shape: tuple[int, ...],
+                      device: str | torch.device, with_M: bool, with_I: bool
+                      ) -> tuple[Step | None, Step | None]:
+    """DNI's work at a cut (zdni.stage.Stage.boundary_steps): M's forward and its training
+    step at the end of the stage before it, I's at the start of the stage after it."""
+    from zdni.synthesizer import GradientSynthesizer, InputSynthesizer
+
+    dev = torch.device(device)
+    batch = cfg.batch_size
+    y = torch.randint(0, cfg.classes, (batch, *cfg.label_shape), device=dev) \
+        if cfg.target_dtype == "int64" else torch.randn(batch, *cfg.label_shape, device=dev)
+    positions = math.prod(cfg.label_shape)
+    label = y if cfg.conditioned else None
+    m_step = i_step = None
+    if with_M:
+        m = GradientSynthesizer(shape, cfg.synth_hidden, cfg.synth_width,
+                                cfg.conditioned, conditioning_classes(cfg), positions).to(dev)
+        m_opt = build_optimizer(synth_spec(cfg), list(m.parameters()))
+        h = torch.randn(batch, *shape, device=dev)
+
+        def m_step() -> None:
+            with torch.no_grad():
+                m(h, label)
+            m_opt.zero_grad(set_to_none=True)
+            F.mse_loss(m(h, label), h.detach() * 0).backward()
+            m_opt.step()
+
+    if with_I:  # a later stage's input synthesizer
+        i_net = InputSynthesizer(x_shape, shape, cfg.synth_hidden, cfg.synth_width,
+                                 cfg.conditioned, conditioning_classes(cfg), positions).to(dev)
+        i_opt = build_optimizer(synth_spec(cfg), list(i_net.parameters()))
+        x0 = torch.randn(batch, *x_shape, device=dev)
+        target = torch.zeros(batch, *shape, device=dev)
+
+        def i_step() -> None:
+            with torch.no_grad():
+                i_net(x0, label)
+            i_opt.zero_grad(set_to_none=True)
+            F.mse_loss(i_net(x0, label), target).backward()
+            i_opt.step()
+
+    return m_step, i_step
 
 
 def param_costs(units: list[nn.Module]) -> Costs:

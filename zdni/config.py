@@ -45,6 +45,9 @@ class RunConfig:
     # A training method (zdni/methods/): backprop | sg (synthetic gradients) | full (synthetic
     # input and gradient) | ...
     mode: str = "sg"
+    # The method's own settings (--method-arg KEY=VALUE), e.g. dgl's head; each
+    # method names and checks the keys it takes (zdni.stage.Stage.settings).
+    method_args: dict[str, Any] = field(default_factory=dict)
     # A zoo name, or a user's factory by reference: package.module:factory or file.py:factory.
     model: str = "fcn3"  # the DNI paper's 3-layer MNIST FCN: small, and reaches 98% quickly
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
@@ -143,10 +146,11 @@ class RunConfig:
         if self.balance is not None:
             _choice("balance", self.balance, BALANCES)
         self._check_data()
-        if not isinstance(self.model_args, dict) or not all(
-                isinstance(k, str) and k.isidentifier() for k in self.model_args):
-            raise ConfigError(f"model_args must map argument names to values, got "
-                              f"{self.model_args!r:.80}")
+        for name in ("model_args", "method_args"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(
+                    isinstance(k, str) and k.isidentifier() for k in value):
+                raise ConfigError(f"{name} must map argument names to values, got {value!r:.80}")
         if not (isinstance(self.label_shape, list) and len(self.label_shape) <= 4
                 and all(isinstance(d, int) and d >= 1 for d in self.label_shape)):
             raise ConfigError(f"label_shape must be 0-4 positive sizes, got {self.label_shape!r}")

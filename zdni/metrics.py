@@ -11,7 +11,10 @@ Record kinds (every record also has ``kind`` and ``t``, unix seconds):
            before their update), inflight (batches fed but not finished by every stage), and
            per stage (keys "1".."S"): lag (batches fed but not yet finished by that stage: its
            queue depth), staleness (iterations a stage had updated past `it` when the true
-           gradient of `it` arrived), grad_loss (M's L2 loss), input_loss (I's L2 loss)
+           gradient of `it` arrived), grad_loss (M's L2 loss), input_loss (I's L2 loss),
+           grad_cos and grad_err (M's answer against the true gradient, scale-free: their
+           cosine, and the error's norm over the true gradient's), and any other number a
+           method reports per stage (dgl's aux_loss, pipedream's stash_mb: zdni/methods/)
     eval   iteration, epoch, wall_s, and the scores of the set "best" is chosen on:
            val_loss, val_METRIC with a validation set, else test_loss, test_METRIC (METRIC is
            accuracy by default: zdni/objective.py), every --eval-every iterations
@@ -21,7 +24,7 @@ Record kinds (every record also has ``kind`` and ``t``, unix seconds):
            grad_loss/input_loss) plus
            samples and samples_per_s since the start
     stage  one per stage at each epoch's end: lag_mean/lag_max, staleness_mean/staleness_max,
-           grad_loss, input_loss over the epoch
+           and the mean of every other per-stage number over the epoch
 
 Stages report their numbers in their DONE messages; the driver (or the in-process trainer) is the
 only writer, so one file and one stream hold the whole run in order.
@@ -49,7 +52,7 @@ log = logging.getLogger("zdni.metrics")
 EVERY = 10  # iterations per iter record: ~47 per MNIST epoch, enough for smooth curves
 CLOSE_UP = 200  # every iteration is recorded up to here: the report's close-up of the start
 STREAM_MAXLEN = 10_000  # Redis keeps about this many records per run (approximate trimming)
-STAGE_FIELDS = ("lag", "staleness", "grad_loss", "input_loss")
+STAGE_FIELDS = ("lag", "staleness", "grad_loss", "input_loss", "grad_cos", "grad_err")
 TRAIN = {"loss": "train_loss", "accuracy": "train_accuracy"}  # the last stage's numbers
 
 
@@ -130,7 +133,7 @@ class MetricsWriter:
             fields["inflight"] = inflight
         if lag is not None:
             fields["lag"] = {str(s): v for s, v in sorted(lag.items())}
-        for name in STAGE_FIELDS[1:]:
+        for name in _stage_names(self.window, STAGE_FIELDS[1:]):
             fields[name] = self._window_means(name)
         self.record("iter", **fields)
         self.window.clear()
@@ -159,7 +162,7 @@ class MetricsWriter:
         for s in range(1, self.stages + 1):
             fields: dict[str, Any] = {"stage": s, "epoch": row["epoch"],
                                       "iteration": row["iterations"]}
-            for name in STAGE_FIELDS:
+            for name in _stage_names(self.epoch_acc, STAGE_FIELDS):
                 values = self.epoch_acc.get(f"{name}:{s}", [])
                 if name in ("lag", "staleness"):
                     fields[f"{name}_mean"] = _mean(values)
@@ -198,6 +201,13 @@ class MetricsWriter:
         """Per stage ("1".."S") the mean of `name` since the last iter record, where reported."""
         values = {s: self.window.get(f"{name}:{s}") for s in range(1, self.stages + 1)}
         return {str(s): sum(v) / len(v) for s, v in values.items() if v}
+
+
+def _stage_names(store: dict[str, list[float]], always: tuple[str, ...]) -> list[str]:
+    """The per-stage fields to record: `always`, then any other a stage reported (keys
+    'name:stage'), by name."""
+    seen = {key.rpartition(":")[0] for key in store if ":" in key}
+    return [*always, *sorted(seen - set(always) - {"lag"})]
 
 
 def train_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

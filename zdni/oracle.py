@@ -88,7 +88,7 @@ class Oracle:
                     staleness = cursor.staleness(event[1])
                     cursor.advance()
                     out = self._apply(i, stage, event)
-                    if "grad_loss" in out.metrics:  # as a worker reports it
+                    if event[0] == "grad":  # how late the true gradient came, as a worker says
                         out.metrics["staleness"] = float(staleness)
                     if out.done or out.metrics:
                         reports.append((i, out))

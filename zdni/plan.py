@@ -38,6 +38,7 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
     balancing chose and measured (empty without cfg.balance), for the summary. A `resumed` run
     keeps the cuts it was balanced to when it started: its checkpoint's weights are cut there."""
     method = methods.get(cfg.mode)
+    method.settings(cfg)  # the method's own settings (--method-arg), checked before anything
     if cfg.conditioned and not method.synthetic:
         raise ConfigError(f"--conditioned needs a method with synthesizers (sg, full): "
                           f"{cfg.mode} has none; drop --conditioned or pick another --mode")

@@ -17,15 +17,15 @@ window it is exact with.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from zdni.buffer import MemoryRing, Ring
-from zdni.config import RunConfig
+from zdni.config import ConfigError, RunConfig
 from zdni.objective import Objective, objective_of
 from zdni.optim import Updater, make_updater
 from zdni.optimspec import stage_spec
@@ -110,6 +110,36 @@ class Stage:
         """The window a run of this method uses: cfg.max_inflight, capped at `window`."""
         return min(cfg.max_inflight, cls.window or cfg.max_inflight)
 
+    @classmethod
+    def settings(cls, cfg: RunConfig) -> dict[str, Any]:
+        """The method's own settings (cfg.method_args, --method-arg) with their defaults; a key
+        it does not take, or a bad value, is a ConfigError naming the ones it takes. A method
+        with settings overrides this (and calls `take`)."""
+        return cls.take(cfg, {})
+
+    @classmethod
+    def take(cls, cfg: RunConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+        """cfg.method_args over `defaults`, refusing keys that have no default."""
+        unknown = sorted(set(cfg.method_args) - set(defaults))
+        if unknown:
+            takes = ", ".join(sorted(defaults)) or "none"
+            raise ConfigError(f"--method-arg {unknown[0]}: mode {cls.name} takes {takes}")
+        return {**defaults, **cfg.method_args}
+
+    @classmethod
+    def boundary_steps(cls, cfg: RunConfig, x_shape: tuple[int, ...], shape: tuple[int, ...],
+                       device: str | torch.device = "cpu"
+                       ) -> tuple[Callable[[], None] | None, Callable[[], None] | None]:
+        """(exit, entry): one step of the work this method adds at a cut whose activation is
+        `shape` per sample (x_shape: the network's input), on a batch of cfg.batch_size: at
+        the end of the stage before it (M's prediction and training) and at the start of the
+        stage after it (I's); None where it adds nothing. `--balance time` times them
+        (zdni/balance.py)."""
+        from zdni.balance import synthesizer_steps
+
+        return synthesizer_steps(cfg, x_shape, shape, device, cls.synthetic,
+                                 cls.keeps_I(cfg, 2, 2))
+
     # -- the stage --------------------------------------------------------------------------
     def __init__(
         self,
@@ -125,6 +155,7 @@ class Stage:
         self.cfg = cfg
         self.index = index
         self.count = len(shapes) - 1
+        self.shapes = [tuple(s) for s in shapes]  # per sample: the input, then each stage's output
         self.first = index == 1
         self.last = index == self.count
         self.device = torch.device(device)

@@ -199,6 +199,10 @@ config_options = _stack(
     option("--mode", type=click.Choice(methods.names()), default=_D.mode, show_default=True,
                  envvar="ZDNI_MODE", help="The training method: backprop, sg (synthetic "
                  "gradients), full (synthetic input and gradient), ... (README: Training modes)."),
+    option("--method-arg", "method_args", multiple=True, callback=_model_args,
+           envvar="ZDNI_METHOD_ARGS", metavar="KEY=VALUE",
+           help="A setting of the training method, e.g. dgl's head=linear (repeatable;"
+                " JSON values; README: Training modes)."),
     option("--model", default=_D.model, show_default=True, envvar="ZDNI_MODEL",
            help=f"A zoo model ({ZOO_TEXT}; --model-arg width=W widens an FCN) or your own factory: "
                 "package.module:factory or path/to/file.py:factory, returning an "
