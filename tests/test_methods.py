@@ -3,6 +3,8 @@ stage trains on, what the driver sends it, which events it receives, against wri
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from zdni import methods
@@ -30,6 +32,14 @@ NEEDS = [
     ("full", True, 1, 3, True, True),
     ("full", True, 2, 3, True, True),
     ("full", True, 3, 3, True, True),
+    ("pipedream", False, 1, 3, True, False),
+    ("pipedream", False, 2, 3, False, False),
+    ("pipedream", False, 3, 3, False, True),
+    ("ddg", False, 2, 3, False, False),
+    ("fr", False, 2, 3, False, False),
+    ("dgl", False, 1, 3, True, True),  # every stage's local loss needs the labels
+    ("dgl", False, 2, 3, False, True),
+    ("dgl", False, 3, 3, False, True),
 ]
 
 
@@ -61,6 +71,14 @@ WIRING = [
     ("full", 1, False, True, "input", "input"),
     ("full", 2, True, True, "input", "input"),
     ("full", 3, True, False, "input", "input"),
+    ("pipedream", 1, False, True, "grad", "grad"),  # backprop's, with batches in flight
+    ("pipedream", 2, False, True, "input", "grad"),
+    ("pipedream", 3, False, False, "input", "input"),
+    ("ddg", 1, False, True, "grad", "grad"),
+    ("fr", 2, False, True, "input", "grad"),
+    ("dgl", 1, False, False, "input", "input"),  # no gradient travels between stages
+    ("dgl", 2, False, False, "input", "input"),
+    ("dgl", 3, False, False, "input", "input"),
 ]
 
 
@@ -88,6 +106,35 @@ def test_windows() -> None:
     assert methods.get("backprop").largest_window(cfg) == 1
     assert methods.get("sg").largest_window(cfg) == 4
     assert methods.get("full").largest_window(cfg) == 4
+    for name in ("pipedream", "ddg", "fr", "dgl"):  # staleness is their point: any window
+        assert methods.get(name).largest_window(cfg) == 4
+
+
+@pytest.mark.parametrize(("mode", "args", "error"), [
+    ("pipedream", {"head": "mlp"}, "--method-arg head: mode pipedream takes none"),
+    ("dgl", {"replay": 1}, "--method-arg replay: mode dgl takes head"),
+    ("dgl", {"head": 3}, "head must be a name or a reference, got 3"),
+    ("dgl", {"head": "resnet"}, "use mlp, linear or a factory by reference"),
+    ("dgl", {"head": "heads.py:aux"}, "a head factory must live beside the model"),
+])
+def test_method_settings_are_checked_before_the_run(mode: str, args: dict, error: str) -> None:
+    """A method's own settings (--method-arg): an unknown key names the ones it takes, a bad
+    value says what is allowed; both are one-line ConfigErrors from the plan."""
+    import torch
+
+    data = Data(torch.zeros(8, 1, 28, 28), torch.arange(8) % 10, torch.zeros(4, 1, 28, 28),
+                torch.arange(4))
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        plan(RunConfig(mode=mode, method_args=args).validate(), data)
+
+
+def test_dgl_settings_default_and_take_a_head_beside_the_model() -> None:
+    """dgl's default (the paper's head for the features' shape), and a head factory in the
+    model's own file is accepted."""
+    dgl = methods.get("dgl")
+    assert dgl.settings(RunConfig(mode="dgl")) == {"head": ""}
+    cfg = RunConfig(mode="dgl", model="mine.py:net", method_args={"head": "mine.py:aux"})
+    assert dgl.settings(cfg) == {"head": "mine.py:aux"}
 
 
 def test_conditioning_a_method_without_synthesizers_is_refused_before_the_run() -> None:
