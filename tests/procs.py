@@ -48,7 +48,8 @@ def assert_workers_equal_pytorch(client: redis.Redis, cfg: RunConfig) -> None:
 def batches(cfg: RunConfig, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """An epoch's batches (the first by default), as the run's driver feeds them."""
     data = load_data(cfg)
-    feeder = data.train.feeder(cfg.batch_size, cfg.seed, not data.ordered, cfg.data_workers)
+    feeder = data.train.feeder(cfg.batch_size, cfg.seed, not data.ordered, cfg.data_workers,
+                               cfg.drop_last)
     return [(xb, yb) for _, xb, yb in feeder.iter_epoch(epoch)]
 
 

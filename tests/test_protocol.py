@@ -14,6 +14,7 @@ from zdni.protocol import (
     ENDPOINTS,
     EVAL,
     EVAL_RESULT,
+    FAIL,
     GRAD,
     KINDS,
     MAX_STAGES,
@@ -47,6 +48,8 @@ LEGAL = [
     (SYNTH_REP, SYNTH, 2, 3, 2),
     (BATCH, DRIVER, 1, 1, 1),  # a one-stage run
     (DONE, 1, DRIVER, 1, DRIVER),
+    (FAIL, 2, DRIVER, 3, DRIVER),  # a stage that cannot go on tells the driver
+    (FAIL, SYNTH, DRIVER, 3, DRIVER),
 ]
 
 # (kind, src, dst, stages, a word the error must contain)
@@ -76,6 +79,9 @@ ILLEGAL = [
     (DONE, 2, 3, 3, "done"),  # done goes to the driver only
     (DONE, 4, DRIVER, 3, "done"),
     (EVAL_RESULT, 3, 1, 3, "eval_result"),
+    (FAIL, 2, 1, 3, "fail"),  # a failure goes to the driver only
+    (FAIL, DRIVER, DRIVER, 3, "fail"),
+    (FAIL, 4, DRIVER, 3, "fail"),
     (SYNTH_REQ, DRIVER, SYNTH, 3, "synth_req"),
     (SYNTH_REQ, 2, DRIVER, 3, "synth_req"),
     (SYNTH_REQ, 2, 3, 3, "synth_req"),

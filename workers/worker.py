@@ -12,10 +12,11 @@ from typing import Any
 import torch
 import zmq
 
-from zdni import checkpoint, codec, keys, methods, protocol
+from zdni import checkpoint, codec, failure, keys, methods, protocol
 from zdni.buffer import RedisRing, RingWriter
 from zdni.codec import Message
 from zdni.device import to_host
+from zdni.failure import StageFailure
 from zdni.health import beat
 from zdni.inbox import Inbox, check_tensor
 from zdni.models import build_stages, input_shape, stage_shapes
@@ -23,6 +24,7 @@ from zdni.objective import check_targets
 from zdni.outage import RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
+from zdni.rng import span
 from zdni.schedule import Cursor, Turns
 from zdni.security import Curve
 from zdni.shell import Stopper, read_config, setup_logging
@@ -32,6 +34,9 @@ from zdni.transport import Endpoint
 from zdni.usercode import check_allowed, check_named
 
 log = logging.getLogger("zdni.worker")
+# The kinds whose handling runs the user's model, and the event each is (zdni.failure.guard).
+EVENTS = {protocol.BATCH: "batch", protocol.ACT: "input", protocol.GRAD: "grad",
+          protocol.EVAL: "eval", protocol.SYNTH_REP: "grad"}
 RECENT = 4096  # iterations remembered as finished, to drop replays
 RPC_TIMEOUT_S = 60.0  # a synthesizer service silent this long is an error, not a hang
 RPC_RESEND_S = 3.0  # unanswered this long, a request is sent again (a restarted service lost it)
@@ -80,6 +85,9 @@ class Worker:
             and method.synthetic else None
         self.stage: Stage = method(self.cfg, stage, modules[stage - 1], self.shapes, rings,
                                    device, synth)
+        self.span = span(modules[stage - 1])  # its units in the whole model, for failure lines
+        self.failed: str | None = None  # why this stage cannot go on (zdni/failure.py)
+        self.failed_sent = 0.0  # when the driver was last told
         self.backlog: deque[list[Any]] = deque()
         self.count = len(modules)
         self.inbox = Inbox(self.cfg, stage, self.count)
@@ -202,16 +210,46 @@ class Worker:
             self.counts["decode_us"] += int((time.perf_counter() - start) * 1e6)
             if msg.dst != self.index:
                 raise MessageError("endpoint", f"message for endpoint {msg.dst} reached stage {self.index}")
-            self.dispatch(msg)
+            if msg.kind in EVENTS:  # user code runs: a failure ends the run (zdni/failure.py)
+                self._refuse_after_failure(msg.it)
+                with failure.guard(self.index, self.span, msg.it, EVENTS[msg.kind]):
+                    self.dispatch(msg)
+            else:
+                self.dispatch(msg)
         except MessageError as exc:
             self._drop(exc.reason, str(exc))
         except StageError as exc:
             self._drop("unmatched", str(exc))
+        except StageFailure as exc:
+            self._fail(msg.it, str(exc))
         except Exception as exc:  # a message no check foresaw: keep serving, say so loudly
             log.exception("%s dropped a message that raised %r", self.who, exc)
             self.counts["dropped:internal"] += 1
         finally:  # busy / wall is the stage's utilization (scripts/bench_pipeline.py)
             self.counts["busy_us"] += int((time.perf_counter() - start) * 1e6)
+
+    def _fail(self, it: int, text: str) -> None:
+        """This stage cannot go on (its code raised, or produced non-finite values): say so
+        once and tell the driver, which ends the run; a retry cannot fix it."""
+        self.failed = text
+        self.counts["failed"] += 1
+        log.error("%s %s", self.who, text)
+        self._tell_failure(it)
+
+    def _tell_failure(self, it: int) -> None:
+        assert self.failed is not None
+        self.failed_sent = time.monotonic()
+        self._send(protocol.FAIL, it, protocol.DRIVER, {},
+                   {"error": self.failed[:failure.MAX_TEXT]})
+
+    def _refuse_after_failure(self, it: int) -> None:
+        """After a failure, training messages are dropped; the driver is told again (at most
+        once a second) in case the first FAIL was lost on the way."""
+        if self.failed is None:
+            return
+        if time.monotonic() - self.failed_sent > 1.0:
+            self._tell_failure(it)
+        raise MessageError("failed", f"iteration {it}: this stage has failed ({self.failed[:80]})")
 
     def _drop(self, reason: str, text: str) -> None:
         self.counts[f"dropped:{reason}"] += 1
@@ -282,17 +320,22 @@ class Worker:
         parts = self.inbox.peek(it)
         if event == "batch":
             assert parts.x is not None
-            self._apply(it, self.stage.train_batch(it, parts.x, parts.y))
+            with failure.guard(self.index, self.span, it, event):  # its own iteration: an
+                out = self.stage.train_batch(it, parts.x, parts.y)  # ordered run holds some
+            self._apply(it, out)
             return
         true_input = parts.x if self.index == 1 else parts.h
         assert true_input is not None  # the inbox joined parts of one batch size
         self.inbox.take(it)
         self.took = max(self.took, it)
         y = parts.y if self.stage.needs_y else None
-        self._apply(it, self.stage.train_input(it, true_input, y), labels=parts.y)
+        with failure.guard(self.index, self.span, it, event):
+            out = self.stage.train_input(it, true_input, y)
+        self._apply(it, out, labels=parts.y)
 
     def _train_grad(self, it: int, g: torch.Tensor) -> None:
-        out = self.stage.train_grad(it, g)
+        with failure.guard(self.index, self.span, it, "grad"):
+            out = self.stage.train_grad(it, g)
         # How late iteration it's true gradient came: the inputs this stage took past it.
         out.metrics["staleness"] = float(self.took - it)
         self._apply(it, out)
@@ -300,7 +343,9 @@ class Worker:
 
     def _apply(self, it: int, out: Outcome, labels: torch.Tensor | None = None) -> None:
         """Send what an event produced: the activation on (with the labels when they ride along,
-        zdni.inbox), the gradient back, 'done' to the driver."""
+        zdni.inbox), the gradient back, 'done' to the driver. Nothing non-finite leaves: the
+        stage that made it fails, not the one downstream that would drop it."""
+        failure.check(self.index, self.span, it, "train", out.h_out, out.d_in, out.metrics)
         if out.h_out is not None:
             tensors = {"h": out.h_out}
             if labels is not None and self.carry_labels:
@@ -341,6 +386,7 @@ class Worker:
         h = check_tensor("h", msg.tensors.get("h"), self.shapes[self.index - 1], torch.float32)
         y = check_targets(msg.tensors.get("y"), h.shape[0], self.cfg)
         out = self.stage.evaluate(h)
+        failure.check(self.index, self.span, msg.it, "eval", out, None, {})
         if self.index < self.count:
             self._send(protocol.EVAL, msg.it, self.index + 1, {"h": out, "y": y}, msg.meta)
             return

@@ -20,10 +20,12 @@ from torch import nn
 
 from zdni import methods
 from zdni.config import RunConfig
+from zdni.failure import describe, one_line
 from zdni.models import stage_shapes
 from zdni.objective import conditioning_classes
 from zdni.optim import build_optimizer
 from zdni.optimspec import synth_spec
+from zdni.usercode import UserCodeError
 
 __all__ = ["Costs", "profile", "split", "stage_costs", "synthesizer_steps"]
 
@@ -110,15 +112,22 @@ def profile(cfg: RunConfig, units: list[nn.Module], input_shape: tuple[int, ...]
     shapes = stage_shapes([nn.Sequential(u) for u in units], input_shape)
     batch = cfg.batch_size
     unit_costs = []
-    for u, shape in zip(units, shapes):
+    for k, (u, shape) in enumerate(zip(units, shapes)):
         u.to(dev).train()
         x = torch.randn(batch, *shape, device=dev, requires_grad=True)
 
         def step(u: nn.Module = u, x: torch.Tensor = x) -> None:
-            out = u(x)
-            out.backward(torch.ones_like(out))
+            out = u(x.clone())  # a stage's input is copied first (zdni/rng.py): in place is fine
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
 
-        unit_costs.append(_median_time(step, dev))
+        try:
+            unit_costs.append(_median_time(step, dev))
+        except Exception as exc:  # the user's unit: say which, in one line (zdni/failure.py)
+            raise UserCodeError(f"--balance time: unit {k} ({describe(u)}) raised "
+                                f"{one_line(exc)} when run forward and backward on {batch} "
+                                f"random samples of shape {tuple(shape)}; fix the unit, or give "
+                                f"--cuts or --balance params") from None
         u.zero_grad(set_to_none=True)
         u.cpu()
     n = len(units)

@@ -102,6 +102,9 @@ class RunConfig:
     eval_batch_size: int = 1000  # samples per evaluation batch
     train_limit: int | None = None  # use only the first n training samples (quick runs, tests)
     test_limit: int | None = None  # use only the first n test samples
+    # Leave each epoch's last, smaller batch out: set by the plan when the model cannot train
+    # on it (BatchNorm on one sample, zdni/probe.py), as torch's DataLoader(drop_last=True)
+    drop_last: bool = False
     synth_placement: str = "local"  # local: M and I live in the stage's worker; remote: a service
     heartbeat_s: float = 1.0  # worker heartbeat and monitor check interval, seconds
     resend_s: float = 30.0  # an iteration or eval batch unfinished this long is fed again

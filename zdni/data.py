@@ -315,7 +315,7 @@ class BatchFeeder:
     """Shuffled mini-batches; the same (seed, epoch, index) gives the same batch in any process."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, drop_last: bool = False) -> None:
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         if len(x) == 0:
@@ -326,11 +326,16 @@ class BatchFeeder:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle  # False: every epoch in the data's order (chunks of sequences)
+        # True: an epoch ends with its last full batch (the smaller rest is left out), unless
+        # the data holds less than one batch
+        self.drop_last = drop_last and len(x) >= batch_size
         self._order: tuple[int, torch.Tensor] | None = None  # last epoch's permutation
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches in an epoch, the last partial batch included."""
+        """Batches in an epoch, the last partial batch included (unless drop_last)."""
+        if self.drop_last:
+            return len(self.x) // self.batch_size
         return math.ceil(len(self.x) / self.batch_size)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:

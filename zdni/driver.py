@@ -19,7 +19,7 @@ import redis
 import torch
 import zmq
 
-from zdni import checkpoint, codec, keys, methods, protocol
+from zdni import checkpoint, codec, failure, keys, methods, protocol
 from zdni.config import RunConfig, new_run_id
 from zdni.launcher import Cluster
 from zdni.loop import LoopState, RunError, Saver, State, train
@@ -177,6 +177,13 @@ class Driver:
             self.metrics.observe(msg.src, msg.meta)
             if msg.meta.get(protocol.DONE_EVENT) == protocol.EVENT_UPDATE:
                 self.window.done(msg.it, msg.src)
+        elif msg.kind == protocol.FAIL and (1 <= msg.src <= self.stages
+                                            or msg.src == protocol.SYNTH):
+            # A stage's code raised or made non-finite values: no retry can fix it (zdni/failure.py)
+            cause = failure.text(msg.meta.get("error")) or \
+                f"endpoint {msg.src} failed at iteration {msg.it}; see its log"
+            self.window.tally["failed"] += 1
+            raise RunError(cause)
         elif msg.kind == protocol.EVAL_RESULT:
             problem = eval_result_problem(msg.src, msg.it, msg.meta, self.stages,
                                           self.eval_expected, self.counts_right)

@@ -190,7 +190,8 @@ def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
     """
     objective = objective or objective_of(cfg)
     m = objective.metric
-    feeder = data.train.feeder(cfg.batch_size, cfg.seed, not data.ordered, cfg.data_workers)
+    feeder = data.train.feeder(cfg.batch_size, cfg.seed, not data.ordered, cfg.data_workers,
+                               cfg.drop_last)
     per_epoch = feeder.batches_per_epoch
     on, watched = ("val", data.val) if data.val is not None else ("test", data.test)
     state = start or LoopState()

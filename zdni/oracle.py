@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from zdni import failure
+from zdni.rng import span
 from zdni.schedule import Cursor, Event
 from zdni.stage import Outcome, Stage
 
@@ -87,7 +89,10 @@ class Oracle:
                 while (event := cursor.peek()) is not None and self._ready(i, event):
                     staleness = cursor.staleness(event[1])
                     cursor.advance()
-                    out = self._apply(i, stage, event)
+                    units = span(stage.module)  # a user's code raising, or non-finite values,
+                    with failure.guard(i, units, event[1], event[0]):  # end the run in a line
+                        out = self._apply(i, stage, event)
+                    failure.check(i, units, event[1], event[0], out.h_out, out.d_in, out.metrics)
                     if event[0] == "grad":  # how late the true gradient came, as a worker says
                         out.metrics["staleness"] = float(staleness)
                     if out.done or out.metrics:

@@ -18,8 +18,9 @@ from torch import nn
 from zdni import balance, methods
 from zdni.config import ConfigError, RunConfig
 from zdni.data import DataError
-from zdni.models import build_units, cut_points, stage_shapes
+from zdni.models import build_units, cut_points
 from zdni.objective import CROSS_ENTROPY, Objective, objective_of
+from zdni.probe import output_shape, probe
 from zdni.split import Data, TensorSplit
 from zdni.usercode import UserCodeError
 from zdni.userdata import classes_of
@@ -44,7 +45,7 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
                           f"{cfg.mode} has none; drop --conditioned or pick another --mode")
     x, y = data.train.probe(PROBE)
     cfg.input_shape = [int(d) for d in x.shape[1:]]
-    cfg.epoch_batches = data.steps_per_epoch(cfg.batch_size)
+    cfg.epoch_batches = data.steps_per_epoch(cfg.batch_size, cfg.drop_last)
     cfg.label_shape = [int(d) for d in y.shape[1:]]  # [] for one target per sample
     cfg.target_dtype = "float32" if y.is_floating_point() else "int64"
     cfg.validate()  # float targets need a loss other than cross-entropy
@@ -56,12 +57,8 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
         units = units if units is not None else build_units(cfg.model, cfg.model_args)
     finally:
         torch.random.set_rng_state(state)
-    try:
-        out = stage_shapes([nn.Sequential(*units)], tuple(cfg.input_shape))[-1]
-    except Exception as exc:
-        raise UserCodeError(f"model {cfg.model}: a forward pass on inputs of shape "
-                            f"{tuple(cfg.input_shape)} raised {type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:160]}") from None
+    out = output_shape(cfg.model, units, tuple(cfg.input_shape),
+                       (len(data.train), *cfg.input_shape))
     want = (needed, *cfg.label_shape)
     if cfg.loss == CROSS_ENTROPY:
         if len(out) != len(want) or out[0] < needed or tuple(out[1:]) != want[1:]:
@@ -100,10 +97,14 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
                   "stage_costs": [round(c * scale, 4) for c in per_stage],
                   "even_stage_costs": [round(c * scale, 4) for c in even],
                   "unit": "ms" if cfg.balance == "time" else "parameters"}
-    cut_points(len(units), cfg.stages, cfg.cuts)
-    if cfg.freeze_stage is not None and not 1 <= cfg.freeze_stage <= len(
-            cut_points(len(units), cfg.stages, cfg.cuts)):
+    points = cut_points(len(units), cfg.stages, cfg.cuts)
+    if cfg.freeze_stage is not None and not 1 <= cfg.freeze_stage <= len(points):
         raise ConfigError(f"freeze_stage {cfg.freeze_stage} is not a stage of this run")
+    # every stage trains once, here, on the run's first batch and at the epoch's last size
+    xb, yb = data.train.probe(cfg.batch_size)
+    probe(cfg, units, points, xb, yb, len(data.train), objective)
+    # after the probe: it may leave the epoch's last batch out (cfg.drop_last)
+    cfg.epoch_batches = data.steps_per_epoch(cfg.batch_size, cfg.drop_last)
     return record
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 import re
 
 # 2: activations carry their labels (h, y) outside full mode; 3: eval results carry the
-# metric's sum (not a count of correct answers), targets may be float32
-PROTOCOL_VERSION = 3
+# metric's sum (not a count of correct answers), targets may be float32; 4: FAIL
+PROTOCOL_VERSION = 4
 
 # Endpoints. Stages are numbered from 1, as the user numbers them.
 DRIVER = 0
@@ -49,8 +49,10 @@ CONTROL = "control"  # driver -> stage: meta["op"] in CONTROL_OPS
 SYNTH_REQ = "synth_req"  # stage -> synthesizer service: predict / train (remote placement)
 SYNTH_REP = "synth_rep"  # synthesizer service -> stage: the prediction
 PING = "ping"  # any endpoint -> itself, through the broker: is the broker there (and back)?
+FAIL = "fail"  # stage or synthesizer service -> driver: it cannot go on (its code raised, or it
+#                produced non-finite values: zdni/failure.py); meta "error" is the one-line cause
 KINDS = frozenset({BATCH, ACT, GRAD, DONE, EVAL, EVAL_RESULT, CONTROL, SYNTH_REQ, SYNTH_REP,
-                   PING})
+                   PING, FAIL})
 
 # Control ops (driver -> stage, meta "op"): stop after a backup; checkpoint now (meta "at": save
 # under that label instead); rollback to the backup of iteration meta "to"; ping (no effect).
@@ -81,6 +83,7 @@ META: dict[str, tuple[str, ...]] = {
     SYNTH_REQ: ("op", "remember"),
     SYNTH_REP: ("op", "grad_loss", "input_loss"),
     PING: ("sent",),
+    FAIL: ("error",),
 }
 
 # Tensor dtypes that may cross the wire, by their wire name.
@@ -169,6 +172,11 @@ def route(kind: str, src: int, dst: int, stages: int) -> int:
         if 1 <= src < stages and dst == src + 1:
             return dst
         raise ValueError(f"eval {src}->{dst} is not driver->1 or stage i->i+1")
+    if kind == FAIL:
+        if not (1 <= src <= stages or src == SYNTH) or dst != DRIVER:
+            raise ValueError(f"fail must go from a stage or the synthesizer to the driver, not "
+                             f"{src}->{dst}")
+        return DRIVER
     if kind in (DONE, EVAL_RESULT):
         if not 1 <= src <= stages or dst != DRIVER:
             raise ValueError(f"{kind} must go from a stage to the driver, not {src}->{dst}")

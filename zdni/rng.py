@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zdni.failure import NonFiniteError, UnitError, finite, locate
+
 __all__ = ["UnitStreams", "first_unit", "span", "unit_seed"]
 
 
@@ -76,24 +78,41 @@ class UnitStreams:
         unit acting in place on it (ReLU(inplace=True) right after a cut) works as it does
         inside one network. An output that needs no gradient (a parameter-free first stage,
         such as a lone Flatten) is made a leaf that takes one, so its backward is a no-op."""
+        before = list(self.states)
         if h.is_leaf and h.requires_grad:
             h = h.clone()
-        devices = [self.device] if self.cuda else []
+        seen = [h]  # every unit's input and output: the graph holds them anyway
         for k, unit in enumerate(_units(module)):
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=self._devices):
                 self._set(self.states[k])
-                h = unit(h)
+                try:
+                    h = unit(h)
+                except Exception as exc:  # user code: say which unit (zdni.failure.guard)
+                    raise UnitError(self.first + k, unit, exc) from exc
                 self.states[k] = self._get()
+            seen.append(h)
+        if isinstance(h, torch.Tensor) and not finite(h):
+            self._blame(module, seen, before)
         if torch.is_grad_enabled() and isinstance(h, torch.Tensor) and not h.requires_grad:
             h = h.detach().requires_grad_()
         return h
 
-    def peek(self) -> list[torch.Tensor]:
-        """Copies of the streams now (to replay a forward pass exactly: zdni.failure)."""
-        return [s.clone() for s in self.states]
+    @property
+    def _devices(self) -> list[torch.device]:
+        return [self.device] if self.cuda else []
 
-    def rewind(self, states: list[torch.Tensor]) -> None:
-        self.states = [s.clone() for s in states]
+    def _blame(self, module: nn.Module, seen: list[torch.Tensor],
+               before: list[torch.Tensor]) -> None:
+        """Raise NonFiniteError naming the first unit whose output is not finite and, inside
+        it, the first part that made it so (found by running that unit again on its input with
+        the stream it started from)."""
+        units = _units(module)
+        k = next(k for k, out in enumerate(seen[1:]) if isinstance(out, torch.Tensor)
+                 and not finite(out))
+        with torch.random.fork_rng(devices=self._devices):
+            self._set(before[k])
+            child = locate(units[k], seen[k].detach())
+        raise NonFiniteError(self.first + k, units[k], seen[k + 1], child)
 
     # -- backups ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

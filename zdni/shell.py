@@ -7,14 +7,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import redis
 
 from zdni import keys
 from zdni.config import RunConfig
 
-__all__ = ["Stopper", "read_config", "setup_logging"]
+__all__ = ["Stopper", "leave_now", "read_config", "setup_logging"]
 
 
 def setup_logging(who: str) -> None:
@@ -47,3 +48,14 @@ def read_config(client: redis.Redis, run: str, who: str) -> RunConfig:
     if raw is None:
         raise SystemExit(f"{who} run {run!r} has no config in Redis")
     return RunConfig.from_json(raw)
+
+
+def leave_now(code: int = 0) -> NoReturn:
+    """End a process shell whose work is done (sockets closed, backup written, 'stopped' beaten)
+    without the interpreter's teardown: with torch loaded that takes seconds on a busy host (5 s
+    of a failed run's 9, measured at load 15 on 2 cores) and does nothing the process still
+    needs. Logs and stdio are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

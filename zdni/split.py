@@ -44,8 +44,9 @@ class TensorSplit:
     def limit(self, n: int | None) -> TensorSplit:
         return self if n is None else TensorSplit(self.x[:n], self.y[:n])
 
-    def feeder(self, batch_size: int, seed: int, shuffle: bool, workers: int) -> Feeder:
-        return BatchFeeder(self.x, self.y, batch_size, seed, shuffle=shuffle)
+    def feeder(self, batch_size: int, seed: int, shuffle: bool, workers: int,
+               drop_last: bool = False) -> Feeder:
+        return BatchFeeder(self.x, self.y, batch_size, seed, shuffle=shuffle, drop_last=drop_last)
 
     def eval_batches(self, batch_size: int, seed: int, workers: int) -> Iterator[Pair]:
         for start in range(0, len(self.x), batch_size):
@@ -91,8 +92,10 @@ class DatasetSplit:
             return self
         return DatasetSplit(_View(self.dataset, n), self.what)
 
-    def feeder(self, batch_size: int, seed: int, shuffle: bool, workers: int) -> Feeder:
-        return StreamFeeder(self.dataset, batch_size, seed, shuffle, workers, self.what)
+    def feeder(self, batch_size: int, seed: int, shuffle: bool, workers: int,
+               drop_last: bool = False) -> Feeder:
+        return StreamFeeder(self.dataset, batch_size, seed, shuffle, workers, self.what,
+                            drop_last)
 
     def eval_batches(self, batch_size: int, seed: int, workers: int) -> Iterator[Pair]:
         feeder = StreamFeeder(self.dataset, batch_size, seed, False, workers, self.what)
@@ -160,5 +163,10 @@ class Data:
     def y_test(self) -> torch.Tensor:
         return self._tensors(self.test).y
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(len(self.train) / batch_size)
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:
+        """Batches in an epoch: the last, partial one left out with `drop_last` (as the
+        feeders leave it out; kept when it is the only one)."""
+        n = len(self.train)
+        if drop_last and n >= batch_size:
+            return n // batch_size
+        return math.ceil(n / batch_size)

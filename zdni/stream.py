@@ -83,15 +83,18 @@ class _Batches(Dataset[tuple[int, torch.Tensor, torch.Tensor]]):
     """Reads whole batches by (epoch, index): DataLoader's 'samples' are our batches."""
 
     def __init__(self, dataset: Any, batch_size: int, seed: int, shuffle: bool,
-                 what: str) -> None:
+                 what: str, drop_last: bool = False) -> None:
         self.dataset = dataset
         self.n = len(dataset)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.what = what
+        self.drop_last = drop_last and self.n >= batch_size  # as zdni.data.BatchFeeder
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
         return math.ceil(self.n / self.batch_size)
 
     def positions(self, epoch: int, index: int) -> np.ndarray:
@@ -126,17 +129,17 @@ class StreamFeeder:
     zdni.data.BatchFeeder: batches_per_epoch, iter_epoch(epoch, start)."""
 
     def __init__(self, dataset: Any, batch_size: int, seed: int, shuffle: bool = True,
-                 workers: int = 0, what: str = "dataset") -> None:
+                 workers: int = 0, what: str = "dataset", drop_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(dataset) == 0:
             raise DataError(f"{what}: cannot feed batches from an empty data set")
-        self.batches = _Batches(dataset, batch_size, seed, shuffle, what)
+        self.batches = _Batches(dataset, batch_size, seed, shuffle, what, drop_last)
         self.workers = workers
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches in an epoch, the last partial batch included."""
+        """Batches in an epoch, the last partial batch included (unless drop_last)."""
         return len(self.batches)
 
     def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:

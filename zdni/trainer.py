@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zdni import checkpoint, methods, rundir
+from zdni import checkpoint, failure, methods, rundir
 from zdni.config import RunConfig
 from zdni.loop import State, load_data, train
 from zdni.metrics import MetricsWriter
@@ -23,6 +23,7 @@ from zdni.objective import Objective, objective_of
 from zdni.oracle import Oracle
 from zdni.plan import plan
 from zdni.resume import Checkpoint, Checkpointer
+from zdni.rng import span
 from zdni.split import Data, Split, TensorSplit
 from zdni.stage import Outcome, Stage
 
@@ -43,10 +44,13 @@ def evaluate_batches(stages: list[Stage], batches: Iterable[tuple[torch.Tensor, 
     """Mean loss and metric (accuracy by default) of the composed stages over the batches."""
     objective = stages[-1].objective or objective_of(stages[-1].cfg)
     loss_sum, metric_sum, n = 0.0, 0.0, 0
-    for x, y in batches:
+    for k, (x, y) in enumerate(batches):
         h = x
         for stage in stages:
-            h = stage.evaluate(h)
+            units = span(stage.module)  # the user's code raising, or non-finite values:
+            with failure.guard(stage.index, units, k, "eval"):  # one line (zdni/failure.py)
+                h = stage.evaluate(h)
+            failure.check(stage.index, units, k, "eval", h, None, {})
         batch_loss, batch_metric = objective.score(h, y)
         loss_sum += batch_loss
         metric_sum += batch_metric

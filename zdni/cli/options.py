@@ -254,6 +254,9 @@ config_options = _stack(
                  help="Use only the first N training samples."),
     option("--test-limit", type=int, default=None, envvar="ZDNI_TEST_LIMIT",
                  help="Use only the first N test samples."),
+    option("--drop-last", is_flag=True, default=False, envvar="ZDNI_DROP_LAST",
+           help="Leave each epoch's last, smaller batch out [default: only when the model "
+                "cannot train on it, e.g. BatchNorm on one sample; said when it happens]."),
     option("--synth-placement", type=click.Choice(PLACEMENTS),
                  default=_D.synth_placement, show_default=True, envvar="ZDNI_SYNTH_PLACEMENT"),
     option("--heartbeat", "heartbeat_s", type=float, default=_D.heartbeat_s,

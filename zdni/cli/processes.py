@@ -24,6 +24,7 @@ from zdni.cli.options import (
     wait_for_redis,
 )
 from zdni.security import Curve
+from zdni.shell import leave_now
 
 
 @main.command()
@@ -93,6 +94,7 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
     worker_main(stage, broker, url, run_id, spec.torch_device, threads or spec.threads,
                 checkpoint_dir, wait_s, curve, allow_model, once,
                 frozenset(c for c in (allow_loss, allow_metric) if c))
+    leave_now()  # stopped cleanly: skip torch's slow teardown (zdni.shell.leave_now)
 
 
 @main.command()
@@ -121,6 +123,7 @@ def synth(broker: str, redis_url: str | None, run_id: str | None, threads: int |
 
         torch.set_num_threads(threads)
     synth_main(broker, url, run_id, curve, allow_model)
+    leave_now()  # stopped cleanly: skip torch's slow teardown (zdni.shell.leave_now)
 
 
 @main.command("redis")
