@@ -199,7 +199,10 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
         start_clean(client, cfg.run_id, resume)
         metrics = MetricsWriter(cfg, stages, out_dir, client, tensorboard=tensorboard,
                                 append=resume is not None)
-        cluster = Cluster(log_dir=log_dir)
+        # The Redis URL may hold a password: children read it from their environment
+        # (ZDNI_REDIS_URL, which every command takes), never from their arguments, which `ps`
+        # shows to every local user.
+        cluster = Cluster(log_dir=log_dir, env={"ZDNI_REDIS_URL": url})
         # The broker is ours and starting: it may take a few seconds to answer its first ping.
         driver = Driver(cfg, client, broker, metrics, cluster, restart=restart,
                         redis_server=server, broker_wait_s=60.0)
@@ -210,17 +213,16 @@ def _run_local(cfg: RunConfig, data: Data, chosen: dict[str, Any], stages: int, 
                     mask_url(url), broker, out_dir or "(none)")
         try:
             with marking_outcome(driver):
-                cluster.start("broker", ["broker", "--bind", broker, "--redis-url", url])
+                cluster.start("broker", ["broker", "--bind", broker])
                 if cfg.synth_placement == "remote" and methods.get(cfg.mode).synthetic:
-                    cluster.start("synth", ["synth", "--broker", broker, "--redis-url", url,
+                    cluster.start("synth", ["synth", "--broker", broker,
                                             "--run", cfg.run_id, "--threads", str(threads),
                                             *allow])
                 for s in range(1, stages + 1):
                     place = ["--device", specs[s - 1].text] if specs else \
                         ["--threads", str(threads)]
                     cluster.start(f"stage {s}", ["worker", "--stage", str(s), "--broker", broker,
-                                                 "--redis-url", url, "--run", cfg.run_id,
-                                                 *place, *allow, *code])
+                                                 "--run", cfg.run_id, *place, *allow, *code])
                 summary = _train(driver, data, quiet, cfg, out_dir, resume)
                 cluster.stop()  # the broker writes its final counters as it exits
                 summary["counts"] = driver.counts()

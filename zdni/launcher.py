@@ -31,16 +31,21 @@ class Cluster:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
     log_dir: str | None = None
+    # ZDNI_* settings every child gets through its environment, never its arguments: what
+    # may hold a secret (the Redis URL's password) must not show in `ps`
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        """Start `python -m zdni ARGS` as `name`; its output goes to LOG_DIR/NAME.log."""
+        """Start `python -m zdni ARGS` as `name`, with `env` added to this process's
+        environment; its output goes to LOG_DIR/NAME.log."""
         cmd = [sys.executable, "-m", "zdni", *args]
         out = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, name.replace(" ", "") + ".log"), "ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                                env={**os.environ, **self.env})
         if out:
             out.close()
         self.procs[name] = proc
