@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections import Counter, deque
 from typing import Any
 
+import msgpack
 import redis
 import zmq
 
@@ -27,7 +29,7 @@ from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.security import Curve
 from zdni.shell import Stopper, setup_logging
-from zdni.transport import NOBLOCK, POLLIN, make_socket, recv_frames, send_frames
+from zdni.transport import NOBLOCK, POLLIN, BindError, bind, make_socket, recv_frames, send_frames
 
 log = logging.getLogger("zdni.broker")
 QUEUE_LIMIT = 4096  # messages waiting per endpoint; the window keeps real traffic far below
@@ -43,6 +45,7 @@ class Broker:
         self.runs: dict[str, int] = {}  # run id -> stage count, read from the run's config
         self.liveness: dict[tuple[str, int], health.Liveness] = {}
         self.counts: Counter[str] = Counter()
+        self.instance = uuid.uuid4().hex[:12]  # this process's id, in every ping it routes
         # Routing needs no Redis: the broker routes on through any outage, however long.
         self.watch = RedisWatch("[broker]", float("inf"))
         self.waiting: set[int] = set()  # endpoints whose queue holds messages (serve)
@@ -67,12 +70,16 @@ class Broker:
         ctx = zmq.Context()
         auth = self.curve.authenticator(ctx) if self.curve else None
         inbound = make_socket(ctx, zmq.PULL, curve=self.curve)
-        inbound.bind(self.bind)
-        outs = []
-        for endpoint in range(protocol.ENDPOINTS):
-            sock = make_socket(ctx, zmq.PUSH, curve=self.curve)
-            sock.bind(protocol.outbound_address(self.bind, endpoint))
-            outs.append(sock)
+        outs = [make_socket(ctx, zmq.PUSH, curve=self.curve) for _ in range(protocol.ENDPOINTS)]
+        try:
+            self._bind(inbound, outs)
+        except BaseException:
+            for sock in [inbound, *outs]:
+                sock.close(0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+            raise
         queues: list[deque[list[Any]]] = [deque() for _ in outs]
         stopper = Stopper()
         log.info("[broker] listening on %s (outbound ports follow it)", self.bind)
@@ -118,6 +125,20 @@ class Broker:
             ctx.term()
             log.info("[broker] stopped")
 
+    def _bind(self, inbound: zmq.Socket, outs: list[zmq.Socket]) -> None:
+        """Bind the inbound address and the outbound ones derived from it; a port that cannot
+        be bound is a BindError naming it and the range the broker needs."""
+        hint = (f"; the broker binds {self.bind} and the {protocol.ENDPOINTS} outbound "
+                f"addresses after it: give --bind a port with {protocol.ENDPOINTS} free ports "
+                f"after it")
+        try:
+            bind(inbound, self.bind, "the inbound address, --bind")
+            for endpoint, sock in enumerate(outs):
+                bind(sock, protocol.outbound_address(self.bind, endpoint),
+                     f"the outbound address of endpoint {endpoint}, derived from --bind")
+        except BindError as exc:
+            raise BindError(f"{exc}{hint}") from None
+
     def forward(self, frames: list[Any], outs: list[zmq.Socket],
                 queues: list[deque[list[Any]]]) -> None:
         """Route one message, or log, count and drop it."""
@@ -134,6 +155,10 @@ class Broker:
             return
         if header["kind"] == protocol.PING:
             self.counts["pings"] += 1  # liveness traffic, counted apart from the run's messages
+            # Answer with who we are: a sender that sees a new id knows we restarted and lost
+            # what the old broker held, however short the outage (zdni/driver.py _pong)
+            header["meta"]["broker"] = self.instance
+            frames = [msgpack.packb(header), *frames[1:]]
         queue = queues[dst]
         if not queue:
             try:

@@ -298,3 +298,32 @@ def test_sigterm_flushes_counters_and_exits(broker: Running, net: Net,
     assert counts["received"] == 2 and counts["forwarded"] == 1
     assert counts["dropped:header"] == 1
     assert "[broker] stopped" in broker.log.read_text()
+
+
+@pytest.mark.parametrize("held", ["inbound", "outbound"])
+def test_b08_a_busy_port_is_one_line_and_exit_2(redis_url: str, held: str) -> None:
+    """`zdni broker` told to bind a port another process holds, its inbound one or one of the
+    outbound ports it derives from it (field case B08), says which address and why in one line
+    and exits 2, leaving nothing bound (it used to print a ZMQError traceback, exit 1)."""
+    import socket
+
+    base = free_port_range(protocol.ENDPOINTS + 1)
+    busy = base if held == "inbound" else base + 11  # endpoint 10's outbound port
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", busy))
+    holder.listen()
+    try:
+        done = subprocess.run([sys.executable, "-m", "zdni", "broker", "--bind",
+                               f"tcp://127.0.0.1:{base}", "--redis-url", redis_url],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    what = "the inbound address, --bind" if held == "inbound" else \
+        "the outbound address of endpoint 10, derived from --bind"
+    assert lines[0].startswith(f"Error: cannot bind tcp://127.0.0.1:{busy} ({what}): another "
+                               f"process holds it"), lines[0]
+    with socket.socket() as again:  # everything it had bound was let go
+        again.bind(("127.0.0.1", base))

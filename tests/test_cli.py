@@ -28,7 +28,7 @@ def test_broker_address_is_checked() -> None:
 
 
 COMMANDS = {"train", "run", "broker", "worker", "synth", "status", "dashboard", "rollback", "keys",
-            "redis", "report", "experiment", "sequence", "evaluate"}
+            "redis", "redis-cli", "report", "experiment", "sequence", "evaluate"}
 
 
 def test_help_lists_every_command() -> None:
@@ -69,3 +69,34 @@ def test_redis_url_is_declared_once() -> None:
     lines = {c: " ".join(h.split("--redis-url", 1)[1].split("--")[0].split()) for c, h in
              helps.items()}
     assert len(set(lines.values())) == 1, lines
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["train", "--inproc", "--threads", "-1"], "'--threads'"),
+    (["train", "--inproc", "--threads", "0"], "'--threads'"),
+    (["redis", "--port", "99999"], "99999 is not in the range 1<=x<=65535"),
+    (["run", "--broker", "nonsense"], "broker address 'nonsense' must start with tcp://"),
+    (["worker", "--stage", "1", "--broker", "tcp://127.0.0.1"], "is not tcp://HOST:PORT"),
+])
+def test_option_mistakes_are_refused_before_anything_starts(args: list[str], words: str) -> None:
+    """A bad thread count, port or broker address is refused by its option at once, exit 2,
+    before any wait for Redis (--threads -1 used to end in a torch traceback)."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+
+
+def test_a_held_redis_port_is_one_line() -> None:
+    """`zdni redis` on a port another process holds says so in one line, exit 2, not
+    redis-server's log."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(main, ["redis", "--port", str(port)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"Error: cannot serve Redis on 127.0.0.1:{port}: another "
+                                     "process holds it; give --port (or ZDNI_REDIS_PORT) a free "
+                                     "port")

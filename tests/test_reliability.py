@@ -192,6 +192,62 @@ def test_hand_started_workers_outlive_a_driver_and_serve_the_next(
             p.stop()
 
 
+def test_a_broker_restarted_3_s_later_costs_seconds_beyond_the_outage(
+        redis_url: str, redis_client: redis.Redis, tmp_path: Path, repo_root: Path) -> None:
+    """Kill a hand-started broker mid-run and start it again 3 s later, at the default 1 s
+    heartbeat (too short an outage for the driver to have missed three pings): the new broker's
+    instance id in its first answer makes the driver replay what was in flight at once, so the
+    run goes on within 5 s of the restart (it used to wait for --resend-after, 30 s), and ends
+    with every batch accounted."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x_train=g.normal(size=(6400, 20)).astype(np.float32),
+             y_train=g.integers(0, 10, 6400), x_test=g.normal(size=(64, 20)).astype(np.float32),
+             y_test=g.integers(0, 10, 64))
+    model = f"{repo_root}/examples/my_models.py:mlp"
+    address = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
+    env = clean_env()
+    broker = Process("broker", ["broker", "--bind", address, "--redis-url", redis_url],
+                     tmp_path, env)
+    workers = [Process(f"stage {s}", ["worker", "--stage", str(s), "--broker", address,
+                                      "--redis-url", redis_url, "--model", model, "--once"],
+                       tmp_path, env) for s in (1, 2, 3)]
+    procs = [broker, *workers]
+    try:
+        driver = Process("driver", ["run", "--broker", address, "--redis-url", redis_url,
+                                    "--run-id", "restarted", "--model", model, "--model-arg",
+                                    "inputs=20", "--model-arg", "width=16", "--dataset",
+                                    str(tmp_path / "data.npz"), "--batch-size", "32",
+                                    "--epochs", "2", "--quiet", "--out", str(tmp_path / "out")],
+                         tmp_path, env)
+        procs.append(driver)
+        wait_for(lambda: fed(redis_client, "restarted") >= 40, "iteration 40")
+        broker.proc.kill()
+        broker.proc.wait(10)
+        at_kill = fed(redis_client, "restarted")
+        time.sleep(3.0)
+        broker = Process("broker again", ["broker", "--bind", address, "--redis-url",
+                                          redis_url], tmp_path, env)
+        procs.append(broker)
+        restarted = time.monotonic()
+        # past the window in flight at the kill (fed again) and some new work
+        wait_for(lambda: fed(redis_client, "restarted") >= at_kill + 12,
+                 "the run to go on after the broker came back", timeout=60)
+        resumed = time.monotonic() - restarted
+        assert driver.proc.wait(200) == 0, logs(procs)
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        text = driver.log_path.read_text()
+        assert "answers again (a new instance: it restarted)" in text, text[-2000:]
+        assert "unfinished after" not in text  # no batch waited for --resend-after
+        assert resumed < 5.0, f"the run went on {resumed:.1f} s after the broker came back"
+        assert summary["tally"]["dropped:broker_restart"] >= 1
+        assert summary["tally"]["fed"] - summary["tally"]["replayed"] == 400  # 2 epochs
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def test_a_driver_without_a_broker_names_the_address(mnist_dir: Path, redis_url: str,
                                                      tmp_path: Path) -> None:
     """`zdni run` with no broker at the address fails with one line naming it, in seconds."""

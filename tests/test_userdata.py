@@ -79,3 +79,23 @@ def test_a_pt_file_with_code_in_it_is_refused(tmp_path: Path) -> None:
     torch.save({"x_train": torch.zeros(2, 3), "obj": Path("/etc")}, tmp_path / "evil.pt")
     with pytest.raises(DataError, match="not a .pt file of tensors"):
         load_user_dataset(str(tmp_path / "evil.pt"))
+
+
+def test_b12_labels_stored_as_text_are_one_line(tmp_path: Path) -> None:
+    """Labels saved as strings ('0'..'9', as a CSV or pandas export gives them; field case B12)
+    are a DataError saying what the labels hold and what they must be, as float labels are (it
+    used to be numpy's TypeError listing the dtypes torch takes)."""
+    g = np.random.default_rng(0)
+    path = tmp_path / "text.npz"
+    np.savez(path, x_train=g.integers(0, 255, (10, 4, 4), dtype=np.uint8),
+             y_train=np.array([str(v) for v in g.integers(0, 10, 10)]),
+             x_test=g.integers(0, 255, (3, 4, 4), dtype=np.uint8), y_test=np.array(["1", "2", "3"]))
+    with pytest.raises(DataError) as err:
+        load_user_dataset(str(path))
+    text = str(err.value)
+    assert text.startswith(f"{path} y_train holds text (<U1: '")
+    assert text.endswith("labels must be integers 0..classes-1: save them as integers "
+                         "(y.astype(np.int64))")
+    with pytest.raises(DataError, match=r"dataset \(train\) y holds text"):
+        from_objects((np.zeros((4, 2), np.float32), np.array(["a", "b", "c", "d"])),
+                     (np.zeros((1, 2), np.float32), np.array([0])))

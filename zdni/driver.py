@@ -69,6 +69,7 @@ class Driver:
         self.last_pong = self.last_ping = 0.0
         self.unanswered_since: float | None = None  # the oldest ping sent since the last pong
         self.broker_down = False
+        self.broker_instance: object = None  # the id in the broker's answers to our pings
         self.stages = stage_count(cfg)
         self.label = f"{cfg.mode} x{self.stages}"
         self.metrics = metrics or MetricsWriter(cfg, self.stages)  # records nowhere by default
@@ -165,14 +166,17 @@ class Driver:
             self.next_health = time.monotonic() + min(0.5, self.cfg.heartbeat_s)
         if frames is None:
             return
-        self.last_message = time.monotonic()
         try:
             msg = codec.decode(frames, expect_run=self.cfg.run_id)
         except protocol.MessageError as exc:
             log.error("[driver] dropped a message (%s): %s", exc.reason, exc)
             return
         if msg.kind == protocol.PING and msg.src == protocol.DRIVER:
-            self._pong()
+            self._pong(msg.meta.get("broker"))  # our own ping: not the pipeline progressing
+            return
+        self.last_message = time.monotonic()
+        if msg.kind == protocol.PING:
+            log.error("[driver] dropped a ping of endpoint %d", msg.src)
         elif msg.kind == protocol.DONE and 1 <= msg.src <= self.stages:
             self.metrics.observe(msg.src, msg.meta)
             if msg.meta.get(protocol.DONE_EVENT) == protocol.EVENT_UPDATE:
@@ -205,13 +209,19 @@ class Driver:
         with contextlib.suppress(TimeoutError):
             self.send(protocol.PING, 0, protocol.DRIVER, {}, {"sent": self.last_ping})
 
-    def _pong(self) -> None:
+    def _pong(self, instance: object) -> None:
+        """Our ping came back. A broker that answers with another instance id than the last
+        (zdni/protocol.py PING) was restarted, however briefly: what the old one held is lost."""
         self.last_pong = time.monotonic()
         self.unanswered_since = None
-        if self.broker_down:  # a restarted broker lost what it held: feed it all again now
+        known, self.broker_instance = self.broker_instance, instance
+        restarted = known is not None and instance != known
+        if self.broker_down or restarted:  # feed everything in flight again, now
             self.broker_down = False
-            log.warning("[driver] the broker at %s answers again; feeding the %d batches in "
-                        "flight again", self.broker, len(self.window.flights))
+            log.warning("[driver] the broker at %s answers again%s; feeding the %d batches "
+                        "in flight again", self.broker,
+                        " (a new instance: it restarted)" if restarted else "",
+                        len(self.window.flights))
             self._replay(self.window.inflight, "broker_restart")
             self.eval_lost = bool(self.eval_expected)
 
@@ -259,6 +269,8 @@ class Driver:
         for name in ("broker", "synth"):
             if name in dead and self.cluster is not None:
                 log.error("[driver] %s exited with code %s; restarting it", name, dead.pop(name))
+                if name == "broker":
+                    self.broker_instance = None  # the new one's id is expected: replayed here
                 self.cluster.restart(name)
                 self.window.tally["restarts"] += 1
                 self._replay(self.window.inflight, f"{name}_failed")
@@ -275,9 +287,13 @@ class Driver:
                       " them): a message was lost; feeding their batches again", lost.iterations,
                       self.window.lost_s, lost.behind)
             self._replay(lost.iterations, "lost")
-        if now - self.last_message > self.stall_s:
-            raise RunError(f"no message for {self.stall_s:.0f} s; stages behind: "
-                           f"{self.window.behind()}")
+        if now - self.last_message > self.stall_s:  # our own pings do not count
+            if self.broker_down:
+                raise RunError(f"the broker at {self.broker} has not answered for "
+                               f"{self.stall_s:.0f} s; start it again (zdni broker --bind "
+                               f"{self.broker}) and this run with it")
+            raise RunError(f"no message from any stage for {self.stall_s:.0f} s; stages "
+                           f"behind: {self.window.behind()}; see their logs")
 
     def _read_health(self) -> tuple[dict[int, str], dict[int, str]]:
         """Beat the driver's heartbeat, anchor `fed` for restarted workers, and read the
@@ -456,6 +472,7 @@ class Driver:
         sent = samples = 0
         more = True
         lost_s = self.window.lost_s
+        tries: dict[int, int] = {}  # eval batch -> times it was sent again for want of an answer
         while more or self.eval_expected:
             while more and len(self.eval_expected) < self.cfg.max_inflight:
                 nxt = next(batches, None)
@@ -477,6 +494,11 @@ class Driver:
                     self.window.tally["resent:eval"] += 1
                     send(b)
             for b in [b for b in self.eval_expected if time.monotonic() - sent_at[b] > lost_s]:
+                tries[b] = tries.get(b, 0) + 1
+                if tries[b] > self.window.tries:  # as many tries as a training batch gets
+                    raise RunError(f"evaluation batch {b} unanswered after {tries[b]} tries of "
+                                   f"{lost_s:.0f} s (--resend-after); see the stages' logs for "
+                                   f"the messages they dropped")
                 log.error("[driver] eval batch %d unanswered after %.0f s: sending it again",
                           b, lost_s)
                 self.window.tally["resent:eval"] += 1

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from zdni import balance, methods
+from zdni import balance, limits, methods
 from zdni.config import ConfigError, RunConfig
 from zdni.data import DataError
 from zdni.models import build_units, cut_points
 from zdni.objective import CROSS_ENTROPY, Objective, objective_of
-from zdni.probe import output_shape, probe
+from zdni.probe import probe, unit_shapes
 from zdni.split import Data, TensorSplit
+from zdni.transport import HWM
 from zdni.usercode import UserCodeError
 from zdni.userdata import classes_of
 
@@ -31,13 +32,15 @@ PROBE = 8  # training samples the loss and metric are tried on before the run st
 
 
 def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
-         device: str = "cpu", threads: int | None = None, resumed: bool = False,
-         objective: Objective | None = None) -> dict[str, Any]:
+         device: str = "cpu", threads: int | None = None, wire: bool = True,
+         resumed: bool = False, objective: Objective | None = None) -> dict[str, Any]:
     """Fill in cfg.input_shape, the targets' kind and shape, cfg.classes, the batches per
     epoch and (with cfg.balance) cfg.cuts; check that the model's output fits the targets (the
-    loss and metric run on a few real samples) and that the cut can be made. Returns what
-    balancing chose and measured (empty without cfg.balance), for the summary. A `resumed` run
-    keeps the cuts it was balanced to when it started: its checkpoint's weights are cut there."""
+    loss and metric run on a few real samples), that the cut can be made, that its messages
+    fit the wire (unless `wire` is False: every stage in one process) and that every stage
+    trains once on a real batch. Returns what balancing chose and measured (empty without
+    cfg.balance), for the summary. A `resumed` run keeps the cuts it was balanced to when it
+    started: its checkpoint's weights are cut there."""
     method = methods.get(cfg.mode)
     method.settings(cfg)  # the method's own settings (--method-arg), checked before anything
     if cfg.conditioned and not method.synthetic:
@@ -57,8 +60,9 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
         units = units if units is not None else build_units(cfg.model, cfg.model_args)
     finally:
         torch.random.set_rng_state(state)
-    out = output_shape(cfg.model, units, tuple(cfg.input_shape),
-                       (len(data.train), *cfg.input_shape))
+    shapes = unit_shapes(cfg.model, units, tuple(cfg.input_shape),
+                         (len(data.train), *cfg.input_shape))
+    out = shapes[-1]
     want = (needed, *cfg.label_shape)
     if cfg.loss == CROSS_ENTROPY:
         if len(out) != len(want) or out[0] < needed or tuple(out[1:]) != want[1:]:
@@ -100,6 +104,9 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
     points = cut_points(len(units), cfg.stages, cfg.cuts)
     if cfg.freeze_stage is not None and not 1 <= cfg.freeze_stage <= len(points):
         raise ConfigError(f"freeze_stage {cfg.freeze_stage} is not a stage of this run")
+    # what the wire and the broker allow, at the shapes where this cut falls (zdni/limits.py)
+    if wire:
+        limits.check(cfg, [shapes[p] for p in points] + [out], HWM)
     # every stage trains once, here, on the run's first batch and at the epoch's last size
     xb, yb = data.train.probe(cfg.batch_size)
     probe(cfg, units, points, xb, yb, len(data.train), objective)

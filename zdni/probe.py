@@ -30,7 +30,7 @@ from zdni.objective import Objective, objective_of
 from zdni.rng import UnitStreams, span
 from zdni.usercode import UserCodeError
 
-__all__ = ["output_shape", "probe", "wants"]
+__all__ = ["probe", "unit_shapes", "wants"]
 
 log = logging.getLogger("zdni.driver")
 
@@ -107,12 +107,13 @@ def run_once(cfg: RunConfig, units: Sequence[nn.Module], points: Sequence[int],
         g = h_in.grad
 
 
-def output_shape(model: str, units: Sequence[nn.Module], shape: tuple[int, ...],
-                 data_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The per-sample output shape of the units on samples of `shape` (a shape probe in eval
-    mode, nothing learned). A unit that raises is a UserCodeError saying what zdni fed it and,
-    for the first unit, what its first layer wants and how to give it that."""
+def unit_shapes(model: str, units: Sequence[nn.Module], shape: tuple[int, ...],
+                data_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample shapes before every unit and after the last: [shape, after unit 0, ...] (a
+    shape probe in eval mode, nothing learned). A unit that raises is a UserCodeError saying
+    what zdni fed it and what its first layer wants and how to give it that."""
     h = torch.zeros(2, *shape)
+    shapes = [tuple(shape)]
     for k, unit in enumerate(units):
         was = unit.training
         unit.eval()  # a shape probe must not move BatchNorm's running statistics
@@ -132,7 +133,8 @@ def output_shape(model: str, units: Sequence[nn.Module], shape: tuple[int, ...],
         if not isinstance(h, torch.Tensor):
             raise UserCodeError(f"model {model}: unit {k} ({failure.describe(unit)}) returns a "
                                 f"{type(h).__name__}; each unit must return one tensor")
-    return tuple(h.shape[1:])
+        shapes.append(tuple(h.shape[1:]))
+    return shapes
 
 
 def wants(unit: nn.Module, fed: tuple[int, ...]) -> str | None:

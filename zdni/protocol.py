@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 
 # 2: activations carry their labels (h, y) outside full mode; 3: eval results carry the
-# metric's sum (not a count of correct answers), targets may be float32; 4: FAIL
+# metric's sum (not a count of correct answers), targets may be float32; 4: FAIL, and the
+# broker's instance id in pings
 PROTOCOL_VERSION = 4
 
 # Endpoints. Stages are numbered from 1, as the user numbers them.
@@ -49,6 +50,7 @@ CONTROL = "control"  # driver -> stage: meta["op"] in CONTROL_OPS
 SYNTH_REQ = "synth_req"  # stage -> synthesizer service: predict / train (remote placement)
 SYNTH_REP = "synth_rep"  # synthesizer service -> stage: the prediction
 PING = "ping"  # any endpoint -> itself, through the broker: is the broker there (and back)?
+#                the broker writes its instance id into meta "broker" (a new id: it restarted)
 FAIL = "fail"  # stage or synthesizer service -> driver: it cannot go on (its code raised, or it
 #                produced non-finite values: zdni/failure.py); meta "error" is the one-line cause
 KINDS = frozenset({BATCH, ACT, GRAD, DONE, EVAL, EVAL_RESULT, CONTROL, SYNTH_REQ, SYNTH_REP,
@@ -82,7 +84,7 @@ META: dict[str, tuple[str, ...]] = {
     CONTROL: ("op", "at", "to"),
     SYNTH_REQ: ("op", "remember"),
     SYNTH_REP: ("op", "grad_loss", "input_loss"),
-    PING: ("sent",),
+    PING: ("sent", "broker"),
     FAIL: ("error",),
 }
 

@@ -65,8 +65,12 @@ def render(status: dict[str, Any]) -> str:
     st = status["state"]
     scored = next(((k, v) for k, v in st.items() if k.startswith(("val_", "test_"))
                    and not k.endswith("_loss")), ("test_accuracy", "-"))
-    lines = [f"run {status['run']}: {st.get('status', '?')}, epoch {st.get('epoch', 0)},"
-             f" iteration {st.get('iteration', 0)}, {scored[0].replace('_', ' ')} {scored[1]}"]
+    # The driver records epoch and score at each epoch's end, `fed` at every health check:
+    # the newest iteration is what the stages say they trained, not the last epoch's end.
+    newest = max([int(st.get("iteration", 0))] + [r["iteration"] for r in status["stages"]])
+    lines = [f"run {status['run']}: {st.get('status', '?')}, epoch {st.get('epoch', 0)} done,"
+             f" iteration {newest} (fed {st.get('fed', 0)}), {scored[0].replace('_', ' ')} "
+             f"{scored[1]}"]
     head = f"{'stage':>6} {'state':<10} {'iter':>7} {'beat age':>8} {'cpu%':>6} {'rss MB':>7}" \
            f" {'trained':>8} {'dropped':>8}  host"
     lines.append(head)

@@ -140,7 +140,8 @@ def train_inproc(cfg: RunConfig, quiet: bool = False, download: bool = False,
     `resume`, go on from that checkpoint (zdni.resume.prepare)."""
     cfg.validate()
     data = data if data is not None else load_data(cfg, download)
-    chosen = plan(cfg, data, units, resumed=resume is not None, objective=objective)
+    chosen = plan(cfg, data, units, wire=False,  # nothing crosses a wire in process
+                  resumed=resume is not None, objective=objective)
     count = stage_count(cfg) if units is None else len(cut_points(len(units), cfg.stages,
                                                                    cfg.cuts))
     with rundir.closing(out_dir, cfg, data.norm, live, resumed=resume is not None):

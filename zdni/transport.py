@@ -13,6 +13,7 @@ from typing import Any
 import zmq
 
 from zdni import protocol
+from zdni.errors import ZdniError
 from zdni.security import Curve
 
 log = logging.getLogger("zdni.transport")
@@ -57,6 +58,20 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
     while frames[-1].more:
         frames.append(sock.recv(flags, copy=False))
     return frames
+
+
+class BindError(ZdniError, OSError):
+    """A socket cannot bind its address (held by another process, or not this host's); the
+    message names the address and what to do."""
+
+
+def bind(sock: zmq.Socket, address: str, what: str) -> None:
+    """sock.bind(address), or a BindError naming the address, `what` it is for and why."""
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        why = "another process holds it" if exc.errno == zmq.EADDRINUSE else exc.strerror
+        raise BindError(f"cannot bind {address} ({what}): {why}") from None
 
 
 class Endpoint:

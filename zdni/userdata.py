@@ -143,8 +143,8 @@ def _read_npz(path: str) -> tuple[Pair, Pair]:
     except Exception as exc:
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:120]})") from None
-    return (_tensor(got["x_train"]), _tensor(got["y_train"])), (_tensor(got["x_test"]),
-                                                               _tensor(got["y_test"]))
+    x_train, y_train, x_test, y_test = (_tensor(got[k], f"{path} {k}") for k in KEYS)
+    return (x_train, y_train), (x_test, y_test)
 
 
 def _read_pt(path: str) -> tuple[Pair, Pair]:
@@ -164,10 +164,23 @@ def _read_pt(path: str) -> tuple[Pair, Pair]:
                     f"{type(obj).__name__}")
 
 
-def _tensor(value: Any) -> torch.Tensor:
+def _tensor(value: Any, what: str = "an array") -> torch.Tensor:
+    """A tensor of the array, or a DataError saying what the array holds and what it must hold
+    (labels stored as text, as a CSV or pandas export gives them, are the usual case)."""
     if isinstance(value, torch.Tensor):
         return value
-    return torch.from_numpy(np.ascontiguousarray(value))
+    array = np.asarray(value)
+    if array.dtype.kind in "USO":  # text (or objects): say what it holds, not numpy's types
+        sample = ", ".join(repr(str(v)) for v in array.reshape(-1)[:3])
+        label = what.rsplit(" ", 1)[-1].startswith("y")
+        need = "labels must be integers 0..classes-1: save them as integers (y.astype(np.int64))" \
+            if label else "inputs must be numbers (uint8 or floating point)"
+        raise DataError(f"{what} holds text ({array.dtype}: {sample}, ...); {need}")
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError:
+        raise DataError(f"{what} holds {array.dtype}, which torch cannot take; labels must be "
+                        "integers, inputs uint8 or floating point") from None
 
 
 def _targets(y: torch.Tensor, what: str) -> torch.Tensor:
@@ -206,7 +219,9 @@ def _pair(obj: Any, what: str) -> Pair:
         return obj.tensors[0], obj.tensors[1]
     if isinstance(obj, tuple | list) and len(obj) == 2 and not isinstance(obj[0], tuple | list):
         try:
-            return _tensor(obj[0]), _tensor(obj[1])
+            return _tensor(obj[0], f"{what} x"), _tensor(obj[1], f"{what} y")
+        except DataError:
+            raise
         except (TypeError, ValueError) as exc:
             raise DataError(f"{what}: {exc}") from None
     raise DataError(f"{what}: expected (x, y) tensors or a Dataset of (x, y), got a "

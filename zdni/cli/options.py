@@ -83,9 +83,23 @@ def allow_objective_options(func: F) -> F:
                        "and torch.nn's need no allowing).")(func)
 
 
+def broker_address(ctx: click.Context, param: click.Parameter, value: str | None
+                   ) -> str | None:
+    """A broker address the outbound ones can be derived from, checked before anything waits."""
+    if value is not None:
+        from zdni.protocol import outbound_address
+
+        try:
+            outbound_address(value, 0)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def broker_option(func: F) -> F:
     return option("--broker", default=DEFAULT_BROKER, show_default=True,
-                        envvar="ZDNI_BROKER", help="The broker's inbound address.")(func)
+                  envvar="ZDNI_BROKER", callback=broker_address,
+                  help="The broker's inbound address.")(func)
 
 
 def run_dir_option(func: F) -> F:
@@ -108,6 +122,60 @@ def locate(redis_url: str | None, run_id: str | None, run_dir: str | None
     return redis_url_or_default(redis_url), run_id
 
 
+def find_run(redis_url: str | None, run_id: str | None, run_dir: str | None, who: str
+             ) -> tuple[str, str | None, str | None, str]:
+    """(URL, run id, run directory, where the URL came from) for the operations commands: given
+    ones win; with neither a URL nor a run directory, the default Redis if one answers there,
+    else the newest run directory under ./runs (what `zdni train` writes: its run.json names
+    its own Redis), said on stderr; with none of those, one line saying what to give."""
+    import glob
+    import os
+
+    origin = f"--run-dir {run_dir}" if run_dir else "--redis-url" if redis_url else ""
+    if not run_dir and not redis_url:
+        origin = f"the default {DEFAULT_REDIS_URL}"
+        if not _answers(DEFAULT_REDIS_URL):
+            found = sorted(glob.glob(os.path.join("runs", "*", "run.json")),
+                           key=os.path.getmtime)
+            if not found:
+                raise UserError(f"no Redis answers at {DEFAULT_REDIS_URL} and there is no run "
+                                "directory under ./runs: `zdni train` keeps its own Redis and "
+                                "names it in RUN_DIR/run.json; give --run-dir RUN_DIR (or "
+                                "--redis-url URL)")
+            run_dir = os.path.dirname(found[-1])
+            origin = f"{run_dir}/run.json, the newest run here"
+            click.echo(f"{who} reading {run_dir}, the newest run directory here (--run-dir or "
+                       "--redis-url choose another)", err=True)
+    url, run_id = locate(redis_url, run_id, run_dir)
+    return url, run_id, run_dir, origin
+
+
+def open_run(redis_url: str | None, run_id: str | None, run_dir: str | None, who: str
+             ) -> tuple[Any, str, str | None]:
+    """(client, URL, run id), found as `find_run` finds them; a Redis that does not answer is
+    one line saying where its URL came from."""
+    from zdni.redisserver import RedisError, connect
+
+    url, run_id, run_dir, origin = find_run(redis_url, run_id, run_dir, who)
+    try:
+        client = connect(url, fail_fast=True)  # it answers PING, or says why not
+    except RedisError as exc:
+        ended = f"; if the run in {run_dir} has ended, its embedded Redis ended with it (its " \
+                f"results are in {run_dir}/summary.json)" if run_dir else ""
+        raise UserError(f"{exc} (the URL from {origin}){ended}") from None
+    return client, url, run_id
+
+
+def _answers(url: str) -> bool:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+        return True
+    except (redis.RedisError, OSError):
+        return False
+
+
 def writable_dir(path: str, flag: str = "--out") -> str:
     """Make sure `path` is a directory we can write into, or say why not in one line."""
     import os
@@ -128,7 +196,7 @@ def run_option(func: F) -> F:
 
 
 def threads_option(func: F) -> F:
-    return option("--threads", type=int, default=None, envvar="ZDNI_THREADS",
+    return option("--threads", type=click.IntRange(min=1), default=None, envvar="ZDNI_THREADS",
                         help="torch threads [default: cores / stages, as if every stage shared "
                              "this host; a process alone on its host may take all its cores]."
                         )(func)

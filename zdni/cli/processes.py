@@ -32,6 +32,7 @@ from zdni.shell import leave_now
         help="Inbound address; the outbound sockets take the next ports.")
 @redis_option
 @curve_option("broker")
+@clean_errors
 def broker(bind: str, redis_url: str | None, curve: Curve | None) -> None:
     """Run the broker: route tensors between the driver and the stages; watch their health."""
     from broker.broker import main as broker_main
@@ -91,9 +92,13 @@ def worker(stage: int, broker: str, redis_url: str | None, run_id: str | None, d
         raise click.BadParameter(str(exc), param_hint="--device") from None
     url = redis_url_or_default(redis_url)
     wait_for_redis(url, f"[stage {stage}]")
-    worker_main(stage, broker, url, run_id, spec.torch_device, threads or spec.threads,
-                checkpoint_dir, wait_s, curve, allow_model, once,
-                frozenset(c for c in (allow_loss, allow_metric) if c))
+    try:
+        worker_main(stage, broker, url, run_id, spec.torch_device, threads or spec.threads,
+                    checkpoint_dir, wait_s, curve, allow_model, once,
+                    frozenset(c for c in (allow_loss, allow_metric) if c))
+    except SystemExit as exc:  # SIGTERM between runs ends it with 0: nothing left to do
+        if exc.code not in (0, None):
+            raise
     leave_now()  # stopped cleanly: skip torch's slow teardown (zdni.shell.leave_now)
 
 
@@ -127,7 +132,8 @@ def synth(broker: str, redis_url: str | None, run_id: str | None, threads: int |
 
 
 @main.command("redis")
-@option("--port", type=int, default=6379, show_default=True, envvar="ZDNI_REDIS_PORT")
+@option("--port", type=click.IntRange(1, 65535), default=6379, show_default=True,
+        envvar="ZDNI_REDIS_PORT")
 @option("--host", default="127.0.0.1", show_default=True)
 @option("--redis-dir", default=None, envvar="ZDNI_REDIS_DIR",
         help="Keep an append-only file here: a Redis started again on this directory comes "
@@ -135,11 +141,20 @@ def synth(broker: str, redis_url: str | None, run_id: str | None, threads: int |
 @clean_errors
 def redis_cmd(port: int, host: str, redis_dir: str | None) -> None:
     """Run the embedded Redis server in the foreground (for honcho and laptops) until stopped."""
+    import errno
+    import socket
     import time
 
     from zdni.redisserver import EmbeddedRedis
     from zdni.shell import Stopper
 
+    with socket.socket() as probe:  # a held port is one line, not redis-server's log
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            why = "another process holds it" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise UserError(f"cannot serve Redis on {host}:{port}: {why}; give --port (or "
+                            "ZDNI_REDIS_PORT) a free port") from None
     stopper = Stopper()
     with EmbeddedRedis(port=port, host=host, persist_dir=redis_dir) as server:
         click.echo(f"[redis] serving {server.url} (pid {server.pid})", err=True)
