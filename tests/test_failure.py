@@ -283,3 +283,14 @@ def test_cli_b05_is_one_line_and_exit_2_before_any_process(files: Path, tmp_path
     assert lines == [lines[-1]] and lines[0].startswith("Error: stage 1 produced non-finite")
     assert not (out / "logs").exists() and time.monotonic() - start < 60
     assert proc.stdout == ""  # no summary line
+
+
+def test_balance_time_names_a_unit_whose_profiling_raises(files: Path) -> None:
+    """--balance time on a model with a unit that raises when trained says which unit, in one
+    line, before anything starts (it used to end in the unit's traceback)."""
+    cfg = config(files, "bomb", model_args={"after": 0}, balance="time", stages=2)
+    with pytest.raises(UserCodeError) as err:
+        plan(cfg, load_data(cfg))
+    assert str(err.value).startswith("--balance time: unit 2 (Bomb) raised ValueError: the "
+                                     "user's layer broke when run forward and backward on 32 "
+                                     "random samples of shape (32,)")
