@@ -17,6 +17,7 @@ from zdni.config import ConfigError, RunConfig
 from zdni.driver import Driver
 from zdni.limits import check
 from zdni.loop import RunError
+from zdni.split import TensorSplit
 from zdni.transport import HWM, free_port_range
 
 pytestmark = pytest.mark.timeout(120)
@@ -78,7 +79,7 @@ def test_an_unanswered_evaluation_gives_up(lonely_driver: Driver) -> None:
     run ends with a line naming the batch (it used to send them again forever)."""
     x, y = torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.int64)
     with pytest.raises(RunError, match=r"evaluation batch 0 unanswered after 4 tries of 0 s"):
-        lonely_driver.evaluate(x, y, 0)
+        lonely_driver.evaluate(TensorSplit(x, y), 0)
     assert lonely_driver.tally["resent:eval"] == 2 * 3  # both batches, three times each
 
 
