@@ -97,6 +97,13 @@ class UnitStreams:
             h = h.detach().requires_grad_()
         return h
 
+    def peek(self) -> list[torch.Tensor]:
+        """Copies of the streams now (to replay a forward pass exactly: zdni.failure)."""
+        return [s.clone() for s in self.states]
+
+    def rewind(self, states: list[torch.Tensor]) -> None:
+        self.states = [s.clone() for s in states]
+
     @property
     def _devices(self) -> list[torch.device]:
         return [self.device] if self.cuda else []
