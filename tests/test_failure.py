@@ -5,6 +5,7 @@ and faults that only show at a later iteration, in process and over real worker 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 import torch
 from procs import batches
 
+from zdni import methods
 from zdni.cluster import train_distributed
 from zdni.config import RunConfig
 from zdni.failure import StageFailure
@@ -222,6 +224,23 @@ def test_a_fault_at_a_later_iteration_ends_the_in_process_run(files: Path, how: 
     assert str(err.value).startswith(first), str(err.value)
 
 
+@pytest.mark.parametrize("how", ["raise", "inf"])
+@pytest.mark.parametrize("mode", methods.names())
+def test_a_fault_ends_the_in_process_run_of_every_method(files: Path, mode: str,
+                                                         how: str) -> None:
+    """Every method in zdni/methods/ ends the in-process run at the first fault of a unit (it
+    raises, or makes non-finite values) with one line naming stage 2 and the unit (full mode
+    runs stage 2 an iteration ahead on I's prediction, so the iteration is not pinned here)."""
+    with pytest.raises(StageFailure) as err:
+        train_here(config(files, "bomb", mode=mode, model_args={"how": how},
+                          run_id=f"fault-{mode}"))
+    text = str(err.value)
+    first = r"stage 2 failed at iteration \d+ in unit 2 \(Bomb\): ValueError" if how == "raise" \
+        else r"stage 2 produced non-finite activations \([a-z, -]+\) in unit 2 \(Bomb\) at " \
+             r"iteration \d+"
+    assert re.match(first, text) and "retrying cannot help" in text and "\n" not in text, text
+
+
 @pytest.mark.parametrize(("factory", "words"), [
     ("detached", "stage 2's output does not depend on its input (unit 1)"),
     ("nan_backward", "stage 2's backward produced non-finite gradients (nan) on a training batch "
@@ -250,15 +269,17 @@ def stamp_of(path: Path) -> float:
     return float(path.read_text().split()[0])
 
 
-@pytest.mark.parametrize("how", ["raise", "inf"])
-def test_a_fault_ends_a_distributed_run_in_seconds(files: Path, redis_url: str, how: str,
-                                                   tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "how"), [("sg", "raise"), ("sg", "inf")] + [
+    (m, "raise") for m in methods.names() if m not in ("sg", "full")])
+def test_a_fault_ends_a_distributed_run_in_seconds(files: Path, redis_url: str, mode: str,
+                                                   how: str, tmp_path: Path) -> None:
     """Over real worker processes, a stage whose code raises (or makes inf) at iteration 3 tells
     the driver (a FAIL message), which ends the run within 10 s of the fault with the stage's
-    one line; it used to drop the message, replay it three times and give up minutes later."""
+    one line, whatever the method; it used to drop the message, replay it three times and give
+    up minutes later. (Full mode runs stage 2 ahead on I's prediction: in process, above.)"""
     stamp = tmp_path / "went-off"
-    cfg = config(files, "bomb", run_id=f"bomb-{how}", model_args={"how": how, "stamp": str(stamp)},
-                 epochs=3)
+    cfg = config(files, "bomb", run_id=f"bomb-{mode}-{how}", mode=mode,
+                 model_args={"how": how, "stamp": str(stamp)}, epochs=3)
     with pytest.raises(RunError) as err:
         train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     ended = time.time()
