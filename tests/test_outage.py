@@ -56,3 +56,29 @@ def test_an_outage_past_the_timeout_is_fatal() -> None:
     now[0] = 6.0
     with pytest.raises(RedisGone, match="unreachable for 6 s"):
         watch.call(fn)
+
+
+def test_a_last_word_waits_for_redis_then_gives_up_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """settle tries again every RETRY_S while Redis is away and returns what the call returns
+    once it is back; away past wait_s it returns the default, logs the loss, never raises."""
+    now = [0.0]
+    watch = RedisWatch("[stage 1]", timeout_s=5, clock=lambda: now[0])
+    fn = Flaky()
+    fn.up = False
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+        if now[0] >= 3.0:
+            fn.up = True
+
+    assert watch.settle(fn, wait_s=30, sleep=sleep) == "ok"
+    assert slept == [1.0, 1.0, 1.0] and fn.calls == 4 and watch.up
+    fn.up = False
+    caplog.set_level(logging.ERROR, "zdni.outage")
+    now[0] = 100.0
+    assert watch.settle(fn, wait_s=2.5, sleep=lambda s: now.__setitem__(0, now[0] + s),
+                        default="lost") == "lost"  # past timeout_s too: no RedisGone
+    assert fn.calls == 4 + 4  # at 0, 1, 2 and 2.5 s
+    assert any("last record is lost" in r.message for r in caplog.records)

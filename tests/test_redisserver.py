@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -182,3 +183,24 @@ def test_shared_fixture_gives_a_flushed_database(redis_client: redis.Redis, roun
     """Each test gets an empty database, even after the previous test left a key behind."""
     assert redis_client.dbsize() == 0
     redis_client.set("leftover", b"1")
+
+
+def test_a_server_restarted_from_a_thread_outlives_the_thread(tmp_path: Path) -> None:
+    """restart() from a short-lived thread: the server keeps running after the thread ends
+    (PR_SET_PDEATHSIG follows the forking thread, so zdni.launcher.spawn forks elsewhere)."""
+    server = EmbeddedRedis(persist_dir=str(tmp_path / "r")).start()
+    try:
+        redis.Redis.from_url(server.url).set("kept", "1")
+        os.kill(server.pid, 9)
+        thread = threading.Thread(target=server.restart)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive()
+        client = redis.Redis.from_url(server.url, socket_timeout=2)
+        deadline = time.monotonic() + 1.5  # a death signal would arrive at once
+        while time.monotonic() < deadline:
+            assert client.ping()
+            time.sleep(0.1)
+        assert client.get("kept") == b"1"  # and it reloaded its append-only file
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from collections import Counter, OrderedDict, deque
 from typing import Any
@@ -21,7 +22,7 @@ from zdni.health import beat
 from zdni.inbox import Inbox, check_tensor
 from zdni.models import build_stages, input_shape, stage_shapes
 from zdni.objective import check_targets
-from zdni.outage import RedisWatch
+from zdni.outage import RedisGone, RedisWatch
 from zdni.protocol import MessageError
 from zdni.redisserver import connect
 from zdni.rng import span
@@ -196,7 +197,9 @@ class Worker:
         finally:
             self.writer.close()
             self._save(self.iteration)
-            self._beat("stopped")
+            # The last beat waits out an outage (the driver reads its counters), unless Redis
+            # being gone for good is why the stage stops.
+            self._beat("stopped", last=not isinstance(sys.exc_info()[1], RedisGone))
             self.net.close()
             ctx.term()
 
@@ -483,9 +486,10 @@ class Worker:
             self.watch.call(checkpoint.save, self.redis, self.run, self.stage, it,
                             self.checkpoint_dir)
 
-    def _beat(self, status: str) -> None:
-        self.watch.call(beat, self.redis, self.run, self.index, status, self.iteration,
-                        self.counts, self.device, self.cfg.heartbeat_s, self.checkpoint_dir)
+    def _beat(self, status: str, last: bool = False) -> None:
+        call = self.watch.settle if last else self.watch.call
+        call(beat, self.redis, self.run, self.index, status, self.iteration,
+             self.counts, self.device, self.cfg.heartbeat_s, self.checkpoint_dir)
 
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,

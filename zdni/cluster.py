@@ -22,6 +22,7 @@ from zdni.launcher import Cluster
 from zdni.loop import Data, load_data
 from zdni.metrics import MetricsWriter
 from zdni.models import stage_count
+from zdni.outage import RedisGone
 from zdni.plan import plan
 from zdni.redisserver import EmbeddedRedis, connect, mask_url
 from zdni.resume import Checkpoint, Checkpointer, clear_run, seed
@@ -41,13 +42,13 @@ def marking_outcome(driver: Driver) -> Iterator[None]:
         yield
     except StopRequested:
         with contextlib.suppress(Exception):
-            driver.set_state(status="stopped")
+            driver.set_outcome("stopped")
         raise
-    except BaseException:
-        with contextlib.suppress(Exception):
-            driver.set_state(status="failed")
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # Redis itself gone for good: no wait for it
+            driver.set_outcome("failed", wait_s=0 if isinstance(exc, RedisGone) else 30.0)
         raise
-    driver.set_state(status="finished")
+    driver.set_outcome("finished")
 
 
 @contextlib.contextmanager

@@ -128,11 +128,17 @@ class Driver:
         self.watch.call(self.redis.hset, keys.state(self.cfg.run_id),
                         mapping={k: str(v) for k, v in fields.items()})
 
+    def set_outcome(self, status: str, wait_s: float = 30.0) -> None:
+        """Record how the run ended ('finished', 'failed', 'stopped'): a last word, so it waits
+        up to wait_s seconds out a Redis outage (RedisWatch.settle) instead of being skipped."""
+        self.watch.settle(self.redis.hset, keys.state(self.cfg.run_id), "status", status,
+                          wait_s=wait_s)
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Every process's message counters, from Redis."""
         out = {}
         for who in ["broker", *[f"stage:{s}" for s in range(1, self.stages + 1)]]:
-            raw: dict[Any, Any] = self.watch.call(
+            raw: dict[Any, Any] = self.watch.settle(  # the run is over: wait out an outage
                 self.redis.hgetall, keys.counters(self.cfg.run_id, who)) or {}
             out[who] = {keys.text(k): int(v) for k, v in raw.items()}
         return out
@@ -518,8 +524,8 @@ class Driver:
             pipe = self.redis.pipeline(transaction=False)
             for s in range(1, self.stages + 1):
                 pipe.hget(keys.heartbeat(self.cfg.run_id, s), "status")
-            statuses: list[Any] = self.watch.call(pipe.execute) or []
-            if all(v in (b"stopped", None) for v in statuses):
+            statuses: list[Any] | None = self.watch.call(pipe.execute)
+            if statuses is not None and all(v in (b"stopped", None) for v in statuses):
                 return
             time.sleep(0.1)
 

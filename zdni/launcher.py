@@ -8,7 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("zdni.driver")
 
@@ -22,6 +25,25 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process: a child
+# started from a short-lived thread (a test's outage thread restarting Redis, zdni.train called
+# from a worker thread) would be killed as that thread returns. Off the main thread, children
+# are forked from this one long-lived thread instead, which ends only with the process.
+_FORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdni-forker")
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen(args, preexec_fn=die_with_parent, **kwargs), from a thread that lives as
+    long as this process, so the child dies with the process and not with the calling thread."""
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(args, preexec_fn=die_with_parent, **kwargs)
+
+    def fork() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(args, preexec_fn=die_with_parent, **kwargs)
+
+    return _FORKER.submit(fork).result()
 
 
 @dataclass
@@ -43,9 +65,8 @@ class Cluster:
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, name.replace(" ", "") + ".log"), "ab")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
-                                env={**os.environ, **self.env})
+        proc = spawn(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                     stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         if out:
             out.close()
         self.procs[name] = proc

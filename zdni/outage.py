@@ -3,11 +3,13 @@ that it is gone and once that it is back, and gives up only after `timeout_s` wi
 
 What cannot wait is not sent to Redis while it is away (heartbeats, counters, metrics, ring
 slots: each is written again, or replaced, once it is back); a process calls through a
-RedisWatch and gets a default instead of an exception.
+RedisWatch and gets a default instead of an exception. A run's last words (each stage's final
+beat and counters, the driver's final record) wait for Redis instead: RedisWatch.settle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -63,6 +65,31 @@ class RedisWatch:
             return default
         self.came_back()
         return out
+
+    def settle(self, fn: Callable[..., T], *args: Any, wait_s: float = 30.0,
+               sleep: Callable[[float], None] = time.sleep, default: T | None = None,
+               **kwargs: Any) -> T | None:
+        """fn(*args, **kwargs) for a last word that must not be skipped (a stage's final beat and
+        counters, the driver's final record of the run): while Redis is away, tried again every
+        RETRY_S seconds for up to wait_s seconds, then `default` with an error in the log.
+        Never raises RedisGone: the run is over either way."""
+        deadline = self.clock() + wait_s
+        while True:
+            try:
+                out = fn(*args, **kwargs)
+            except TRANSIENT as exc:
+                self.skipped += 1
+                with contextlib.suppress(RedisGone):
+                    self.went(exc)
+                left = deadline - self.clock()
+                if left <= 0:
+                    log.error("%s Redis still away after %.0f s; the run's last record is lost",
+                              self.who, wait_s)
+                    return default
+                sleep(min(RETRY_S, left))
+                continue
+            self.came_back()
+            return out
 
     def went(self, exc: BaseException) -> None:
         """Redis failed a call: note it (once per outage in the log); raise after timeout_s."""

@@ -22,7 +22,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from zdni.errors import ZdniError
-from zdni.launcher import die_with_parent
+from zdni.launcher import spawn
 
 START_TIMEOUT_S = 10.0  # a cold redis-server answers PING in ~50 ms; 10 s covers a loaded CI box
 STOP_TIMEOUT_S = 5.0  # SHUTDOWN NOSAVE with persistence off exits in milliseconds
@@ -277,13 +277,9 @@ class EmbeddedRedis:
         with open(self.dir / "redis.log", "wb") as log:
             # Its own session, so a Ctrl-C reaches only us and we stop it after the workers;
             # and it gets SIGTERM if we die, even by SIGKILL (Linux), so it never outlives us.
-            self._proc = subprocess.Popen(
-                [binary, str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
-            )
+            # (zdni.launcher.spawn: also when restart() is called from a short-lived thread.)
+            self._proc = spawn([binary, str(conf)], stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=subprocess.STDOUT)
         self._pid = self._proc.pid
 
     def _wait_ready(self) -> bool:
