@@ -61,9 +61,11 @@ def test_embedded_redis_killed_mid_run_is_restarted_and_the_run_finishes(
         url = json.loads(run_json.read_text())["redis_url"]
         client = redis.Redis.from_url(url)
         wait_for(lambda: fed(client, "hit-redis") >= 30, "iteration 30")
-        port = url.rsplit(":", 1)[1].split("/")[0]  # this run's server, not the session's
+        # This run's server, not the session's: the one working in the run's directory (its
+        # URL may be a unix socket, with no port to tell them apart).
+        home = str(tmp_path / "hit")
         server = [p for p in psutil.Process().children(recursive=True)
-                  if p.name().startswith("redis-server") and f":{port}" in " ".join(p.cmdline())]
+                  if p.name().startswith("redis-server") and p.cwd().startswith(home)]
         killed["pid"] = server[0].pid
         server[0].send_signal(signal.SIGKILL)
 
