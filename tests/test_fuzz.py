@@ -19,7 +19,7 @@ from zdni.transport import make_socket
 
 pytestmark = pytest.mark.timeout(300)
 RUN = "fuzzed"
-EPOCHS = 4
+EPOCHS = 8  # long enough that the flood (about 3 s) is in well before the end
 FLOOD = 12_000  # the operations issue asks for at least 10,000
 
 
