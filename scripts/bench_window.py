@@ -54,7 +54,8 @@ def run(row: str, window: int | None, seed: int, args: argparse.Namespace, out: 
     summary = json.loads((out / "summary.json").read_text())
     return {"accuracy": summary["test_accuracy"], "best": summary.get("best_accuracy"),
             "history": [h["test_accuracy"] for h in summary["history"]],
-            "window": summary.get("max_inflight"), "wall_s": round(time.monotonic() - start, 1)}
+            "window": summary.get("max_inflight"), "samples_per_s": summary.get("samples_per_s"),
+            "wall_s": round(time.monotonic() - start, 1)}
 
 
 def main() -> int:

@@ -12,6 +12,11 @@ decoupled, runs its synthetic pass up to W - 1 iterations ahead of its true inpu
 segment of T iterations, at step t: every stage's synthetic passes up to t + W - 1, the
 inputs of t in stage order, then each stage's gradient of t - W + 1; at the end the gradients
 left, in order.
+
+The trust gate (zdni/trust.py, issue 22), when `gate` > 0: each stage with M scales the learning
+rate of every update it makes by clamp(c / gate, 0, 1), c the moving average (weight 0.9 on the
+past) of the cosine between the synthetic gradient it used for iteration t and the true one that
+came back for t, in float64 (0 where either is zero); 0 until the first one came back.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def dni(fs: list[nn.Module], Ms: list[nn.Module | None], Is: list[nn.Module | None],
         batches: list[Batch], window: int, lr: float, synth_lr: float,
-        conditioned: bool) -> None:
+        conditioned: bool, gate: float = 0.0) -> None:
     """Train stages `fs` (with Ms[i], and Is[i] when fully decoupled; None where a stage has
     none) on `batches` in place, Adam everywhere, as the module docstring says."""
     S, T, W = len(fs), len(batches), window
@@ -39,6 +44,8 @@ def dni(fs: list[nn.Module], Ms: list[nn.Module | None], Is: list[nn.Module | No
     m_opt = [adam(m, synth_lr) for m in Ms]
     i_opt = [adam(i, synth_lr) for i in Is]
     kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # M_i's input at t
+    used: dict[tuple[int, int], torch.Tensor] = {}  # M_i's answer the stage used at t
+    trust: list[float | None] = [None] * S  # the gate's moving average of the cosine
     targets: dict[tuple[int, int], torch.Tensor] = {}  # the gradient sent back for h_i at t
 
     def label(y: torch.Tensor) -> torch.Tensor | None:
@@ -54,11 +61,20 @@ def dni(fs: list[nn.Module], Ms: list[nn.Module | None], Is: list[nn.Module | No
             g = M(out.detach(), label(y))
         if keep:
             kept[(i, t)] = (out.detach(), y)
+            used[(i, t)] = g
         out.backward(g)
 
-    def step(o: torch.optim.Optimizer | None) -> None:
-        if o is not None:
-            o.step()
+    def step(o: torch.optim.Optimizer | None, i: int | None = None) -> None:
+        """One update; of stage i's parameters (gated) when i is given."""
+        if o is None:
+            return
+        scale = 1.0
+        if gate > 0 and i is not None and i < S - 1:
+            c = trust[i]
+            scale = 0.0 if c is None else min(1.0, max(0.0, c / gate))
+        for group in o.param_groups:
+            group["lr"] = lr * scale
+        o.step()
 
     def synthetic_pass(i: int, u: int) -> None:
         x, y = batches[u]
@@ -68,7 +84,7 @@ def dni(fs: list[nn.Module], Ms: list[nn.Module | None], Is: list[nn.Module | No
             h = inp(x, label(y))
         fs[i].zero_grad()
         backward_output(i, u, fs[i](h), y, keep=False)
-        step(opt[i])
+        step(opt[i], i)
 
     def true_pass(i: int, t: int, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = batches[t]
@@ -84,13 +100,16 @@ def dni(fs: list[nn.Module], Ms: list[nn.Module | None], Is: list[nn.Module | No
         out = fs[i](h)
         backward_output(i, t, out, y, keep=True)
         if inp is None:
-            step(opt[i])
+            step(opt[i], i)
         fs[i].zero_grad()
         return out.detach(), h.grad
 
     def train_M(i: int, t: int) -> None:
         h, y = kept.pop((i, t))
         g = targets.pop((i, t))
+        s, r = used.pop((i, t)).flatten().double(), g.flatten().double()
+        c = F.cosine_similarity(s, r, dim=0).item() if s.norm() > 0 and r.norm() > 0 else 0.0
+        trust[i] = c if trust[i] is None else 0.9 * trust[i] + 0.1 * c
         M, o = Ms[i], m_opt[i]
         assert M is not None and o is not None
         o.zero_grad()

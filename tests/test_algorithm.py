@@ -31,11 +31,12 @@ def batches(n: int, seed: int = 0, size: int = 16) -> list[tuple[torch.Tensor, t
             for _ in range(n)]
 
 
-def pipeline(mode: str, conditioned: bool, stages: int = 3, window: int = 1) -> list[Stage]:
+def pipeline(mode: str, conditioned: bool, stages: int = 3, window: int = 1,
+             gate: float = 0.0) -> list[Stage]:
     """fcn3 (no dropout) in `stages` stages, its synthesizers moved off zero so that every
-    target and every label matters from the first step."""
+    target and every label matters from the first step; `gate`: the trust gate (0 = off)."""
     cfg = RunConfig(mode=mode, conditioned=conditioned, stages=stages, lr=LR, synth_lr=SYNTH_LR,
-                    max_inflight=window, ring_size=window + 4)
+                    max_inflight=window, ring_size=window + 4, trust_gate=gate)
     stages_ = build_pipeline(cfg)
     g = torch.Generator().manual_seed(1)
     for stage in stages_:
@@ -92,6 +93,24 @@ def test_many_steps_with_batches_in_flight_equal_the_papers_dni(mode: str, condi
     assert_same(stages, fs, Ms, Is)
 
 
+@pytest.mark.parametrize(("mode", "conditioned", "window"),
+                         [("sg", False, 4), ("sg", True, 2), ("sg", True, 4), ("full", True, 4)])
+def test_the_trust_gate_scales_each_step_as_the_reference_does(mode: str, conditioned: bool,
+                                                               window: int) -> None:
+    """With the trust gate, 25 iterations with W in flight leave everything where the
+    independent DNI with its own gate leaves it; on these random batches M agrees little with
+    the truth, so a gate fully open at cosine 0.05 keeps some stage's steps strictly between
+    none and full."""
+    stages = pipeline(mode, conditioned, window=window, gate=0.05)
+    fs, Ms, Is = reference_of(stages)
+    data = batches(25)
+    replay(stages, data, window)
+    dni(fs, Ms, Is, data, window, LR, SYNTH_LR, conditioned, gate=0.05)
+    assert_same(stages, fs, Ms, Is)
+    scales = [s.gate.scale for s in stages if s.gate is not None]
+    assert len(scales) == 2 and any(0 < c < 1 for c in scales), scales
+
+
 class PerfectM(GradientSynthesizer):
     """A gradient 'synthesizer' that returns the true gradient it was handed."""
 
@@ -137,7 +156,7 @@ def true_signals(modules: list[nn.Module], x: torch.Tensor, y: torch.Tensor
 def test_perfect_synthesizers_make_backprops_updates(mode: str) -> None:
     """sg whose M returns the true gradient, and full mode whose I also returns the true input,
     make exactly backprop's parameter updates (one batch in flight)."""
-    cfg = RunConfig(mode=mode, stages=3, lr=LR, max_inflight=1)
+    cfg = RunConfig(mode=mode, stages=3, lr=LR, max_inflight=1, trust_gate=0)
     stages = build_pipeline(cfg)
     Ms, Is = [], []
     for stage in stages:

@@ -161,7 +161,8 @@ def test_every_endpoint_answers_with_the_runs_real_values(live: Live) -> None:
         assert "gpu_util_percent" not in row  # a CPU stage: absent, not 0
         assert "lag" in row["metrics"]
     # the newest iter record's per-stage fields: M's loss and staleness where a stage has M
-    assert set(stages[0]["metrics"]) <= {"lag", "staleness", "grad_loss", "grad_cos", "grad_err"}
+    assert set(stages[0]["metrics"]) <= {"lag", "staleness", "grad_loss", "grad_cos", "grad_err",
+                                          "trust"}
     assert set(stages[2]["metrics"]) == {"lag"}
 
     counters = live.get("/api/runs/dash/counters")["counters"]

@@ -36,7 +36,7 @@ LABELS = [
      ["adam lr 0.01", "adam lr 0.001"]),
     ("M and the window do not apply to backprop",
      [(cfg(mode="backprop"), "zdni"), (cfg(max_inflight=8), "zdni"), (cfg(), "zdni")],
-     ["backprop", "sg, 8 in flight", "sg, 4 in flight"]),
+     ["backprop", "sg, 8 in flight", "sg, 2 in flight"]),
     ("a given label wins", [(cfg(label="my net"), "zdni"), (cfg(model="fcn4"), "zdni")],
      ["my net", "fcn4"]),
 ]

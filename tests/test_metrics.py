@@ -122,7 +122,7 @@ def test_distributed_run_records_lag_staleness_and_stream(
     assert staleness and all(v >= 0 for v in staleness)
     stages = {r["stage"]: r for r in kinds["stage"]}
     assert stages[1]["staleness_mean"] is not None and stages[3]["staleness_mean"] is None
-    assert 0 <= stages[3]["lag_mean"] <= stages[3]["lag_max"] <= cfg.max_inflight
+    assert 0 <= stages[3]["lag_mean"] <= stages[3]["lag_max"] <= cfg.inflight
     assert read_stream(redis_client, cfg.run_id) == records
 
 

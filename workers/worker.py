@@ -115,7 +115,7 @@ class Worker:
         self.ended: str | None = None  # why serve() returned: stop, signal, or the run is over
         # How far from its own progress a legitimate iteration can be: the window in flight,
         # the ring, and the iterations a restarted worker's backup may lag behind the driver.
-        self.horizon = 4 * self.cfg.max_inflight + self.cfg.ring_size + self.cfg.checkpoint_every
+        self.horizon = 4 * self.cfg.inflight + self.cfg.ring_size + self.cfg.checkpoint_every
         fed = self.redis.hget(keys.state(self.run), "fed")  # where the driver is, for a restart
         self.driver_fed = int(fed) if fed is not None else 0
         self.resume()

@@ -95,10 +95,17 @@ class RunConfig:
     conditioned: bool = False  # cDNI: synthesizers also see the one-hot label
     synth_hidden: int = 0  # hidden layers in M and I; 0 = linear, as the DNI paper's MNIST M
     synth_width: int = 1024  # units per hidden synthesizer layer (channels for conv ones)
+    # The trust gate (zdni/trust.py): with more than one batch in flight, a stage updating from
+    # M's synthetic gradients scales its learning rate by its running agreement with the true
+    # gradients (grad_cos) over this value, capped at 1; 0 = off (plain DNI). Keeps DNI from
+    # collapsing with batches in flight.
+    trust_gate: float = 1.0
     freeze_stage: int | None = None  # leave this stage (1-based) at its random weights
     seed: int = 0
     ring_size: int = 32  # N: slots of the iteration % N buffers; must exceed max_inflight
-    max_inflight: int = 4  # K: batches fed but not yet finished by every stage
+    # K: batches fed but not yet finished by every stage; None: the method's default
+    # (zdni.methods.default_window: 2 for sg and full, whose accuracy falls with more, else 4)
+    max_inflight: int | None = None
     eval_batch_size: int = 1000  # samples per evaluation batch
     train_limit: int | None = None  # use only the first n training samples (quick runs, tests)
     test_limit: int | None = None  # use only the first n test samples
@@ -121,6 +128,14 @@ class RunConfig:
     epoch_batches: int = 0  # batches per epoch, filled in from the data (where ordered runs drain)
     run_id: str = ""  # filled in by the driver when empty
     label: str = ""  # what reports and the dashboard call the run; "" = named by its settings
+
+    @property
+    def inflight(self) -> int:
+        """The window asked for: max_inflight, or the method's default when it is None (a
+        method may still cap it: zdni.stage.Stage.largest_window)."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return methods.default_window(self.mode)
 
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
@@ -165,9 +180,13 @@ class RunConfig:
         if not isinstance(self.classes, int) or not 2 <= self.classes <= 100_000:
             raise ConfigError(f"classes must be 2..100000, got {self.classes!r}")
         _choice("synth_placement", self.synth_placement, PLACEMENTS)
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_inflight", "ring_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "ring_size"):
             _positive(name, getattr(self, name))
+        if self.max_inflight is not None:
+            _positive("max_inflight", self.max_inflight)
         _positive("stages", self.stages)
+        if not 0 <= self.trust_gate <= 1:
+            raise ConfigError(f"trust_gate must be in [0, 1] (0 = off), not {self.trust_gate}")
         for name in ("lr", "synth_lr", "heartbeat_s", "resend_s", "redis_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value > 0 and value < float("inf")):
@@ -186,9 +205,9 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 when given, got {value}")
-        if self.ring_size <= self.max_inflight:
+        if self.ring_size <= self.inflight:
             raise ConfigError(
-                f"ring_size (N={self.ring_size}) must exceed max_inflight (K={self.max_inflight}):"
+                f"ring_size (N={self.ring_size}) must exceed max_inflight (K={self.inflight}):"
                 " a slot would be overwritten before its true gradient arrives"
             )
         if self.model in ZOO and self.dataset in DATASETS:

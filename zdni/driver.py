@@ -78,10 +78,13 @@ class Driver:
         # gradients remove).
         method = methods.get(cfg.mode)
         size = method.largest_window(cfg)
-        if size < cfg.max_inflight:
+        if size < cfg.inflight:
             log.warning("[driver] %s mode: %d batch(es) in flight, not %d (the most it is exact "
-                        "with)", cfg.mode, size, cfg.max_inflight)
-        elif size <= self.stages:  # docs/BENCHMARKS.md section 6
+                        "with)", cfg.mode, size, cfg.inflight)
+        elif size <= self.stages and not (cfg.max_inflight is None
+                                          and cfg.mode in methods.SAFE_WINDOWS):
+            # docs/BENCHMARKS.md section 6; DNI's default window is chosen for accuracy, and a
+            # larger one is warned of by the plan (docs/RESULTS.md)
             log.warning("[driver] %d batches in flight keep at most %d of %d stages busy; "
                         "--max-inflight %d lets every stage work", size, size, self.stages,
                         min(2 * self.stages, cfg.ring_size - 1))
@@ -480,7 +483,7 @@ class Driver:
         lost_s = self.window.lost_s
         tries: dict[int, int] = {}  # eval batch -> times it was sent again for want of an answer
         while more or self.eval_expected:
-            while more and len(self.eval_expected) < self.cfg.max_inflight:
+            while more and len(self.eval_expected) < self.cfg.inflight:
                 nxt = next(batches, None)
                 if nxt is None:
                     more = False

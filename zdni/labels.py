@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from zdni import methods
 from zdni.config import RunConfig
 
 __all__ = ["context", "facets", "label_all"]
@@ -52,7 +53,7 @@ FACETS: list[tuple[str, tuple[str, ...], Callable[[dict[str, Any], str | None], 
      else "linear M/I"),
     ("inflight", ("max_inflight",),  # backprop has one batch in flight whatever is asked
      lambda c, r: None if c.get("mode") == "backprop" else
-     f"{c.get('max_inflight', _D.max_inflight)} in flight"),
+     f"{c.get('max_inflight') or methods.default_window(c.get('mode', _D.mode))} in flight"),
     ("batch", ("batch_size",), lambda c, r: f"batch {c.get('batch_size')}"),
     ("optimizer", ("optimizer", "lr", "momentum"),
      lambda c, r: f"{c.get('optimizer', 'adam')} lr {c.get('lr')}"),

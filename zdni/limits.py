@@ -53,9 +53,9 @@ def check(cfg: RunConfig, shapes: Sequence[Sequence[int]], hwm: int) -> None:
                     f"at most {_mib(protocol.MAX_MESSAGE_BYTES)}: give {option} {fits} or less"
                     f"{' (or cut elsewhere)' if what.startswith('stage') else ''}")
     most = max(1, hwm // MESSAGES_PER_ITERATION)
-    if cfg.max_inflight > most:
-        raise ConfigError(f"--max-inflight {cfg.max_inflight} would queue up to "
-                          f"{MESSAGES_PER_ITERATION * cfg.max_inflight} messages on a socket, "
+    if cfg.inflight > most:
+        raise ConfigError(f"--max-inflight {cfg.inflight} would queue up to "
+                          f"{MESSAGES_PER_ITERATION * cfg.inflight} messages on a socket, "
                           f"which holds {hwm}: give --max-inflight {most} or less")
 
 

@@ -13,7 +13,8 @@ Record kinds (every record also has ``kind`` and ``t``, unix seconds):
            queue depth), staleness (iterations a stage had updated past `it` when the true
            gradient of `it` arrived), grad_loss (M's L2 loss), input_loss (I's L2 loss),
            grad_cos and grad_err (M's answer against the true gradient, scale-free: their
-           cosine, and the error's norm over the true gradient's), and any other number a
+           cosine, and the error's norm over the true gradient's), trust (the trust gate's
+           scale of the stage's learning rate, 0..1: zdni/trust.py), and any other number a
            method reports per stage (dgl's aux_loss, pipedream's stash_mb: zdni/methods/)
     eval   iteration, epoch, wall_s, and the scores of the set "best" is chosen on:
            val_loss, val_METRIC with a validation set, else test_loss, test_METRIC (METRIC is
@@ -52,7 +53,7 @@ log = logging.getLogger("zdni.metrics")
 EVERY = 10  # iterations per iter record: ~47 per MNIST epoch, enough for smooth curves
 CLOSE_UP = 200  # every iteration is recorded up to here: the report's close-up of the start
 STREAM_MAXLEN = 10_000  # Redis keeps about this many records per run (approximate trimming)
-STAGE_FIELDS = ("lag", "staleness", "grad_loss", "input_loss", "grad_cos", "grad_err")
+STAGE_FIELDS = ("lag", "staleness", "grad_loss", "input_loss", "grad_cos", "grad_err", "trust")
 TRAIN = {"loss": "train_loss", "accuracy": "train_accuracy"}  # the last stage's numbers
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from zdni.optimspec import OptimError, OptimSpec, RunConfig, total_units
+from zdni.trust import TrustGate
 
 __all__ = ["Updater", "build_optimizer", "build_schedule", "make_updater"]
 
@@ -63,6 +64,9 @@ class Updater:
         self.steps_per_epoch = steps_per_epoch
         self.schedule = build_schedule(spec, self.opt, total)
         self.updates = 0
+        # a stage driven by synthetic gradients: each update's learning rate scaled by how well
+        # they have agreed with the true ones (zdni/trust.py); None: full steps
+        self.gate: TrustGate | None = None
 
     @property
     def lr(self) -> float:
@@ -70,10 +74,22 @@ class Updater:
         return float(self.opt.param_groups[0]["lr"])
 
     def step(self) -> None:
-        """Clip, update, advance the schedule."""
+        """Clip, update (at the gate's share of the learning rate, if gated), advance the
+        schedule."""
         if self.spec.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.clip_norm)
-        self.opt.step()
+        if self.gate is None:
+            self.opt.step()
+        else:
+            scale = self.gate.scale
+            rates = [group["lr"] for group in self.opt.param_groups]
+            for group, lr in zip(self.opt.param_groups, rates):
+                group["lr"] = lr * scale
+            try:
+                self.opt.step()
+            finally:  # the schedule goes on from the unscaled rate
+                for group, lr in zip(self.opt.param_groups, rates):
+                    group["lr"] = lr
         self.updates += 1
         if self.schedule is None:
             return
@@ -85,13 +101,16 @@ class Updater:
         """What a backup needs besides the optimizer's own state: the update count and the
         schedule's position (plain numbers and lists)."""
         return {"updates": self.updates,
-                "schedule": self.schedule.state_dict() if self.schedule is not None else None}
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                "gate": self.gate.state_dict() if self.gate is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned (after the optimizer's own state is loaded)."""
         self.updates = int(state["updates"])
         if self.schedule is not None and state.get("schedule") is not None:
             self.schedule.load_state_dict(state["schedule"])
+        if self.gate is not None and state.get("gate") is not None:
+            self.gate.load_state_dict(state["gate"])
 
 
 def make_updater(spec: OptimSpec, params: list[nn.Parameter], cfg: RunConfig) -> Updater:

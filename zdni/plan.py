@@ -8,6 +8,7 @@ problem here is a one-line ConfigError, DataError or UserCodeError, before anyth
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -25,6 +26,8 @@ from zdni.split import Data, TensorSplit
 from zdni.transport import HWM
 from zdni.usercode import UserCodeError
 from zdni.userdata import classes_of
+
+log = logging.getLogger("zdni.driver")
 
 __all__ = ["plan"]
 
@@ -46,6 +49,13 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
     if cfg.conditioned and not method.synthetic:
         raise ConfigError(f"--conditioned needs a method with synthesizers (sg, full): "
                           f"{cfg.mode} has none; drop --conditioned or pick another --mode")
+    safe = methods.SAFE_WINDOWS.get(cfg.mode)
+    if safe is not None and cfg.max_inflight is not None and cfg.max_inflight > safe \
+            and not resumed:
+        log.warning("[driver] --max-inflight %d: %s's accuracy can fall with more than %d "
+                    "batches in flight (an MLP with LayerNorm: 94.4%% at 1, 93.3%% at 2, 90.9%% "
+                    "at 4 with the trust gate, 32%% without; docs/RESULTS.md)", cfg.max_inflight,
+                    cfg.mode, safe)
     x, y = data.train.probe(PROBE)
     cfg.input_shape = [int(d) for d in x.shape[1:]]
     cfg.epoch_batches = data.steps_per_epoch(cfg.batch_size, cfg.drop_last)

@@ -30,7 +30,8 @@ from zdni.objective import Objective, objective_of
 from zdni.optim import Updater, make_updater
 from zdni.optimspec import stage_spec
 from zdni.rng import UnitStreams, span
-from zdni.synthesizer import LocalSynth, StageError, Synth
+from zdni.synthesizer import LocalSynth, StageError, Synth, agreement
+from zdni.trust import TrustGate
 
 __all__ = ["Outcome", "Stage", "StageError", "Wiring"]
 
@@ -107,8 +108,9 @@ class Stage:
 
     @classmethod
     def largest_window(cls, cfg: RunConfig) -> int:
-        """The window a run of this method uses: cfg.max_inflight, capped at `window`."""
-        return min(cfg.max_inflight, cls.window or cfg.max_inflight)
+        """The window a run of this method uses: cfg.inflight (max_inflight or the method's
+        default), capped at `window`."""
+        return min(cfg.inflight, cls.window or cfg.inflight)
 
     @classmethod
     def settings(cls, cfg: RunConfig) -> dict[str, Any]:
@@ -174,6 +176,15 @@ class Stage:
         self.synth: Synth = synth or LocalSynth(cfg, index, shapes, self.rings["out"], device,
                                                 self.has_M, self.has_I, span(module))
         self.needs_x, self.needs_y = self.needs(cfg, index, self.count)
+        # the trust gate (zdni/trust.py): a stage updating from M's synthetic gradients, with
+        # more than one batch in flight (at one, M's targets are fresh: the paper's DNI)
+        self.gate: TrustGate | None = None
+        if self.updater is not None and self.has_M and cfg.trust_gate > 0 \
+                and self.largest_window(cfg) > 1:
+            self.gate = self.updater.gate = TrustGate(cfg.trust_gate)
+        # the synthetic gradients in flight, by iteration, where M lives in another process
+        # (the gate's agreement is measured here then; a local M's ring keeps them)
+        self._used: dict[int, torch.Tensor] = {}
         self.rng = UnitStreams(cfg.seed, module, self.device)  # dropout: per unit (zdni/rng.py)
         # Only the last stage computes the loss (and imports a user's loss function).
         self.objective = (objective or objective_of(cfg)) if self.last else None
@@ -255,8 +266,24 @@ class Stage:
         if self.last:
             return self._loss_backward(out, y)
         g = self.synth.predict_grad(it, out.detach(), y, remember)
+        if remember and self.gate is not None and self.local is None:
+            self._used[it] = g.detach()
+            for old in [k for k in self._used if k <= it - self.cfg.ring_size]:
+                del self._used[old]
         out.backward(g.to(out.device))
         return {}
+
+    def _trust(self, it: int, g: torch.Tensor, metrics: dict[str, float]) -> dict[str, float]:
+        """The true gradient `g` of iteration `it` came back and trained M (`metrics`, with its
+        grad_cos where M is local): the gate learns how far to trust M's next ones."""
+        if self.gate is None:
+            return metrics
+        if "grad_cos" not in metrics and it in self._used:  # M in another process
+            metrics = {**metrics, **agreement(self._used.pop(it), g)}
+        if "grad_cos" in metrics:
+            self.gate.observe(metrics["grad_cos"])
+            metrics = {**metrics, "trust": self.gate.scale}
+        return metrics
 
     # -- events (a method implements those it receives) -----------------------------------
     def train_input(self, it: int, h: torch.Tensor, y: torch.Tensor | None = None) -> Outcome:

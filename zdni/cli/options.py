@@ -306,13 +306,19 @@ config_options = _stack(
                  envvar="ZDNI_SYNTH_HIDDEN", help="Hidden layers in M and I (0 = linear)."),
     option("--synth-width", type=int, default=_D.synth_width, show_default=True,
                  envvar="ZDNI_SYNTH_WIDTH"),
+    option("--trust-gate", type=float, default=_D.trust_gate, show_default=True,
+           envvar="ZDNI_TRUST_GATE",
+           help="With more than one batch in flight, DNI stages scale each step by their "
+                "synthetic gradients' running cosine with the true ones over this, capped at 1; "
+                "0 = off (plain DNI). Keeps DNI from collapsing (docs/RESULTS.md)."),
     option("--freeze-stage", type=int, default=None, envvar="ZDNI_FREEZE_STAGE",
                  help="Leave this stage (1-based) at its random weights."),
     option("--seed", type=int, default=_D.seed, show_default=True, envvar="ZDNI_SEED"),
     option("--ring-size", type=int, default=_D.ring_size, show_default=True,
                  envvar="ZDNI_RING_SIZE", help="N of the iteration %% N buffers."),
-    option("--max-inflight", type=int, default=_D.max_inflight, show_default=True,
-                 envvar="ZDNI_MAX_INFLIGHT", help="Batches in flight at once."),
+    option("--max-inflight", type=int, default=_D.max_inflight, envvar="ZDNI_MAX_INFLIGHT",
+           help="Batches in flight at once [default: 2 for sg and full, whose accuracy falls "
+                "with more (docs/RESULTS.md); 4 for the other methods]."),
     option("--ordered/--arrival", default=_D.ordered, show_default=True, envvar="ZDNI_ORDERED",
            help="Apply each stage's events in the in-process oracle's order (bit-reproducible,"
                 " equal to --inproc; waits for what comes early) or as they arrive."),

@@ -14,9 +14,15 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build", "get", "names"]
+__all__ = ["build", "default_window", "get", "names"]
 
 ORDER = ("backprop", "sg", "full")  # listed first, in this order; others follow by name
+DEFAULT_WINDOW = 4  # batches in flight when --max-inflight is not given
+# Methods whose accuracy falls with more in flight by default: DNI's M is trained on targets
+# W - 1 iterations late; even with the trust gate (zdni/trust.py) an MLP with LayerNorm cut
+# after each Linear lost 3.5 points at 4 in flight and 1 point at 2 (docs/RESULTS.md, issue 22).
+# Here, not in the methods' files: the broker validates a run's window without importing torch.
+SAFE_WINDOWS = {"sg": 2, "full": 2}
 
 
 @functools.cache
@@ -34,6 +40,11 @@ def get(name: str) -> Any:
     if name not in names():
         raise ValueError(f"no training method {name!r}; methods: {', '.join(names())}")
     return importlib.import_module(f"zdni.methods.{name}").METHOD
+
+
+def default_window(name: str) -> int:
+    """Batches in flight for method `name` when the run does not say (--max-inflight)."""
+    return SAFE_WINDOWS.get(name, DEFAULT_WINDOW)
 
 
 def build(cfg: Any, index: int, *args: Any, **kwargs: Any) -> Any:

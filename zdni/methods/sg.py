@@ -42,7 +42,8 @@ class SyntheticGradients(Stage):
         """M learns the true gradient of iteration `it`'s output."""
         if not self.has_M:
             raise StageError(f"stage {self.index} has no gradient synthesizer")
-        return Outcome(metrics=self.synth.train_grad(it, g.to(self.device, non_blocking=True)))
+        g = g.to(self.device, non_blocking=True)
+        return Outcome(metrics=self._trust(it, g, self.synth.train_grad(it, g)))
 
 
 METHOD = SyntheticGradients
