@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import psutil
 import redis
@@ -20,7 +20,33 @@ from torch import nn
 from zdni import checkpoint, keys
 from zdni.config import RunConfig
 from zdni.loop import load_data
+from zdni.metrics import read_metrics
 from zdni.models import build_stages
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], what: str, timeout: float = 120.0, every: float = 0.05,
+               alive: Sequence[subprocess.Popen[Any]] = ()) -> T:
+    """Poll `check` until it returns something true, and return that. Fails naming `what`
+    after `timeout` s (generous: a deadline on the event, not a measure of its speed), or at
+    once when a process in `alive` has exited (what it waited for will not come)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        for proc in alive:
+            assert proc.poll() is None, f"waiting for {what}: {proc.args} exited {proc.returncode}"
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(every)
+
+
+def trained_to(metrics: Path, iteration: int) -> bool:
+    """Whether a run's metrics.jsonl records an iteration at or past `iteration` (every one
+    is recorded up to 200: zdni.metrics.CLOSE_UP)."""
+    return metrics.exists() and any(r.get("kind") == "iter" and r["iteration"] >= iteration
+                                    for r in read_metrics(str(metrics)))
 
 
 def worker_state(client: redis.Redis, run: str, stage: int) -> dict[str, torch.Tensor]:
@@ -100,20 +126,22 @@ def logs(procs: list[Process]) -> str:
 def kill_stage_when(client: redis.Redis, run: str, stage: int, iteration: int,
                     record: dict[str, object]) -> None:
     """Watch the stage's heartbeat; once past `iteration`, SIGKILL its worker."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def kill() -> bool:
         it = client.hget(keys.heartbeat(run, stage), "iteration")
-        if it is not None and int(it) >= iteration:
-            for proc in psutil.process_iter(["cmdline"]):
-                cmd = proc.info["cmdline"] or []
-                if "worker" in cmd and run in cmd and cmd[cmd.index("--stage") + 1] == str(stage):
-                    proc.kill()
-                    record["killed_at"] = time.time()
-                    checks = client.hget(keys.counters(run, "broker"), "health_checks")
-                    record["checks_at_kill"] = int(checks or 0)  # the broker's, done so far
-                    record["iteration"] = int(it)
-                    return
-        time.sleep(0.05)
+        if it is None or int(it) < iteration:
+            return False
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "worker" in cmd and run in cmd and cmd[cmd.index("--stage") + 1] == str(stage):
+                proc.kill()
+                record["killed_at"] = time.time()
+                checks = client.hget(keys.counters(run, "broker"), "health_checks")
+                record["checks_at_kill"] = int(checks or 0)  # the broker's, done so far
+                record["iteration"] = int(it)
+                return True
+        return False
+
+    wait_until(kill, f"stage {stage} past iteration {iteration}, then killed")
 
 
 def train_while_killing(cfg: RunConfig, redis_url: str, client: redis.Redis, stage: int,

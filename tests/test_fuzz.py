@@ -180,9 +180,8 @@ def test_a_forged_part_that_blocks_an_iteration_is_fed_again(mnist_dir: Path, re
         push = make_socket(ctx, zmq.PUSH)
         push.connect(keys.text(redis_client.hget(keys.state(run), "broker")))
         push.send_multipart(msg(protocol.ACT, 100, 2, 3, run=run, h=torch.randn(8, 256)))
-        time.sleep(0.5)
-        push.close(0)
-        ctx.term()
+        push.close(linger=30_000)
+        ctx.term()  # returns once the message is handed to the broker (or after 30 s)
 
     forger = threading.Thread(target=forge, daemon=True)
     forger.start()

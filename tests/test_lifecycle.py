@@ -4,11 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from procs import trained_to, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -22,14 +22,11 @@ def start_train(mnist_dir: Path, out: Path, *extra: str) -> subprocess.Popen[str
 def descendants_until(proc: subprocess.Popen[str], want: int, timeout: float = 60.0
                       ) -> list[psutil.Process]:
     """Wait until the driver has `want` descendants (redis, broker, workers); return them."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def started() -> list[psutil.Process] | None:
         kids = psutil.Process(proc.pid).children(recursive=True)
-        if len(kids) >= want:
-            return kids
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    raise AssertionError(f"driver started only {len(kids)} of {want} processes")
+        return kids if len(kids) >= want else None
+
+    return wait_until(started, f"the driver to start {want} processes", timeout, alive=[proc])
 
 
 def assert_all_gone(procs: list[psutil.Process], timeout: float = 15.0) -> None:
@@ -37,14 +34,10 @@ def assert_all_gone(procs: list[psutil.Process], timeout: float = 15.0) -> None:
     assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
 
 
-def wait_running(out: Path, proc: subprocess.Popen[str], seconds: float) -> None:
-    """Let the run train a little: the workers' logs show them serving."""
-    deadline = time.monotonic() + 60
-    while not (out / "logs" / "stage3.log").exists() or "serving" not in (
-            out / "logs" / "stage3.log").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
-    time.sleep(seconds)
+def wait_running(out: Path, proc: subprocess.Popen[str], iterations: int) -> None:
+    """Let the run train a little: its metrics record `iterations` trained batches."""
+    wait_until(lambda: trained_to(out / "metrics.jsonl", iterations),
+               f"the run to train {iterations} iterations", alive=[proc])
 
 
 def test_finished_run_leaves_nothing(mnist_dir: Path, tmp_path: Path) -> None:
@@ -62,7 +55,7 @@ def test_interrupted_run_leaves_nothing(mnist_dir: Path, tmp_path: Path) -> None
     status of a run interrupted (README)."""
     proc = start_train(mnist_dir, tmp_path, "--epochs", "20")
     kids = descendants_until(proc, 5)
-    wait_running(tmp_path, proc, 2.0)
+    wait_running(tmp_path, proc, 20)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -73,7 +66,7 @@ def test_killed_driver_takes_its_children(mnist_dir: Path, tmp_path: Path) -> No
     """Even a driver killed with SIGKILL leaves no broker, worker or Redis behind."""
     proc = start_train(mnist_dir, tmp_path, "--epochs", "20")
     kids = descendants_until(proc, 5)
-    wait_running(tmp_path, proc, 1.0)
+    wait_running(tmp_path, proc, 10)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     assert_all_gone(kids)
@@ -84,7 +77,7 @@ def test_crashed_worker_is_reported(mnist_dir: Path, tmp_path: Path) -> None:
     cannot go on: RunError) and cleans up."""
     proc = start_train(mnist_dir, tmp_path, "--epochs", "20", "--no-restart")
     kids = descendants_until(proc, 5)
-    wait_running(tmp_path, proc, 1.0)
+    wait_running(tmp_path, proc, 10)
     victim = next(k for k in kids if "--stage" in k.cmdline() and
                   k.cmdline()[k.cmdline().index("--stage") + 1] == "2")
     victim.kill()
