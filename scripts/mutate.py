@@ -2,8 +2,9 @@
 
 Each mutation rewrites one expression of DNI in a copy of the tree (the negated, shifted or
 scaled target of M or I, a target of another iteration, labels of other samples, a wrong sign
-or lag where a stage uses what it receives) and runs FAST_TESTS there; the mutation is killed
-when they fail (the decoupling methods' mutations run their own fast test). A mutation whose
+or lag where a stage uses what it receives, a trust gate always open or reading the cosine's
+sign wrong) and runs FAST_TESTS there; the mutation is killed when they fail (the decoupling
+methods' and the trust gate's mutations run only their own fast test). A mutation whose
 text no longer exists is an error too: it must follow the code.
 
 Usage: python scripts/mutate.py [--list] [NAME ...]   exit 1 if any mutation survives.
@@ -55,6 +56,20 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "true gradients one iteration later than the window": (
         "zdni/schedule.py", "self.grad <= self.input - w + 1", "self.grad <= self.input - w"),
 }
+
+# The trust gate's mutations (zdni/trust.py): with the gate off (trust_gate=0), as in most of
+# test_algorithm, they change nothing, so they run only the test of the gate against the
+# reference's own gate (the tests before it would pass first, and take as long again).
+TRUST_TESTS = ["tests/test_algorithm.py::test_the_trust_gate_scales_each_step_as_the_reference_does"]
+SCALE_DOC = '"""The factor of the next update\'s learning rate, in [0, 1]."""\n'
+TRUST_MUTATIONS: dict[str, tuple[str, str, str]] = {
+    "trust gate always fully open": (
+        "zdni/trust.py", SCALE_DOC, SCALE_DOC + "        return 1.0\n"),
+    "trust gate reads the cosine with the wrong sign": (
+        "zdni/trust.py", "            return\n        if self.running is None:",
+        "            return\n        cosine = -cosine\n        if self.running is None:"),
+}
+MUTATIONS.update(TRUST_MUTATIONS)
 
 # The decoupling methods' mutations: run against their own fast test only (FAST_TESTS would
 # pass first, and take as long again, before it got there).
@@ -108,7 +123,8 @@ def run(name: str, work: Path) -> tuple[bool, float, str]:
                          f"{path}; update scripts/mutate.py to follow the code")
     target.write_text(source.replace(text, wrong))
     start = time.monotonic()
-    tests = METHOD_TESTS if name in METHOD_MUTATIONS else FAST_TESTS
+    tests = METHOD_TESTS if name in METHOD_MUTATIONS else \
+        TRUST_TESTS if name in TRUST_MUTATIONS else FAST_TESTS
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           *tests], cwd=tree, capture_output=True, text=True, timeout=900)
     failed = [line for line in out.stdout.splitlines() if line.startswith("FAILED")]
