@@ -5,9 +5,11 @@ live run, its workers and a browser)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from click.testing import CliRunner
@@ -77,7 +79,9 @@ def test_stages_show_beats_counters_and_newest_metrics(api: TestClient,
     assert (one["state"], one["iteration"], one["trained"], one["dropped"]) == ("alive", 11, 11, 1)
     assert one["metrics"] == {"lag": 0, "grad_loss": 0.25, "staleness": 2.0}
     assert three["metrics"] == {"lag": 2} and three["dropped"] == 3
-    assert one["pid"] > 0 and one["rss_mb"] > 0 and "disk_used_percent" in one
+    assert one["pid"] == os.getpid()  # publish_run beat from this process
+    assert abs(one["rss_mb"] - psutil.Process().memory_info().rss / 2**20) < 64
+    assert "disk_used_percent" in one
     assert not [k for k in one if k.startswith("gpu_") and k != "gpu_name"]  # absent, not 0
     assert got["inflight"] == 2 and got["at_iteration"] == 7
 

@@ -36,8 +36,10 @@ def test_missing_keys_are_a_clear_error(tmp_path: Path) -> None:
     """A key directory without the needed files is refused before anything starts."""
     result = CliRunner().invoke(main, ["worker", "--stage", "1", "--redis-url", "redis://x",
                                        "--curve-dir", str(tmp_path)])
-    assert result.exit_code != 0
-    assert "client.key_secret is missing" in result.output
+    assert result.exit_code == 2, result.output  # a user's mistake (README)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "client.key_secret is missing" in errors[0], result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.fixture()
