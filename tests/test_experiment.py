@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from zdni import methods
 from zdni.cli import main
 from zdni.experiment import finished, plan
 from zdni.metrics import read_metrics
@@ -60,6 +61,44 @@ def test_quick_inproc_suite_runs_end_to_end(mnist_dir: Path, tmp_path: Path) -> 
     assert finished(str(run_dir), cfg)
     kinds = [r["kind"] for r in read_metrics(str(run_dir / "metrics.jsonl"))]
     assert kinds.count("start") == kinds.count("resume") == 1 and kinds.count("epoch") == 2
+
+
+def test_methods_plan_has_every_method_on_one_model_data_and_budget() -> None:
+    """The methods suite runs every --mode (and cDNI) on fcn3/MNIST, 3 stages, the same epochs
+    and seeds, each at its method's default window but backprop's one."""
+    runs = plan("methods", seeds=(0, 1), epochs=3)
+    assert {c.mode for _, c in runs} == set(methods.names())
+    assert {(c.model, c.dataset, c.stages, c.epochs) for _, c in runs} == {("fcn3", "mnist", 3, 3)}
+    assert sorted(c.seed for _, c in runs if c.mode == "ddg") == [0, 1]
+    assert [c.conditioned for _, c in runs if c.mode == "sg"] == [False, False, True, True]
+    assert {c.mode: c.inflight for _, c in runs} == {
+        name: 1 if name == "backprop" else methods.default_window(name) for name in methods.names()}
+
+
+def test_quick_methods_suite_reports_every_method_side_by_side(mnist_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """`zdni experiment methods --quick --inproc` trains each method and its report has one row
+    per method, named by method and window, with no M/I on methods that have none."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["experiment", "methods", "--quick", "--inproc",
+                                           "--quiet", "--data-dir", str(mnist_dir),
+                                           "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "report" / "report.md").read_text()
+    variants = table.split("| run | variant |")[0]  # the first table: one row per variant
+    rows = [line.split(" | ")[0].lstrip("| ") for line in variants.splitlines()
+            if line.startswith("| ") and " | 1 | " in line]
+    assert rows == ["backprop", "sg, 2 in flight", "sg cDNI, 2 in flight", "full, 2 in flight",
+                    "ddg, 4 in flight", "dgl, 4 in flight", "fr, 4 in flight",
+                    "pipedream, 4 in flight"]
+    assert "M/I" not in table
+    for name, cfg in plan("methods", quick=True):
+        summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+        assert (summary["mode"], summary["iterations"]) == (cfg.mode, 4), name  # 512 samples
 
 
 def test_failed_runs_are_named_with_the_error_train_gives(tmp_path: Path) -> None:

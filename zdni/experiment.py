@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from zdni import methods
 from zdni.config import ConfigError, RunConfig
 from zdni.errors import ZdniError
 
@@ -35,6 +36,17 @@ class Suite:
     seeds: tuple[int, ...] = (0, 1)
     epochs: int = 5
     target: float = 0.97  # accuracy of the report's time-to-target column
+
+
+def method_variants() -> list[tuple[str, dict[str, Any]]]:
+    """One variant per method (zdni/methods/, a new one included without a change here), and
+    cDNI after sg; backprop asks for its one batch in flight, the others take their default."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name in methods.names():
+        out.append((name, {"mode": name, **({"max_inflight": 1} if name == "backprop" else {})}))
+        if name == "sg":
+            out.append(("cdni", {"mode": "sg", "conditioned": True}))
+    return out
 
 
 MNIST = {"model": "fcn3", "dataset": "mnist", "stages": 3, "eval_every": 100}  # ~4.7 tests/epoch
@@ -58,6 +70,13 @@ SUITES: dict[str, Suite] = {
          ("full-cdni-local", {"mode": "full", "conditioned": True}),
          ("full-cdni-remote", {"mode": "full", "conditioned": True, "synth_placement": "remote"})],
         MNIST, epochs=3),  # two seeds: the accuracy difference should be within their spread
+    "methods": Suite(
+        "Every training method in zdni/methods/ side by side on fcn3/MNIST, 3 stages, each at "
+        "its default window: backprop (one batch in flight), synthetic gradients (sg, cDNI) "
+        "and full (2 in flight), and the methods that keep backprop's true or local gradients "
+        "(4 in flight): pipedream, ddg, fr, dgl (README: Training modes).",
+        method_variants(),
+        MNIST, epochs=3),  # the issue's first budget: 3 epochs (docs/RESULTS.md)
 }
 # --quick: a handful of iterations per run, to check a suite end to end in seconds
 QUICK = {"train_limit": 512, "test_limit": 500, "eval_every": 2}

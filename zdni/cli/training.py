@@ -280,6 +280,7 @@ def experiment(name: str, epochs: int | None, seeds: str | None, data_dir: str |
     \b
     seed-mnist  backprop, sg, cDNI, full, full with stage 1 frozen (fcn3, 3 stages, MNIST)
     placement   synthesizers local versus remote (sg and full, cDNI)
+    methods     every --mode (and cDNI) at its default window (fcn3, 3 stages, MNIST)
     """
     from zdni.experiment import run_suite
 
