@@ -80,7 +80,8 @@ def test_cli_trains_a_model_file_on_an_npz(user_files: tuple[str, str], tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runner"] == "zdni" and summary["stages"] == 3
-    assert summary["test_accuracy"] > 0.6  # chance is 0.1
+    # 0.73 measured (W = 2, so not bit-reproducible); chance is 0.1
+    assert summary["test_accuracy"] > 0.65
     assert summary["config"]["input_shape"] == [1, 28, 28]
     assert all(summary["counts"][f"stage:{s}"]["trained"] == 32 for s in (1, 2, 3))
     leftovers = [p for p in psutil.process_iter(["cmdline"])

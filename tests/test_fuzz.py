@@ -192,4 +192,4 @@ def test_a_forged_part_that_blocks_an_iteration_is_fed_again(mnist_dir: Path, re
     assert summary["iterations"] == 2 * 64 + 1  # every batch, and the lost one once more
     stage3 = summary["counts"]["stage:3"]
     assert stage3["dropped:shape"] == 1 and stage3["dropped:duplicate"] == 1
-    assert summary["test_accuracy"] > 0.7
+    assert summary["test_accuracy"] > 0.8  # 0.842 measured (one batch in flight)

@@ -69,7 +69,7 @@ def test_in_process_train_returns_the_network_load_and_evaluate_agree(
     result = zdni.train(model, dataset=str(digits), distributed=False, mode="sg",
                         conditioned=True, stages=3, epochs=1, batch_size=64,
                         model_args={"channels": 4}, out_dir=str(tmp_path / "run"))
-    assert result["test_accuracy"] == result.summary["test_accuracy"] > 0.3
+    assert result["test_accuracy"] == result.summary["test_accuracy"] > 0.6  # 0.666 measured
     assert isinstance(result.summary, dict) and json.loads(json.dumps(result))
     loaded = zdni.load(result.run_dir)
     with np.load(digits) as arrays:

@@ -297,7 +297,7 @@ def test_the_readme_examples_run(tmp_path: Path, repo_root: Path, mnist_dir: Pat
                         val_split=0.25, epochs=1, batch_size=64, data_workers=1,
                         out_dir=str(tmp_path / "img"))
     assert images["config"]["input_shape"] == [1, 28, 28]
-    assert images["best_on"] == "val" and images["test_accuracy"] > 0.2  # chance is 0.1
+    assert images["best_on"] == "val" and images["test_accuracy"] > 0.25  # 0.295; chance 0.1
 
 
 def test_model_json_keeps_the_users_loss_and_metric_and_evaluate_uses_them(

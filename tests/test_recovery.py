@@ -95,7 +95,7 @@ def test_killed_synthesizer_service_resumes_from_its_backup(
     synth = redis_client.hgetall(keys.counters(cfg.run_id, f"stage:{SYNTH}"))
     assert synth[b"resumed"] == b"1"
     assert summary["iterations"] == 96 + summary["tally"]["replayed"]
-    assert summary["test_accuracy"] > 0.7  # one short epoch: it trained on
+    assert summary["test_accuracy"] > 0.78  # 0.84 measured: it trained on, M restored
     # the final backup (at stop) is newer than the one the restarted service loaded
     assert checkpoint.iterations(redis_client, cfg.run_id, SYNTH)[-1] > record["backup"]
 

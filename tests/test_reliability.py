@@ -117,7 +117,7 @@ def test_a_redis_away_for_seconds_is_waited_out(mnist_dir: Path, tmp_path: Path)
     assert "replayed" not in summary["tally"]  # nothing lost, nothing replayed
     assert all(summary["counts"][f"stage:{s}"]["trained"] == summary["iterations"]
                for s in (1, 2, 3))  # each stage's own count
-    assert summary["test_accuracy"] > 0.85
+    assert summary["test_accuracy"] > 0.87  # 0.894 measured (one batch in flight)
 
 
 def test_redis_emptied_mid_run_gets_the_run_published_again(mnist_dir: Path, redis_url: str,
@@ -135,7 +135,7 @@ def test_redis_emptied_mid_run_gets_the_run_published_again(mnist_dir: Path, red
     flusher.join(10)
     assert summary["tally"]["republished"] >= 1
     assert summary["iterations"] == BATCHES
-    assert summary["test_accuracy"] > 0.8
+    assert summary["test_accuracy"] > 0.84  # 0.867 measured (one batch in flight)
     assert redis_client.get(keys.config("emptied")) is not None
 
 
