@@ -150,17 +150,28 @@ def test_every_endpoint_answers_with_the_runs_real_values(live: Live) -> None:
         return {s: {keys.text(k): keys.text(v) for k, v in
                     r.hgetall(keys.heartbeat("dash", s)).items()} for s in (1, 2, 3)}
 
-    def unbeaten() -> tuple[dict, list, dict, dict] | None:
-        """Counters and beats read around one /stages call that no beat fell within (the
-        numbers of a beat, CPU % among them, change with every beat)."""
+    figures = ("cpu_percent", "rss_mb", "disk_total_gb", "disk_free_gb")
+
+    def read_around() -> tuple[dict, list, dict, dict] | None:
+        """Counters and beats read around one /stages call whose rows each carry their stage's
+        beat from just before or just after it (the figures of a beat, CPU % among them,
+        change with every beat; beats come 0.5 s apart, so a slow call may miss both)."""
         before = {s: r.hgetall(keys.counters("dash", f"stage:{s}")) for s in (1, 2, 3)}
         beat_before = beats()
         stages = live.stages()
-        beat = beats()
+        beat_after = beats()
         after = {s: r.hgetall(keys.counters("dash", f"stage:{s}")) for s in (1, 2, 3)}
-        return (before, stages, beat, after) if beat == beat_before else None
+        beat = {}
+        for row in stages:
+            s = row["stage"]
+            beat[s] = next((b for b in (beat_before[s], beat_after[s]) if all(
+                n in b and row.get(n) == float(b[n]) for n in figures)), None)
+            if beat[s] is None:
+                return None
+        return before, stages, beat, after
 
-    before, stages, beat, after = wait("a /stages call between two beats", unbeaten, every=0.05)
+    before, stages, beat, after = wait("/stages rows that carry their stages' beats",
+                                       read_around, every=0.05)
     assert [s["stage"] for s in stages] == [1, 2, 3]
     for row in stages:
         s = row["stage"]
@@ -168,8 +179,6 @@ def test_every_endpoint_answers_with_the_runs_real_values(live: Live) -> None:
         assert row["host"] == beat[s]["host"] and row["disk_path"] == beat[s]["disk_path"]
         assert int(before[s][b"trained"]) <= row["trained"] <= int(after[s][b"trained"])
         assert 0 <= row["iteration"] <= int(beat[s]["iteration"])
-        for name in ("cpu_percent", "rss_mb", "disk_total_gb", "disk_free_gb"):
-            assert row[name] == float(beat[s][name]), (s, name)  # the beat's, not a default
         assert row["rss_mb"] > 50  # a worker with torch loaded
         assert "gpu_util_percent" not in row  # a CPU stage: absent, not 0
         assert "lag" in row["metrics"]
