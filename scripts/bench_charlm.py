@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from zdni.optim import Updater  # noqa: E402
+from zdni.optimspec import OptimSpec  # noqa: E402
 from zdni.recurrent import RecurrentNet, StateSynthesizer, char_loss, train_sequence  # noqa: E402
 from zdni.sequence import Corpus, bits_per_char  # noqa: E402
 
@@ -32,9 +34,9 @@ from zdni.sequence import Corpus, bits_per_char  # noqa: E402
 def run(corpus: Corpus, mode: str, T: int, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     net = RecurrentNet(corpus.size, args.hidden, corpus.size, args.cell)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    opt = Updater(OptimSpec(lr=args.lr), net.parameters())
     synth = StateSynthesizer(args.hidden, parts=net.parts) if mode == "dni" else None
-    synth_opt = torch.optim.Adam(synth.parameters(), lr=args.synth_lr) if synth else None
+    synth_opt = Updater(OptimSpec(lr=args.synth_lr), synth.parameters()) if synth else None
     window = T * max(1, args.window // T)
     curve = [(0, 0.0, round(bits_per_char(net, corpus), 4))]
     start, updates = time.monotonic(), 0

@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from zdni.optim import Updater  # noqa: E402
+from zdni.optimspec import OptimSpec  # noqa: E402
 from zdni.recurrent import RecurrentNet, StateSynthesizer, train_sequence  # noqa: E402
 from zdni.sequence import Curriculum, bit_errors, copy_batch, repeat_copy_batch  # noqa: E402
 
@@ -29,9 +31,9 @@ def run(mode: str, T: int, iterations: int, seed: int, hidden: int, batch: int,
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     net = RecurrentNet(10, hidden, 9, cell)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = Updater(OptimSpec(lr=1e-3), net.parameters())
     synth = StateSynthesizer(hidden, parts=net.parts) if mode == "dni" else None
-    synth_opt = torch.optim.Adam(synth.parameters(), lr=1e-4) if synth else None
+    synth_opt = Updater(OptimSpec(lr=1e-4), synth.parameters()) if synth else None
     cur = Curriculum()
     start = time.monotonic()
     for _ in range(iterations):

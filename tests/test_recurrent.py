@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zdni.optim import Updater
+from zdni.optimspec import OptimSpec
 from zdni.recurrent import RecurrentNet, StateSynthesizer, full_bptt, train_sequence
 from zdni.sequence import Curriculum, bit_errors, copy_batch, repeat_copy_batch
 
@@ -47,7 +49,7 @@ def test_m_learns_toward_the_true_future_gradient() -> None:
     zero; above 0.2 after 100 sequences on a fixed batch and network)."""
     net, _ = net_and_batch()
     synth = StateSynthesizer(16, 64)
-    synth_opt = torch.optim.Adam(synth.parameters(), lr=1e-2)
+    synth_opt = Updater(OptimSpec(lr=1e-2), synth.parameters())
     x, y, mask = copy_batch(8, 4, generator=torch.Generator().manual_seed(1))
 
     def cosine() -> float:
@@ -153,9 +155,9 @@ def test_a_language_model_learns_the_text(tmp_path, mode: str) -> None:  # type:
     corpus = Corpus.from_file(tmp_path / "c.txt")
     torch.manual_seed(0)
     net = RecurrentNet(corpus.size, 32, corpus.size)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    opt = Updater(OptimSpec(lr=1e-2), net.parameters())
     synth = StateSynthesizer(32) if mode == "dni" else None
-    synth_opt = torch.optim.Adam(synth.parameters(), lr=1e-3) if synth else None
+    synth_opt = Updater(OptimSpec(lr=1e-3), synth.parameters()) if synth else None
     before = bits_per_char(net, corpus, streams=4, length=20)
     assert before == pytest.approx(math.log2(corpus.size), abs=0.3)
     state = net.zero_state(8)
@@ -164,3 +166,40 @@ def test_a_language_model_learns_the_text(tmp_path, mode: str) -> None:  # type:
             state = train_sequence(net, x, y, mask, 4, mode, synth, opt, synth_opt,
                                    loss_fn=char_loss, state=state, goes_on=True)["state"]
     assert bits_per_char(net, corpus, streams=4, length=20) < 1.5
+
+
+def test_a_recurrent_layer_s_M_follows_the_run_s_recipe() -> None:
+    """A pipeline's recurrent layer (ChunkLayer) updates its M through time by the run's recipe
+    for M (here SGD with a step schedule), built by build_stages in a worker as in process; its
+    schedule advances once per training chunk, a sequence's first (no target yet) included,
+    and not on an evaluation chunk."""
+    from zdni.config import RunConfig
+    from zdni.models import build_stages
+    from zdni.recurrent import ChunkLayer
+    from zdni.sequence import copy_chunks
+
+    cfg = RunConfig(model="copy-lstm", model_args={"hidden": 8, "layers": 2},
+                    dataset="copy-L2-T2", batch_size=4, eval_batch_size=4, stages=2,
+                    synth_lr=0.1, epoch_batches=12, epochs=1,
+                    synth_optim={"optimizer": "sgd", "momentum": 0.0, "lr_schedule": "step",
+                                 "lr_gamma": 0.5}).validate()
+    layers = [m for s in build_stages(cfg) for m in s.modules() if isinstance(m, ChunkLayer)]
+    assert len(layers) == 2
+    assert all(type(layer.synth_up.opt) is torch.optim.SGD for layer in layers)
+    layer = layers[0]
+    x, _ = copy_chunks(1, 4, 2, 2)  # one batch of sequences: 3 chunks of T = 2
+    before = [p.detach().clone() for p in layer.synth.parameters()]
+    for k in range(3):  # M first learns at the third chunk, from the second's start
+        assert layer.synth_loss == 0.0
+        assert all(torch.equal(a, b) for a, b in zip(before, layer.synth.parameters()))
+        assert layer.synth_up.lr == pytest.approx(0.1 * 0.5 ** k)
+        layer(x[4 * k:4 * k + 4])[:, :, 1:].pow(2).sum().backward()
+    assert layer.synth_up.lr == pytest.approx(0.1 * 0.5 ** 3)
+    assert layer.synth_loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, layer.synth.parameters()))
+    layer(x[:4])
+    assert layer.synth_up.lr == pytest.approx(0.1 * 0.5 ** 4)
+    layer.eval()
+    with torch.no_grad():
+        layer(x[:4])
+    assert layer.synth_up.lr == pytest.approx(0.1 * 0.5 ** 4)

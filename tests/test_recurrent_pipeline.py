@@ -31,14 +31,21 @@ def config(run_id: str, **changes: object) -> RunConfig:
     return RunConfig(**base).validate()  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("mode,conditioned", [("sg", False), ("sg", True), ("backprop", False)])
+RECIPE = {"optimizer": "sgd", "lr_schedule": "cosine", "clip_norm": 0.5,
+          "synth_optim": {"optimizer": "adamw", "weight_decay": 0.01, "lr_schedule": "step"}}
+
+
+@pytest.mark.parametrize("mode,conditioned,recipe", [("sg", False, {}), ("sg", True, RECIPE),
+                                                     ("backprop", False, {})])
 def test_stacked_lstm_through_broker_equals_inprocess_reference(
-        redis_url: str, redis_client: redis.Redis, mode: str, conditioned: bool) -> None:
+        redis_url: str, redis_client: redis.Redis, mode: str, conditioned: bool,
+        recipe: dict) -> None:
     """With one chunk in flight, three LSTM layers in three workers end with the in-process
     reference's parameters (and, in sg, the same M between layers, conditioned on the chunk's
     targets with cDNI): chunks arrive in order, each layer carries its state between them and
-    trains its M through time the same way."""
-    cfg = config(f"rnn-{mode}-{int(conditioned)}", mode=mode, conditioned=conditioned)
+    trains its M through time the same way, also by a recipe of SGD on a cosine schedule with
+    clipping for the layers and AdamW on a step schedule for every M."""
+    cfg = config(f"rnn-{mode}-{int(conditioned)}", mode=mode, conditioned=conditioned, **recipe)
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     assert summary["iterations"] == 12
     plan(cfg, load_data(cfg))
@@ -46,6 +53,8 @@ def test_stacked_lstm_through_broker_equals_inprocess_reference(
     replay(pipeline, batches(cfg))
     layer = pipeline[0].module[0]
     assert layer.synth_loss > 0, "M through time trained in the reference"
+    kind = torch.optim.AdamW if recipe else torch.optim.Adam
+    assert type(layer.synth_up.opt) is kind and layer.synth_up.updates == summary["iterations"]
     for stage in pipeline:
         got = worker_state(redis_client, cfg.run_id, stage.index)
         expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}

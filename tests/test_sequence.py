@@ -6,9 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 from zdni.cli import main
+from zdni.sequence import Corpus
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60
 
@@ -59,6 +62,52 @@ def test_sequence_mistakes_are_one_line(tmp_path: Path) -> None:
     for args, says in ((["--task", "text"], "needs --dataset"),
                        (["--dataset", str(tmp_path / "none.txt")], "no such text file"),
                        (["--dataset", str(binary)], "not UTF-8")):
+        out = CliRunner().invoke(main, ["sequence", *args])
+        assert out.exit_code == 2 and says in out.output, out.output
+        assert len(out.output.strip().splitlines()) == 1
+
+
+def test_a_sequence_run_takes_the_recipe(tmp_path: Path) -> None:
+    """`zdni sequence` updates the network and M by the recipe given: the optimizer built is
+    the one named (M's by --synth-optim), a cosine schedule over the iterations reaches --lr-min
+    at the end, a step schedule by epoch halves the rate at each pass over the text; by epoch
+    on Copy (no epochs) and a bad setting are one line."""
+    from zdni.recurrent import RecurrentNet, StateSynthesizer
+    from zdni.seqrun import SeqConfig, updaters
+
+    cfg = SeqConfig(optimizer="sgd", nesterov=True, synth_optim={"optimizer": "adamw", "nesterov": False})
+    net, synth = RecurrentNet(10, 8, 9), StateSynthesizer(8)
+    opt, synth_opt = updaters(cfg.validate(), net, synth)
+    assert type(opt.opt) is torch.optim.SGD and opt.opt.defaults["nesterov"]
+    assert synth_opt is not None and type(synth_opt.opt) is torch.optim.AdamW
+
+    copy = tmp_path / "copy"
+    out = CliRunner().invoke(main, ["sequence", "--iterations", "20", "--eval-every", "10",
+                                    "--hidden", "16",
+                                    "--optimizer", "sgd", "--lr", "0.05", "--lr-schedule",
+                                    "cosine", "--lr-min", "0.01", "--synth-optim", "lr_min=0",
+                                    "--quiet", "--out", str(copy)])
+    assert out.exit_code == 0, out.output
+    assert [r["lr"] for r in records(copy) if r["kind"] == "seq"] == pytest.approx([0.03, 0.01])
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    passes = Corpus.from_file(corpus)
+    per_pass = passes.windows(passes.train, 8, 63)  # the window: 64 cut to chunks of T = 3
+    assert per_pass >= 2
+    text = tmp_path / "text"
+    out = CliRunner().invoke(main, ["sequence", "--dataset", str(corpus), "--batch-size", "8",
+                                    "--hidden", "16",
+                                    "--iterations", str(2 * per_pass), "--eval-every",
+                                    str(per_pass), "--lr", "0.01", "--lr-schedule", "step",
+                                    "--lr-gamma", "0.5", "--schedule-by", "epoch", "--quiet",
+                                    "--out", str(text)])
+    assert out.exit_code == 0, out.output
+    assert [r["lr"] for r in records(text) if r["kind"] == "seq"] == pytest.approx(
+        [0.005, 0.0025])
+
+    for args, says in ((["--schedule-by", "epoch"], "copy has no epochs"),
+                       (["--synth-optim", "nesterov=true"], "nesterov needs optimizer sgd")):
         out = CliRunner().invoke(main, ["sequence", *args])
         assert out.exit_code == 2 and says in out.output, out.output
         assert len(out.output.strip().splitlines()) == 1

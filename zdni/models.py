@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from zdni.config import ConfigError, RunConfig
+from zdni.recurrent import ChunkLayer, copy_stack
 from zdni.usercode import UserCodeError, call, is_reference
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -77,8 +78,6 @@ def build_units(model: str, args: dict[str, Any] | None = None) -> list[nn.Modul
             raise ConfigError(f"model {model}: {name} must be a whole number {low}..65536, "
                               f"got {value!r}")
     if model in ("copy-lstm", "copy-gru"):
-        from zdni.recurrent import copy_stack
-
         return list(copy_stack(args.get("layers", 3), args.get("hidden", 64), 8, model[5:],
                                bool(args.get("tdni", 1))))
     if model == "seed-mlp":
@@ -175,6 +174,10 @@ def build_stages(cfg: RunConfig, units: list[nn.Module] | None = None) -> list[n
         torch.manual_seed(cfg.seed)
         units = build_units(cfg.model, cfg.model_args)
     stages = cut(units, cut_points(len(units), cfg.stages, cfg.cuts))
+    for stage in stages:  # a recurrent layer's own M (DNI in time) takes the run's recipe
+        for layer in stage.modules():
+            if isinstance(layer, ChunkLayer):
+                layer.follow(cfg)
     if cfg.freeze_stage is not None and not 1 <= cfg.freeze_stage <= len(stages):
         raise ConfigError(f"freeze_stage {cfg.freeze_stage} is not a stage 1..{len(stages)}")
     return stages

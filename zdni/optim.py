@@ -4,11 +4,16 @@ gradient-norm clipping (the settings: zdni/optimspec.py), for the stages and for
 An Updater is what one parameter update does: clip the gradients' norm, step the optimizer,
 then step the schedule once per update (by iteration) or once per `steps_per_epoch` updates
 (by epoch). A stage makes exactly one update per iteration in every mode, in a worker as in
-the in-process runner, so counting updates steps the schedule the same way in both.
+the in-process runner, so counting updates steps the schedule the same way in both. Where an
+iteration makes several updates (a recurrent network updating after every chunk of a batch of
+sequences) or none (a recurrent layer's M at a sequence's first chunk, with nothing to learn
+from yet), the updates are `step(advance=False)` and the iteration ends with `advance()`: the
+schedule still counts iterations.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -67,15 +72,20 @@ class Updater:
         # a stage driven by synthetic gradients: each update's learning rate scaled by how well
         # they have agreed with the true ones (zdni/trust.py); None: full steps
         self.gate: TrustGate | None = None
+        self.stepped = False  # has the optimizer stepped yet (in this process)
 
     @property
     def lr(self) -> float:
         """The learning rate of the next update."""
         return float(self.opt.param_groups[0]["lr"])
 
-    def step(self) -> None:
-        """Clip, update (at the gate's share of the learning rate, if gated), advance the
-        schedule."""
+    def zero_grad(self) -> None:
+        """Drop the parameters' gradients (set them to None)."""
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, advance: bool = True) -> None:
+        """Clip, update (at the gate's share of the learning rate, if gated), and (unless
+        `advance` is False: the iteration goes on) advance the schedule by one iteration."""
         if self.spec.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.clip_norm)
         if self.gate is None:
@@ -90,12 +100,26 @@ class Updater:
             finally:  # the schedule goes on from the unscaled rate
                 for group, lr in zip(self.opt.param_groups, rates):
                     group["lr"] = lr
-        self.updates += 1
+        self.stepped = True
+        if advance:
+            self.advance()
+
+    def advance(self) -> None:
+        """One iteration done: count it, and step the schedule where its unit ends."""
+        self.updates += 1  # iterations, not optimizer steps (the name is a backup's key)
         if self.schedule is None:
             return
         if self.spec.schedule_by == "iteration" or (
                 self.steps_per_epoch and self.updates % self.steps_per_epoch == 0):
-            self.schedule.step()
+            if self.stepped:
+                self.schedule.step()
+                return
+            with warnings.catch_warnings():  # iterations without an update (M without a
+                # target yet) count all the same: torch's warning of a schedule stepped
+                # before its optimizer is meant for a loop that forgot the update
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
+                                        UserWarning)
+                self.schedule.step()
 
     def state_dict(self) -> dict[str, Any]:
         """What a backup needs besides the optimizer's own state: the update count and the

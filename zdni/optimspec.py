@@ -31,15 +31,21 @@ from zdni.errors import ZdniError
 
 
 class RunConfig(Protocol):
-    """What this module reads of zdni.config.RunConfig (which imports this module), besides
-    the OptimSpec fields it reads by name."""
+    """What this module reads of zdni.config.RunConfig (which imports this module) or of
+    zdni.seqrun.SeqConfig, besides the OptimSpec fields it reads by name."""
 
-    lr: float
-    synth_lr: float
-    synth_optim: dict[str, Any]
-    epoch_batches: int  # batches per epoch, from the data (0: unknown)
-    epochs: int
-    max_iterations: int | None
+    @property
+    def lr(self) -> float: ...
+    @property
+    def synth_lr(self) -> float: ...
+    @property
+    def synth_optim(self) -> dict[str, Any]: ...
+    @property
+    def epoch_batches(self) -> int: ...  # batches per epoch, from the data (0: unknown)
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def max_iterations(self) -> int | None: ...
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "OptimError", "OptimSpec", "check", "stage_spec",
            "stretched", "synth_spec", "total_units"]

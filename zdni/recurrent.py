@@ -12,6 +12,10 @@ to full BPTT's exactly (tests/test_recurrent.py).
 A state is a tuple of tensors: (h, c) for an LSTM, (h,) for a GRU; M predicts one gradient per
 part. The loss of a chunk is a function of (readouts, targets, mask): bit cross-entropy for the
 algorithmic tasks (chunk_loss), character cross-entropy for language modelling (char_loss).
+
+The network and M update through the run's recipe (zdni/optim.py Updater: torch's optimizer,
+its schedule and clipping); a batch of sequences is one iteration of the schedule, however
+many chunks (updates) it has.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from zdni.optim import Updater, make_updater
+from zdni.optimspec import OptimSpec, RunConfig, synth_spec
 
 __all__ = ["CELLS", "ChunkLayer", "RecurrentNet", "StateSynthesizer", "char_loss", "chunk_loss",
            "copy_stack", "full_bptt", "train_sequence"]
@@ -109,15 +116,16 @@ def char_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torc
 
 def train_sequence(net: RecurrentNet, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                    T: int, mode: str = "dni", synth: StateSynthesizer | None = None,
-                   opt: torch.optim.Optimizer | None = None,
-                   synth_opt: torch.optim.Optimizer | None = None,
+                   opt: Updater | None = None,
+                   synth_opt: Updater | None = None,
                    oracle: Oracle | None = None, loss_fn: Loss = chunk_loss,
                    state: State | None = None, goes_on: bool = False) -> dict[str, Any]:
     """One batch of sequences in chunks of T steps; mode "bptt" (truncated) or "dni".
 
     With `opt`, the network updates after every chunk (as a DNI layer does: at once); without,
-    gradients accumulate over the sequence (the oracle test). `oracle(k, state)` stands in for
-    M at the end of chunk k. `state`: where the sequence starts (zeros by default; a language
+    gradients accumulate over the sequence (the oracle test). The batch is one iteration of
+    `opt`'s and `synth_opt`'s schedules (Updater.advance at its end). `oracle(k, state)`
+    stands in for M at the end of chunk k. `state`: where the sequence starts (zeros by default; a language
     model carries its state from one window of text to the next, and with `goes_on` its last
     chunk takes M's prediction too: the text goes on after x, where a Copy sequence ends).
     Returns the summed loss, M's
@@ -149,16 +157,19 @@ def train_sequence(net: RecurrentNet, x: torch.Tensor, y: torch.Tensor, mask: to
             for p, t in zip(synth(*previous), targets):
                 assert t is not None
                 m_loss = m_loss + F.mse_loss(p, t)
-            synth_opt.zero_grad(set_to_none=True)
+            synth_opt.zero_grad()
             m_loss.backward()
-            synth_opt.step()
+            synth_opt.step(advance=False)
             synth_losses.append(float(m_loss.detach()))
         if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.step(advance=False)
+            opt.zero_grad()
         total += loss.item()
         previous = tuple(s.detach() for s in end)
         state = previous
+    for up in (opt, synth_opt):
+        if up is not None:
+            up.advance()
     return {"loss": total,
             "synth_loss": sum(synth_losses) / len(synth_losses) if synth_losses else 0.0,
             "state": state}
@@ -217,10 +228,14 @@ class ChunkLayer(nn.Module):
     the chunk's start: DNI through time inside the layer, so a stage holding it needs nothing
     else. M is kept out of the module's parameters (the stage's optimizer does not step it, and
     backups do not hold it: a restarted layer starts a fresh M). Chunks must come in order; a
-    mode that runs a chunk twice (full) does not fit."""
+    mode that runs a chunk twice (full) does not fit.
+
+    M updates with Adam at lr 1e-4 until `follow(cfg)` gives it the run's recipe for M and I
+    (zdni/optim.py; zdni.models.build_stages does, in a worker as in process): each training
+    chunk is one iteration of its schedule, also a sequence's first, where M has no target."""
 
     synth: StateSynthesizer  # set with object.__setattr__: not a submodule
-    synth_opt: torch.optim.Optimizer
+    synth_up: Updater
 
     def __init__(self, inputs: int, hidden: int, cell: str = "lstm", dni: bool = True,
                  readout: int = 0, synth_lr: float = 1e-4) -> None:
@@ -232,13 +247,19 @@ class ChunkLayer(nn.Module):
         self.dni = dni
         synth = StateSynthesizer(hidden, parts=self.core.parts)
         object.__setattr__(self, "synth", synth)  # not a submodule: see above
-        object.__setattr__(self, "synth_opt", torch.optim.Adam(synth.parameters(), lr=synth_lr))
+        object.__setattr__(self, "synth_up", Updater(OptimSpec(lr=synth_lr), synth.parameters()))
         self.state: State | None = None
         self.eval_state: State | None = None
         self.start: State | None = None  # the last chunk's start (a leaf), for M's target
         self.start_fresh = True  # that chunk began a sequence: no target for M
         self.m_input: State | None = None  # the state M predicted at, before that chunk
         self.synth_loss = 0.0
+
+    def follow(self, cfg: RunConfig) -> None:
+        """M updates by the run's recipe for M and I (optimspec.synth_spec), its schedule as
+        long as the run (a fresh optimizer: call it before training)."""
+        object.__setattr__(self, "synth_up", make_updater(
+            synth_spec(cfg), list(self.synth.parameters()), cfg))
 
     def _carry(self, state: State | None, flag: torch.Tensor, batch: int) -> State:
         if state is None or state[0].shape[0] != batch:
@@ -276,19 +297,24 @@ class ChunkLayer(nn.Module):
         return torch.cat([x[:, :, :1], hs.transpose(0, 1)], dim=2)
 
     def _train_synth(self) -> None:
-        """M on the previous chunk's bootstrapped target, once its backward has run."""
-        if not self.dni or self.start is None or self.m_input is None or self.start_fresh:
+        """M on the previous chunk's bootstrapped target, once its backward has run; either way
+        one iteration of M's schedule."""
+        if not self.dni:
             return
-        targets = [s.grad for s in self.start]
-        if any(t is None for t in targets):
-            return  # its backward has not run (or reached no state): nothing to learn from
+        targets = [s.grad for s in self.start] if self.start is not None else []
+        if self.m_input is None or self.start_fresh or not targets or any(
+                t is None for t in targets):
+            # A sequence's first chunk, or a backward that has not run (or reached no state):
+            # nothing to learn from.
+            self.synth_up.advance()
+            return
         loss = torch.zeros(())
         for p, t in zip(self.synth(*self.m_input), targets):
             assert t is not None
             loss = loss + F.mse_loss(p, t)
-        self.synth_opt.zero_grad(set_to_none=True)
+        self.synth_up.zero_grad()
         loss.backward()
-        self.synth_opt.step()
+        self.synth_up.step()
         self.synth_loss = float(loss.detach())
         self.start = None
 

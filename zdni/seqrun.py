@@ -2,22 +2,31 @@
 character-level language modelling on a text file, by truncated BPTT or DNI in chunks of T
 steps (zdni/recurrent.py); its records go to OUT/metrics.jsonl for `zdni report`.
 
+The network and M update by the run's recipe, as a pipeline's stages and synthesizers do
+(zdni/optim.py: the optimizer, its schedule and clipping; M's from synth_lr and synth_optim).
+An iteration (a batch of sequences, or a window of text) is one unit of the schedule, however
+many chunks it has; by epoch, an epoch is a pass over the text (Copy has no epochs).
+
 Records: 'start' (runner "sequence" and the settings), 'seq' every `eval_every` iterations
-(iteration, wall_s, loss; the curriculum's current length and the longest solved, or the test
-part's bits per character), then 'done' with the same fields at the end.
+(iteration, wall_s, loss, lr: the network's learning rate of the next update; the curriculum's
+current length and the longest solved, or the test part's bits per character), then 'done'
+with the same fields at the end.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from zdni.errors import ZdniError
+from zdni.optim import Updater, make_updater
+from zdni.optimspec import check, stage_spec, synth_spec
 from zdni.recurrent import CELLS, RecurrentNet, StateSynthesizer, char_loss, train_sequence
 from zdni.sequence import (
     Corpus,
@@ -52,11 +61,34 @@ class SeqConfig:
     iterations: int = 2000  # sequences (Copy) or windows of text (each window `window` chars)
     window: int = 64
     lr: float = 1e-3
-    synth_lr: float = 1e-4
+    synth_lr: float = 1e-4  # M's
     seed: int = 0
     eval_every: int = 100
     bits: int = 8
     repeats: int = 2  # Repeat Copy's repeat count
+    # The recipe, as a pipeline run's (zdni/optimspec.py says what each one does).
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    lr_step_size: int = 1
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    schedule_by: str = "iteration"  # epoch: a pass over the text
+    clip_norm: float = 0.0
+    synth_optim: dict[str, Any] = field(default_factory=dict)  # M: overrides of the above
+    epoch_batches: int = 0  # windows per pass over the text, set from it (0: Copy, no epochs)
+
+    @property
+    def max_iterations(self) -> int:
+        return self.iterations
+
+    @property
+    def epochs(self) -> int:
+        """Passes over the text the iterations begin (1 for Copy)."""
+        return math.ceil(self.iterations / self.epoch_batches) if self.epoch_batches else 1
 
     def validate(self) -> SeqConfig:
         if self.task not in TASKS:
@@ -71,6 +103,10 @@ class SeqConfig:
                      "repeats"):
             if getattr(self, name) < 1:
                 raise SeqConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check(self)
+        if self.task != "text" and "epoch" in (stage_spec(self).schedule_by,
+                                               synth_spec(self).schedule_by):
+            raise SeqConfigError(f"task {self.task} has no epochs: schedule by iteration")
         return self
 
 
@@ -84,9 +120,10 @@ def train_sequence_run(cfg: SeqConfig, out_dir: str | None = None,
     inputs = corpus.size if corpus else cfg.bits + 2
     outputs = corpus.size if corpus else cfg.bits + 1
     net = RecurrentNet(inputs, cfg.hidden, outputs, cfg.cell)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     synth = StateSynthesizer(cfg.hidden, parts=net.parts) if cfg.mode == "dni" else None
-    synth_opt = torch.optim.Adam(synth.parameters(), lr=cfg.synth_lr) if synth else None
+    if corpus is not None:
+        cfg.epoch_batches = corpus.windows(corpus.train, cfg.batch_size, _window(cfg))
+    opt, synth_opt = updaters(cfg, net, synth)
     log = _Log(out_dir, {"kind": "start", "runner": "sequence", "config": asdict(cfg),
                          "time": time.time()})
     curriculum = Curriculum()
@@ -116,7 +153,8 @@ def train_sequence_run(cfg: SeqConfig, out_dir: str | None = None,
         losses.append(out["loss"])
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             record = {"kind": "seq", "iteration": it, "wall_s": round(time.monotonic() - start, 3),
-                      "loss": sum(losses) / len(losses), "synth_loss": out["synth_loss"]}
+                      "loss": sum(losses) / len(losses), "synth_loss": out["synth_loss"],
+                      "lr": opt.lr}
             losses = []
             if corpus is not None:
                 record["bpc"] = round(bits_per_char(net, corpus), 4)
@@ -132,12 +170,23 @@ def train_sequence_run(cfg: SeqConfig, out_dir: str | None = None,
     return done
 
 
+def updaters(cfg: SeqConfig, net: torch.nn.Module, synth: torch.nn.Module | None
+             ) -> tuple[Updater, Updater | None]:
+    """The network's and M's updaters, by the run's recipe (the stages' and M's of a pipeline)."""
+    return (make_updater(stage_spec(cfg), list(net.parameters()), cfg),
+            make_updater(synth_spec(cfg), list(synth.parameters()), cfg) if synth else None)
+
+
+def _window(cfg: SeqConfig) -> int:
+    """Characters per window of text: a whole number of chunks."""
+    return cfg.T * max(1, cfg.window // cfg.T)
+
+
 def _text_windows(corpus: Corpus, cfg: SeqConfig) -> Any:
     """(starts a new pass over the text, window) forever: the state resets at each pass."""
-    window = cfg.T * max(1, cfg.window // cfg.T)
     while True:
         fresh = True
-        for batch in corpus.streams(corpus.train, cfg.batch_size, window):
+        for batch in corpus.streams(corpus.train, cfg.batch_size, _window(cfg)):
             yield fresh, batch
             fresh = False
 

@@ -134,6 +134,11 @@ class Corpus:
         """One-hot inputs, float32, ids' shape + (vocab,)."""
         return torch.nn.functional.one_hot(ids, self.size).float()
 
+    def windows(self, part: torch.Tensor, batch: int, length: int) -> int:
+        """How many windows `streams` yields for the same arguments."""
+        per = (len(part) - 1) // batch
+        return max(0, (per - length) // length + 1)
+
     def streams(self, part: torch.Tensor, batch: int, length: int
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The text cut into `batch` contiguous streams, read `length` characters at a time:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from zdni.config import SCHEDULES, RunConfig
+from zdni.config import OPTIMIZERS, SCHEDULES, RunConfig
 
 F = Callable[..., Any]
 _D = RunConfig()
@@ -29,17 +29,12 @@ def _option(*decls: str, **attrs: Any) -> Callable[[F], F]:
     return click.option(*decls, **attrs)
 
 
-OPTIONS: list[Callable[[F], F]] = [
-    _option("--loss", default=_D.loss, show_default=True, envvar="ZDNI_LOSS",
-            help="cross_entropy, or your loss by reference: file.py:fn or package.module:fn, "
-                 "fn(output, target) -> the batch's mean (e.g. torch.nn.functional:mse_loss)."),
-    _option("--metric", default=_D.metric, envvar="ZDNI_METRIC",
-            help="accuracy, loss, or your metric by reference, fn(output, target) -> the "
-                 "batch's mean [default: accuracy with cross_entropy, else the loss]."),
-    _option("--metric-goal", type=click.Choice(("max", "min")), default=None,
-            envvar="ZDNI_METRIC_GOAL",
-            help="Whether a higher metric is better (max) [default: the metric's own: accuracy "
-                 "max, loss min, yours its higher_is_better attribute]."),
+# The optimizer, its schedule and clipping (zdni/optimspec.py): a pipeline run's and a
+# recurrent run's (zdni sequence).
+OPTIMIZER_OPTIONS: list[Callable[[F], F]] = [
+    _option("--optimizer", type=click.Choice(OPTIMIZERS), default=_D.optimizer,
+            show_default=True, envvar="ZDNI_OPTIMIZER",
+            help="torch.optim.Adam, AdamW or SGD (settings below; zdni/optim.py)."),
     _option("--momentum", type=float, default=_D.momentum, show_default=True,
             envvar="ZDNI_MOMENTUM", help="SGD's momentum."),
     _option("--nesterov/--no-nesterov", default=_D.nesterov, show_default=True,
@@ -69,6 +64,20 @@ OPTIONS: list[Callable[[F], F]] = [
             envvar="ZDNI_SYNTH_OPTIM", metavar="KEY=VALUE",
             help="M's and I's optimizer settings where they differ from the stages' (same "
                  "names with _, e.g. optimizer=sgd clip_norm=1; their lr is --synth-lr)."),
+]
+
+OPTIONS: list[Callable[[F], F]] = [
+    _option("--loss", default=_D.loss, show_default=True, envvar="ZDNI_LOSS",
+            help="cross_entropy, or your loss by reference: file.py:fn or package.module:fn, "
+                 "fn(output, target) -> the batch's mean (e.g. torch.nn.functional:mse_loss)."),
+    _option("--metric", default=_D.metric, envvar="ZDNI_METRIC",
+            help="accuracy, loss, or your metric by reference, fn(output, target) -> the "
+                 "batch's mean [default: accuracy with cross_entropy, else the loss]."),
+    _option("--metric-goal", type=click.Choice(("max", "min")), default=None,
+            envvar="ZDNI_METRIC_GOAL",
+            help="Whether a higher metric is better (max) [default: the metric's own: accuracy "
+                 "max, loss min, yours its higher_is_better attribute]."),
+    *OPTIMIZER_OPTIONS,
     _option("--max-iterations", type=int, default=None, envvar="ZDNI_MAX_ITERATIONS",
             help="Stop after this many iterations (then evaluate): for data sets too large "
                  "for whole epochs."),
@@ -92,5 +101,12 @@ OPTIONS: list[Callable[[F], F]] = [
 def recipe_options(func: F) -> F:
     """Every option above, in order."""
     for option in reversed(OPTIONS):
+        func = option(func)
+    return func
+
+
+def optimizer_options(func: F) -> F:
+    """The optimizer's options, in order."""
+    for option in reversed(OPTIMIZER_OPTIONS):
         func = option(func)
     return func
