@@ -138,3 +138,72 @@ def test_distributed_user_model_loads_in_plain_pytorch(digits: Path, tmp_path: P
     got = json.loads(plain.stdout)
     assert not got["zdni"]
     assert abs(got["accuracy"] - summary["test_accuracy"]) <= 0.001
+
+
+FACTORY = '''
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+def net():
+    return nn.Sequential(nn.Sequential(nn.Linear(4, 16), nn.ReLU()),
+                         nn.Sequential(nn.Linear(16, 3)))
+
+
+def _part(n, shift, seed):
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+    return x + shift, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+class Lazy(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def make(n=256, shift=0.0, lazy=False):
+    test = _part(n // 2, shift, 1)
+    return _part(n, 0.0, 0), Lazy(*test) if lazy else test
+'''
+
+
+def test_evaluate_scores_the_run_s_own_data_set_with_its_factory_s_arguments(
+        tmp_path: Path) -> None:
+    """`zdni evaluate RUN_DIR` takes the run's own data set and factory arguments (model.json)
+    and scores the summary's test accuracy; --dataset-arg changes the arguments it names and
+    keeps the run's others (a Dataset read lazily scores the same; shifted inputs score
+    otherwise); --dataset names another data set."""
+    from click.testing import CliRunner
+
+    from zdni.cli import main
+
+    (tmp_path / "gen.py").write_text(FACTORY)
+    run = tmp_path / "run"
+    out = CliRunner().invoke(main, [
+        "train", "--inproc", "--quiet", "--threads", "1", "--model", f"{tmp_path}/gen.py:net",
+        "--dataset", f"{tmp_path}/gen.py:make", "--dataset-arg", "n=200", "--stages", "2",
+        "--epochs", "2", "--batch-size", "20", "--lr", "0.01", "--out", str(run)])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "model.json").read_text())["dataset_args"] == {"n": 200}
+
+    def evaluate(*args: str) -> dict:
+        out = CliRunner().invoke(main, ["evaluate", str(run), *args])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.output)
+
+    own = evaluate()
+    assert own["samples"] == 100 and own["accuracy"] == pytest.approx(
+        summary["test_accuracy"], abs=1e-6) and own["accuracy"] > 0.5
+    lazy = evaluate("--dataset-arg", "lazy=true", "--batch-size", "7")
+    assert lazy["samples"] == 100 and lazy["accuracy"] == pytest.approx(own["accuracy"])
+    assert lazy["loss"] == pytest.approx(own["loss"], rel=1e-5)
+    assert evaluate("--dataset-arg", "shift=3")["accuracy"] < own["accuracy"] - 0.1
+    other = evaluate("--dataset", f"{tmp_path}/gen.py:make", "--dataset-arg", "n=60")
+    assert other["samples"] == 30

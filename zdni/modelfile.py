@@ -77,7 +77,8 @@ def describe(cfg: RunConfig, norm: Normalization | None, names: list[str]) -> di
     return {
         "format": FORMAT, "run_id": cfg.run_id, "model": cfg.model,
         "model_args": cfg.model_args, "units": names, "cuts": starts[1:],
-        "dataset": cfg.dataset, "data_dir": cfg.data_dir, "test_limit": cfg.test_limit,
+        "dataset": cfg.dataset, "dataset_args": cfg.dataset_args, "data_dir": cfg.data_dir,
+        "test_limit": cfg.test_limit,
         "input_shape": cfg.input_shape, "classes": cfg.classes, "label_shape": cfg.label_shape,
         "normalization": norm, "mode": cfg.mode, "conditioned": cfg.conditioned,
         "target_dtype": cfg.target_dtype, "loss": cfg.loss, "metric": cfg.metric,
@@ -189,32 +190,43 @@ def renormalize(x: torch.Tensor, given: Normalization | None,
 
 
 @torch.no_grad()
-def evaluate(model: Model | str, dataset: str, data_dir: str | None = None,
+def evaluate(model: Model | str, dataset: str | None = None, data_dir: str | None = None,
              limit: int | None = None, split: str = "test",
              batch_size: int = 1000, loss: Callable[..., Any] | None = None,
-             metric: Callable[..., Any] | None = None) -> dict[str, Any]:
+             metric: Callable[..., Any] | None = None,
+             dataset_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Mean loss and metric (the run's own: model.json names them; accuracy by default) of a
     run's model (or its directory) on a data set zdni reads (mnist, cifar10, a .npz or .pt
-    file, a factory), its inputs normalized as in training. A run trained with a live loss or
-    metric (a function, in process) takes it again as `loss` / `metric`. A data set whose
-    samples or labels do not fit the model, or a live loss or metric not given, is a one-line
-    ModelFileError."""
+    file, a factory with `dataset_args`, in memory or read lazily batch by batch), its inputs
+    normalized as in training. Without `dataset`, the run's own data set, its factory's
+    arguments and data directory (model.json); on the run's data set `dataset_args` change
+    the run's arguments they name and keep the others. A run trained with a live loss or metric (a function, in process)
+    takes it again as `loss` / `metric`. A data set whose samples or labels do not fit the
+    model, or a live loss or metric not given, is a one-line ModelFileError."""
     if isinstance(model, str):
         model = load(model)
     info = model.info
+    own = dataset is None or dataset == info.get("dataset")
+    dataset = dataset if dataset is not None else info.get("dataset")
+    if not dataset or dataset == LIVE:
+        raise ModelFileError(f"run {info.get('run_id')} trained on "
+                             f"{'live data' if dataset else 'a data set model.json does not name'}"
+                             ": give the data set to score it on (--dataset)")
     if parse_copy_data(dataset):
         raise ModelFileError(f"{dataset}: a recurrent run's chunks carry state from one to the "
                              "next; its test accuracy is in its summary")
-    cfg = RunConfig(model=LIVE, dataset=dataset, train_limit=limit if split == "train" else 1,
+    run_args = dict(info.get("dataset_args") or {}) if own else {}
+    dataset_args = {**run_args, **(dataset_args or {})}
+    cfg = RunConfig(model=LIVE, dataset=dataset, dataset_args=dataset_args,
+                    train_limit=limit if split == "train" else 1,
                     test_limit=limit if split == "test" else None)
+    data_dir = data_dir if data_dir is not None else info.get("data_dir") if own else None
     if data_dir is not None:
         cfg.data_dir = data_dir
     if split not in ("train", "test"):
         raise ModelFileError(f"split must be train or test, got {split!r}")
     data = load_data(cfg.validate())
-    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
-    _check_fit(info, dataset, x, y)
-    x = renormalize(x, data.norm, info.get("normalization"))
+    part = data.train if split == "train" else data.test
     device = next(iter(model.parameters()), torch.zeros(0)).device
     # The run's loss and metric (zdni/objective.py); a live one (in process) is given again.
     named = {k: info.get(k) or "" for k in ("loss", "metric", "metric_goal")}
@@ -227,14 +239,17 @@ def evaluate(model: Model | str, dataset: str, data_dir: str | None = None,
     objective = Objective(named["loss"] or "cross_entropy", named["metric"], named["metric_goal"],
                           loss_fn=loss if named["loss"] == LIVE else None,
                           metric_fn=metric if named["metric"] == LIVE else None)
-    loss_sum, metric_sum = 0.0, 0.0
-    for start in range(0, len(x), batch_size):
-        out = model.net(x[start : start + batch_size].to(device))
-        batch_loss, value = objective.score(out, y[start : start + batch_size])
-        loss_sum, metric_sum = loss_sum + batch_loss, metric_sum + value
+    loss_sum, metric_sum, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for x, y in part.eval_batches(batch_size, 0, 0):  # a lazy data set: batch by batch
+            _check_fit(info, dataset, x, y)
+            x = renormalize(x, data.norm, info.get("normalization"))
+            batch_loss, value = objective.score(model.net(x.to(device)), y)
+            loss_sum, metric_sum, n = loss_sum + batch_loss, metric_sum + value, n + len(x)
+    if not n:
+        raise ModelFileError(f"{dataset}: its {split} part has no samples")
     return {"run_id": info.get("run_id"), "dataset": dataset, "split": split,
-            "samples": len(x), "loss": loss_sum / len(x),
-            objective.metric: metric_sum / len(x)}
+            "samples": n, "loss": loss_sum / n, objective.metric: metric_sum / n}
 
 
 def _check_fit(info: dict[str, Any], dataset: str, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -15,7 +15,9 @@ F = Callable[..., Any]
 _D = RunConfig()
 
 
-def _pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any]:
+def key_values(ctx: click.Context, param: click.Parameter,
+               value: tuple[str, ...]) -> dict[str, Any]:
+    """KEY=VALUE options (JSON values) as a dict."""
     from zdni.usercode import UserCodeError, parse_args
 
     try:
@@ -60,7 +62,7 @@ OPTIMIZER_OPTIONS: list[Callable[[F], F]] = [
     _option("--clip-norm", type=float, default=_D.clip_norm, show_default=True,
             envvar="ZDNI_CLIP_NORM",
             help="Clip each stage's gradient norm to this before its update (0 = off)."),
-    _option("--synth-optim", "synth_optim", multiple=True, callback=_pairs,
+    _option("--synth-optim", "synth_optim", multiple=True, callback=key_values,
             envvar="ZDNI_SYNTH_OPTIM", metavar="KEY=VALUE",
             help="M's and I's optimizer settings where they differ from the stages' (same "
                  "names with _, e.g. optimizer=sgd clip_norm=1; their lr is --synth-lr)."),
@@ -81,7 +83,7 @@ OPTIONS: list[Callable[[F], F]] = [
     _option("--max-iterations", type=int, default=None, envvar="ZDNI_MAX_ITERATIONS",
             help="Stop after this many iterations (then evaluate): for data sets too large "
                  "for whole epochs."),
-    _option("--dataset-arg", "dataset_args", multiple=True, callback=_pairs,
+    _option("--dataset-arg", "dataset_args", multiple=True, callback=key_values,
             envvar="ZDNI_DATASET_ARGS", metavar="KEY=VALUE",
             help="Keyword argument of the data set factory (repeatable; JSON values)."),
     _option("--data-workers", type=int, default=_D.data_workers, show_default=True,

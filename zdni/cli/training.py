@@ -29,6 +29,7 @@ from zdni.cli.options import (
     wait_for_redis,
     writable_dir,
 )
+from zdni.cli.recipe import key_values
 from zdni.config import RunConfig
 from zdni.security import Curve
 
@@ -167,24 +168,29 @@ def interrupted_says(run_id: str, out_dir: str) -> Iterator[None]:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@option("--dataset", required=True, envvar="ZDNI_DATASET",
-        help="mnist or cifar10 (from --data-dir), a .npz or .pt file, or module:factory.")
+@option("--dataset", default=None, envvar="ZDNI_DATASET",
+        help="mnist or cifar10 (from --data-dir), a .npz or .pt file, or module:factory "
+             "[default: the run's own, with its --dataset-arg and --data-dir].")
+@option("--dataset-arg", "dataset_args", multiple=True, callback=key_values,
+        envvar="ZDNI_DATASET_ARGS", metavar="KEY=VALUE",
+        help="Keyword argument of the data set factory (repeatable; JSON values); on the "
+             "run's own data set it changes that argument and keeps the run's others.")
 @data_dir_option
 @option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
         help="Which part of the data set.")
 @option("--limit", type=int, default=None, help="Only the first N samples.")
 @option("--batch-size", type=int, default=1000, show_default=True)
 @clean_errors
-def evaluate(run_dir: str, dataset: str, data_dir: str | None, split: str, limit: int | None,
-             batch_size: int) -> None:
-    """Loss and accuracy of RUN_DIR's model.pt on a data set, its inputs normalized as in
-    training; prints one JSON line."""
+def evaluate(run_dir: str, dataset: str | None, dataset_args: dict[str, Any] | None,
+             data_dir: str | None, split: str, limit: int | None, batch_size: int) -> None:
+    """Loss and metric of RUN_DIR's model.pt on a data set (the run's own by default), its
+    inputs normalized as in training; prints one JSON line."""
     import json
 
     from zdni.modelfile import evaluate as run_evaluation
 
-    click.echo(json.dumps(run_evaluation(run_dir, dataset, data_dir, limit, split,
-                                         batch_size)))
+    click.echo(json.dumps(run_evaluation(run_dir, dataset, data_dir, limit, split, batch_size,
+                                         dataset_args=dataset_args or None)))
 
 
 @main.command("run")
