@@ -82,7 +82,9 @@ def test_bare_status_and_redis_cli_find_the_run_here(repo_root: Path, tmp_path: 
     train = subprocess.Popen([*zdni, "train", "--model",
                               f"{repo_root}/examples/my_models.py:mlp", "--model-arg", "inputs=20",
                               "--dataset", str(tmp_path / "data.npz"), "--batch-size", "32",
-                              "--epochs", "1", "--quiet", "--run-id", "here"], cwd=tmp_path,
+                              # long enough to be running still at the redis-cli call under
+                              # load (it is terminated at the end of the test)
+                              "--epochs", "20", "--quiet", "--run-id", "here"], cwd=tmp_path,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
