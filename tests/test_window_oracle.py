@@ -82,3 +82,24 @@ def test_ordered_run_equals_the_oracle(mnist_dir: Path, redis_url: str,
         for r in records(tmp_path / out, "stage"):
             if r["stage"] < 3:  # the last stage has no M
                 assert r["staleness_max"] == window - 1, (out, r)
+
+
+@pytest.mark.parametrize("mode", ["sg", "full"])
+def test_ordered_run_with_remote_synthesizers_equals_the_oracle(
+        mnist_dir: Path, redis_url: str, redis_client: redis.Redis, tmp_path: Path,
+        mode: str) -> None:
+    """With M and I in the synthesizer service and 2 in flight, the stages (whose trust gate
+    then measures M's agreement itself, from the synthetic gradients it was sent) end where the
+    in-process oracle's end, gate and all."""
+    cfg = config(mnist_dir, f"ord-remote-{mode}", mode=mode, conditioned=True, max_inflight=2,
+                 synth_placement="remote", trust_gate=0.05)
+    summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1,
+                                out_dir=str(tmp_path / "d"))
+    assert summary["iterations"] == 20
+    trust = [r["trust"] for r in records(tmp_path / "d", "iter") if r.get("trust")]
+    assert trust and any(0 < v < 1 for r in trust for v in r.values()), trust
+    for stage in oracle_stages(cfg):
+        got = worker_state(redis_client, cfg.run_id, stage.index)
+        for name, value in stage.module.state_dict().items():
+            torch.testing.assert_close(got[f"stage.{name}"], value,
+                                       msg=f"stage {stage.index} {name}")
