@@ -46,3 +46,19 @@ def test_plain_lines_are_rate_limited_but_the_final_state_is_logged() -> None:
     log.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and "it 100/100" in lines[0]
+
+
+def test_a_run_of_unknown_length_counts_iterations_without_a_fraction() -> None:
+    """A stream's run (total 0: its end unknown) shows the iteration and fields, no percentage
+    or estimate, as a line off a terminal and in place on one."""
+    out = io.StringIO()
+    log = Progress(0, "inproc sg", stream=out, log_every_s=0.0)
+    log.update(5, **FIELDS)
+    log.close()
+    assert out.getvalue().splitlines() == [
+        "[inproc sg] it 5 0s epoch=2 loss=0.1235 acc=0.9712 sps=3100 lag=3"]
+    term = Terminal()
+    bar = Progress(0, "sg x3", stream=term)
+    bar.update(7, epoch=1)
+    bar.close()
+    assert term.getvalue() == "\r[sg x3] it 7 0s epoch=1\x1b[K\n"

@@ -192,13 +192,13 @@ def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
     m = objective.metric
     feeder = data.train.feeder(cfg.batch_size, cfg.seed, not data.ordered, cfg.data_workers,
                                cfg.drop_last)
-    per_epoch = feeder.batches_per_epoch
+    per_epoch = feeder.batches_per_epoch  # None: a stream, whose pass ends where it does
     on, watched = ("val", data.val) if data.val is not None else ("test", data.test)
     state = start or LoopState()
     if start is not None:
         runner.start_at(start.fed)
         metrics.restore(start.metrics, start.fed, start.epoch + 1)
-    total = per_epoch * cfg.epochs
+    total = per_epoch * cfg.epochs if per_epoch else cfg.max_iterations or 0
     progress = Progress(min(total, cfg.max_iterations or total), runner.label, quiet=quiet)
     began = time.monotonic() - state.wall_s  # a resumed run's wall time goes on counting
     shown: float | None = None  # the newest score, for the progress line
@@ -213,7 +213,8 @@ def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
         state.samples += len(x)
         metrics.iteration(it, epoch + 1, state.samples, time.monotonic() - began,
                           *runner.flight())
-        if cfg.eval_every and it % cfg.eval_every == 0 and it % per_epoch:
+        if cfg.eval_every and it % cfg.eval_every == 0 and (per_epoch is None or
+                                                            it % per_epoch):
             runner.drain()  # evaluate the parameters of one iteration, not a mix
             scores = evaluate(watched, on, epoch)
             metrics.eval(it, epoch + 1, time.monotonic() - began, scores)
@@ -229,7 +230,8 @@ def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
         saver.save(runner, state, metrics)
 
     first_epoch, first_batch = state.epoch, state.position
-    done = first_epoch * per_epoch + first_batch  # batches of the data set fed (no replays)
+    # batches of the data set fed (no replays); a stream is not resumed (zdni/plan.py)
+    done = first_epoch * (per_epoch or 0) + first_batch
     for epoch in range(first_epoch, cfg.epochs):
         for index, xb, yb in feeder.iter_epoch(epoch, first_batch if epoch == first_epoch
                                                else 0):
@@ -239,7 +241,8 @@ def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
             done += 1
             if done == cfg.max_iterations:
                 break
-            if saver is not None and index + 1 < per_epoch and saver.due(runner.fed):
+            if saver is not None and (per_epoch is None or index + 1 < per_epoch) and \
+                    saver.due(runner.fed):
                 checkpoint(epoch, index + 1)
         runner.settle()
         scores = evaluate(watched, on, epoch)

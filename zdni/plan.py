@@ -21,8 +21,9 @@ from zdni.config import ConfigError, RunConfig
 from zdni.data import DataError
 from zdni.models import build_units, cut_points
 from zdni.objective import CROSS_ENTROPY, Objective, objective_of
+from zdni.optimspec import stage_spec, synth_spec
 from zdni.probe import probe, unit_shapes
-from zdni.split import Data, TensorSplit
+from zdni.split import Data, IterSplit, TensorSplit, size
 from zdni.transport import HWM
 from zdni.usercode import UserCodeError
 from zdni.userdata import classes_of
@@ -56,6 +57,8 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
                     "batches in flight (an MLP with LayerNorm: 95.0%% at 1, 93.3%% at 2, 90.9%% "
                     "at 4 with the trust gate, 21%% without; docs/RESULTS.md)", cfg.max_inflight,
                     cfg.mode, safe)
+    if isinstance(data.train, IterSplit):
+        _streamable(cfg, resumed)
     x, y = data.train.probe(PROBE)
     cfg.input_shape = [int(d) for d in x.shape[1:]]
     cfg.epoch_batches = data.steps_per_epoch(cfg.batch_size, cfg.drop_last)
@@ -71,7 +74,7 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
     finally:
         torch.random.set_rng_state(state)
     shapes = unit_shapes(cfg.model, units, tuple(cfg.input_shape),
-                         (len(data.train), *cfg.input_shape))
+                         (size(data.train) or cfg.batch_size, *cfg.input_shape))
     out = shapes[-1]
     want = (needed, *cfg.label_shape)
     if cfg.loss == CROSS_ENTROPY:
@@ -119,10 +122,34 @@ def plan(cfg: RunConfig, data: Data, units: list[nn.Module] | None = None,
         limits.check(cfg, [shapes[p] for p in points] + [out], HWM)
     # every stage trains once, here, on the run's first batch and at the epoch's last size
     xb, yb = data.train.probe(cfg.batch_size)
-    probe(cfg, units, points, xb, yb, len(data.train), objective)
+    probe(cfg, units, points, xb, yb, size(data.train), objective)  # a stream: its first
     # after the probe: it may leave the epoch's last batch out (cfg.drop_last)
     cfg.epoch_batches = data.steps_per_epoch(cfg.batch_size, cfg.drop_last)
     return record
+
+
+def _streamable(cfg: RunConfig, resumed: bool) -> None:
+    """A ConfigError for what a training set read as a stream (an IterableDataset: no length,
+    no index) cannot do: go on from a checkpoint within it, tell workers where an ordered
+    run's epochs end before they come, schedule by epoch without the epoch's length, or be
+    read by DataLoader workers (zdni/stream.py)."""
+    said = "the training set is a stream (an IterableDataset: no length, no index)"
+    if resumed:
+        raise ConfigError(f"{said}: a run over it cannot be resumed; start it again")
+    if cfg.ordered:
+        raise ConfigError(f"{said}: an ordered run (--ordered) must know where its epochs end; "
+                          "drop --ordered or give a map-style Dataset")
+    if cfg.data_workers:
+        raise ConfigError(f"{said}: it is read in the driver, not by DataLoader workers; drop "
+                          "--data-workers")
+    for who, spec in (("the stages", stage_spec(cfg)), ("M and I", synth_spec(cfg))):
+        if spec.lr_schedule == "cosine" and cfg.max_iterations is None:
+            raise ConfigError(f"{said}: {who}' cosine schedule needs the run's length; give "
+                              "--max-iterations")
+        if spec.schedule_by == "epoch" and (spec.lr_schedule != "constant" or spec.warmup):
+            raise ConfigError(f"{said}: {who}' schedule cannot count epochs of unknown "
+                              "length; schedule by iteration (--schedule-by iteration, with "
+                              "--max-iterations for a cosine)")
 
 
 def _in_memory(data: Data) -> bool:

@@ -14,7 +14,7 @@ class Progress:
         self, total: int, label: str, quiet: bool = False, stream: TextIO | None = None,
         log_every_s: float = 10.0,
     ) -> None:
-        self.total = max(total, 1)
+        self.total = max(total, 0)  # 0: unknown (a stream, whose end comes when it comes)
         self.label = label
         self.quiet = quiet
         self.stream = stream or sys.stderr
@@ -30,7 +30,7 @@ class Progress:
         """Redraw (at most 10 times a second) or, off a terminal, log every log_every_s seconds."""
         now = time.monotonic()
         self.latest = (done, fields)
-        if self.tty and now - self.last_draw < 0.1 and done < self.total:
+        if self.tty and now - self.last_draw < 0.1 and (not self.total or done < self.total):
             return
         if not self.tty and now - self.last_log < self.log_every_s:
             return
@@ -38,8 +38,15 @@ class Progress:
 
     def _draw(self, now: float, done: int, fields: dict[str, object]) -> None:
         elapsed = max(now - self.start, 1e-9)
-        frac = min(done / self.total, 1.0)
         parts = [f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None]
+        if not self.total:
+            text = f"[{self.label}] it {done} {elapsed:.0f}s " + " ".join(parts)
+            self.stream.write(f"\r{text}\x1b[K" if self.tty else f"{text}\n")
+            self.last_draw = self.last_log = now
+            self.logged = done
+            self.stream.flush()
+            return
+        frac = min(done / self.total, 1.0)
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         text = f"it {done}/{self.total} {elapsed:.0f}s<{eta:.0f}s " + " ".join(parts)
         if self.tty:

@@ -1,5 +1,6 @@
-"""A run's data: its training, validation and test parts, each tensors in memory or a torch
-Dataset read lazily (zdni/stream.py), and the validation part held out of the training set.
+"""A run's data: its training, validation and test parts, each tensors in memory, a torch
+Dataset read lazily or an IterableDataset read as a stream (zdni/stream.py), and the
+validation part held out of the training set.
 
 The loop feeds the training part's batches (a feeder: zdni.data.BatchFeeder for tensors,
 zdni.stream.StreamFeeder for a Dataset) and evaluates the others batch by batch, so neither
@@ -18,12 +19,12 @@ import torch
 
 from zdni.data import BatchFeeder, DataError, Normalization
 from zdni.permutation import Permutation
-from zdni.stream import StreamFeeder, as_batch, batch_key, seeded
+from zdni.stream import IterFeeder, StreamFeeder, as_batch, batch_key, seeded
 
-__all__ = ["Data", "DatasetSplit", "Split", "TensorSplit", "hold_out"]
+__all__ = ["Data", "DatasetSplit", "IterSplit", "Split", "TensorSplit", "hold_out", "size"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-Feeder = BatchFeeder | StreamFeeder
+Feeder = BatchFeeder | StreamFeeder | IterFeeder
 VAL_KEY = 0x56414C  # names the validation split's permutation ("VAL"), apart from epochs'
 
 
@@ -103,12 +104,52 @@ class DatasetSplit:
             yield x, y
 
 
-Split = TensorSplit | DatasetSplit
+@dataclass
+class IterSplit:
+    """A part read as a stream from an IterableDataset of (x, y) items: no length and no
+    index, so no shuffling by zdni, no validation split held out of it and no DataLoader
+    workers (zdni/stream.py); `count`: only its first items (a limit)."""
+
+    dataset: Any
+    what: str = "dataset"
+    count: int | None = None
+
+    def probe(self, n: int) -> Pair:
+        """The stream's first n samples, read as a training batch's would be."""
+        _, x, y = next(IterFeeder(self.dataset, n, 0, self.what, count=self.count
+                                  ).iter_epoch(0))
+        return x, y
+
+    def limit(self, n: int | None) -> IterSplit:
+        if n is None:
+            return self
+        return IterSplit(self.dataset, self.what, min(n, self.count or n))
+
+    def feeder(self, batch_size: int, seed: int, shuffle: bool, workers: int,
+               drop_last: bool = False) -> Feeder:
+        return IterFeeder(self.dataset, batch_size, seed, self.what, drop_last, self.count)
+
+    def eval_batches(self, batch_size: int, seed: int, workers: int) -> Iterator[Pair]:
+        for _, x, y in IterFeeder(self.dataset, batch_size, seed, self.what,
+                                  count=self.count).iter_epoch(0):
+            yield x, y
+
+
+Split = TensorSplit | DatasetSplit | IterSplit
+
+
+def size(part: Split) -> int | None:
+    """Samples in a part; None for a stream (its end is known when a pass reaches it)."""
+    return None if isinstance(part, IterSplit) else len(part)
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(train, validation): a `fraction` of the training samples, chosen by a permutation
     seeded by `seed`, held out for validation (at least one sample on each side)."""
+    if isinstance(train, IterSplit):
+        raise DataError(f"{train.what} is a stream (an IterableDataset): no validation split "
+                        "can be held out of it; give (train, val, test) from the factory or "
+                        "--val-data")
     n = len(train)
     k = min(max(1, round(n * fraction)), n - 1)
     if n < 2:
@@ -165,7 +206,9 @@ class Data:
 
     def steps_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:
         """Batches in an epoch: the last, partial one left out with `drop_last` (as the
-        feeders leave it out; kept when it is the only one)."""
+        feeders leave it out; kept when it is the only one); 0 for a stream (unknown)."""
+        if isinstance(self.train, IterSplit):
+            return 0
         n = len(self.train)
         if drop_last and n >= batch_size:
             return n // batch_size

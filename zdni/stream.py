@@ -13,6 +13,14 @@ can start again at (epoch, position).
 A Dataset's item is (x, y): x a tensor or array of the sample (float32 as it comes: normalize
 in the Dataset), y a class index (int) or target values (float, bool: float32). Batches are
 made by DataLoader's default collation.
+
+An IterableDataset (a stream: no length, no index) is read by IterFeeder in this process, in
+the stream's own order (shuffle in the stream), an epoch being one pass to the stream's end.
+Batch `index` of epoch `epoch` is the next batch_size items of a fresh pass, read with the
+generators seeded from (seed, epoch, index) as above: the same batches in process and
+distributed for a stream that gives the same items for the same draws. It is read here and
+not by DataLoader workers: each worker would read the whole stream unless it shards itself,
+and the batches' order and sizes would then depend on the workers.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -30,7 +39,7 @@ from torch.utils.data import default_collate as collate
 from zdni.data import DataError
 from zdni.permutation import Permutation
 
-__all__ = ["StreamFeeder", "as_batch", "seeded"]
+__all__ = ["IterFeeder", "StreamFeeder", "as_batch", "seeded"]
 
 PREFETCH = 2  # batches each DataLoader worker reads ahead (DataLoader's own default)
 
@@ -162,3 +171,39 @@ class StreamFeeder:
                             num_workers=self.workers, prefetch_factor=PREFETCH,
                             multiprocessing_context="fork", persistent_workers=False)
         yield from loader
+
+
+class IterFeeder:
+    """Mini-batches of an IterableDataset (module docstring): the interface of StreamFeeder,
+    with batches_per_epoch None (a pass ends where the stream does)."""
+
+    batches_per_epoch: int | None = None
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, what: str = "dataset",
+                 drop_last: bool = False, count: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.what, self.drop_last, self.count = what, drop_last, count
+
+    def iter_epoch(self, epoch: int, start: int = 0
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (index, x, y) for a pass over the stream, from batch `start` on (the ones
+        before it are read and dropped: a stream has no index); with drop_last, a last batch
+        smaller than the others is left out."""
+        items = iter(self.dataset)
+        if self.count is not None:
+            items = islice(items, self.count)
+        index = 0
+        while True:
+            with seeded(batch_key(self.seed, epoch, index)):
+                samples = list(islice(items, self.batch_size))
+            if not samples:
+                if index == 0:
+                    raise DataError(f"{self.what}: the stream gave no items")
+                return
+            if len(samples) < self.batch_size and self.drop_last and index > 0:
+                return
+            if index >= start:
+                yield (index, *as_batch(samples, self.what))
+            index += 1

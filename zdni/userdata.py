@@ -9,7 +9,9 @@ Accepted forms:
     file.py:factory      returning (train, test) or (train, val, test), each a pair of tensors
                          or arrays, or a map-style torch Dataset of (x, y) samples: a
                          TensorDataset is held in memory, any other Dataset is read lazily,
-                         batch by batch (zdni/stream.py), its items used as they come
+                         batch by batch (zdni/stream.py), its items used as they come; or an
+                         IterableDataset, read as a stream in its own order, an epoch one
+                         pass to its end
 
 uint8 inputs are scaled to [0, 1] and normalized with the training set's mean and standard
 deviation (per channel for N x C x H x W images, else overall), as the MNIST and CIFAR-10
@@ -30,7 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, TensorDataset
 
 from zdni.data import DataError, Normalization
-from zdni.split import DatasetSplit, Split, TensorSplit
+from zdni.split import DatasetSplit, IterSplit, Split, TensorSplit
 from zdni.usercode import call, is_reference
 
 __all__ = ["classes_of", "from_objects", "load_user_dataset", "load_user_splits", "prepare",
@@ -208,9 +210,13 @@ def _lazy(obj: Any) -> bool:
     if isinstance(obj, tuple | list) and len(obj) == 2 and not isinstance(obj[0], tuple | list):
         return False
     if isinstance(obj, IterableDataset):
-        raise DataError(f"an IterableDataset ({type(obj).__name__}) has no length or index: give "
-                        "a map-style Dataset (len(d) and d[i]); zdni shuffles by position")
+        return True
     return hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+
+def _lazy_split(obj: Any, what: str) -> Split:
+    """A Dataset read lazily, or an IterableDataset read as a stream."""
+    return IterSplit(obj, what) if isinstance(obj, IterableDataset) else DatasetSplit(obj, what)
 
 
 def _pair(obj: Any, what: str) -> Pair:
@@ -244,7 +250,7 @@ def splits_of(parts: tuple[Any, ...], what: str = "dataset") -> Parts:
         done: dict[int, Split] = {0: TensorSplit(*train)}
         done |= {i: TensorSplit(*pair) for i, pair in zip(kept, others)}
     else:
-        done = {0: DatasetSplit(parts[0], f"{what} (train)")}
+        done = {0: _lazy_split(parts[0], f"{what} (train)")}
         for i in range(1, len(parts)):
             if not lazy[i]:
                 x, y = _pair(parts[i], f"{what} ({names[i]})")
@@ -254,7 +260,7 @@ def splits_of(parts: tuple[Any, ...], what: str = "dataset") -> Parts:
                 y = _targets(y, f"{what} y_{names[i]}")
                 done[i] = TensorSplit(x.float().contiguous(), y)
     for i in range(1, len(parts)):
-        done.setdefault(i, DatasetSplit(parts[i], f"{what} ({names[i]})"))
+        done.setdefault(i, _lazy_split(parts[i], f"{what} ({names[i]})"))
     return done[0], done[1] if len(parts) == 3 else None, done[len(parts) - 1], norm
 
 
