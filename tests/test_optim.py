@@ -90,6 +90,10 @@ def test_synthesizers_take_the_stages_settings_unless_overridden() -> None:
     ({"synth_optim": {"lr": 1.0}}, "synth_optim: unknown settings"),
     ({"synth_optim": {"clip_norm": -1}}, r"synth_optim \(M and I\): clip_norm"),
     ({"max_iterations": 0}, "max_iterations must be >= 1"),
+    ({"lr_schedule": "cosine", "lr_min": 1e-3, "lr": 1e-2},
+     r"above M's and I's learning rate, synth_lr 0.0001.*--synth-optim lr_min=X"),
+    ({"lr_schedule": "cosine", "synth_optim": {"lr_min": 1e-3}},
+     r"synth_optim \(M and I\): lr_min must be at most lr"),
 ])
 def test_bad_optimizer_settings_name_the_setting(changes: dict, message: str) -> None:
     """Each bad optimizer setting is a ConfigError naming it."""

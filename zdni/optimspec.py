@@ -126,7 +126,13 @@ def check(cfg: RunConfig) -> None:
         raise OptimError(f"synth_optim: unknown settings {unknown}; it takes "
                          f"{', '.join(SPEC_FIELDS)}")
     stage_spec(cfg).validate("optimizer of the stages")
-    synth_spec(cfg).validate("synth_optim (M and I)")
+    synth = synth_spec(cfg)
+    if synth.lr_schedule == "cosine" and synth.lr_min > synth.lr and \
+            "lr_min" not in cfg.synth_optim:  # inherited: the stages' floor, over M's peak
+        raise OptimError(f"lr_min {synth.lr_min} (where the cosine ends) is above M's and I's "
+                         f"learning rate, synth_lr {synth.lr}, and their cosine ends there "
+                         f"too: give theirs, --synth-optim lr_min=X with X <= {synth.lr}")
+    synth.validate("synth_optim (M and I)")
 
 
 def stretched(cfg: RunConfig, epochs: int) -> list[str]:
