@@ -207,3 +207,21 @@ def test_evaluate_scores_the_run_s_own_data_set_with_its_factory_s_arguments(
     assert evaluate("--dataset-arg", "shift=3")["accuracy"] < own["accuracy"] - 0.1
     other = evaluate("--dataset", f"{tmp_path}/gen.py:make", "--dataset-arg", "n=60")
     assert other["samples"] == 30
+
+
+def test_model_json_names_files_by_absolute_paths(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run given relative files (model factory, data set, data directory) records them
+    absolute, so `zdni evaluate RUN_DIR` finds them from any directory; names stay names."""
+    from zdni.modelfile import anchored
+
+    (tmp_path / "net.py").write_text("def f():\n    pass\n")
+    (tmp_path / "data.npz").write_bytes(b"")
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert anchored("net.py:f") == f"{tmp_path}/net.py:f"
+    assert anchored("data.npz") == f"{tmp_path}/data.npz"
+    assert anchored("mnist", folder=True) == f"{tmp_path}/mnist"  # --data-dir's folder
+    assert anchored("mnist") == "mnist"  # the data set's name, though a folder is called so
+    for name in ("fcn3", "cifar10", "package.module:factory", "missing.py:f", ""):
+        assert anchored(name) == name

@@ -71,17 +71,34 @@ def assemble(states: dict[int, State], starts: list[int], names: list[str]) -> d
     return whole
 
 
+def anchored(ref: str, folder: bool = False) -> str:
+    """`ref` with a relative file in it made absolute (a file, file.py:factory, or with `folder`
+    a directory), so that model.json names the same files from any directory; names (mnist,
+    fcn3, a package.module:factory) unchanged, even where a folder of that name is here."""
+    if not ref:
+        return ref
+    head, sep, tail = ref.partition(":")
+    if sep and head.endswith(".py") and os.path.isfile(head):
+        return f"{os.path.abspath(head)}:{tail}"
+    if not sep and (os.path.isdir(ref) if folder else os.path.isfile(ref)):
+        return os.path.abspath(ref)
+    return ref
+
+
 def describe(cfg: RunConfig, norm: Normalization | None, names: list[str]) -> dict[str, Any]:
-    """model.json's fields that come from the run's settings and data."""
+    """model.json's fields that come from the run's settings and data (files named by absolute
+    paths: `anchored`)."""
     starts = cut_points(len(names), cfg.stages, cfg.cuts)
     return {
-        "format": FORMAT, "run_id": cfg.run_id, "model": cfg.model,
+        "format": FORMAT, "run_id": cfg.run_id, "model": anchored(cfg.model),
         "model_args": cfg.model_args, "units": names, "cuts": starts[1:],
-        "dataset": cfg.dataset, "dataset_args": cfg.dataset_args, "data_dir": cfg.data_dir,
+        "dataset": anchored(cfg.dataset), "dataset_args": cfg.dataset_args,
+        "data_dir": anchored(cfg.data_dir, folder=True),
         "test_limit": cfg.test_limit,
         "input_shape": cfg.input_shape, "classes": cfg.classes, "label_shape": cfg.label_shape,
         "normalization": norm, "mode": cfg.mode, "conditioned": cfg.conditioned,
-        "target_dtype": cfg.target_dtype, "loss": cfg.loss, "metric": cfg.metric,
+        "target_dtype": cfg.target_dtype, "loss": anchored(cfg.loss),
+        "metric": anchored(cfg.metric),
         "metric_goal": cfg.metric_goal,
         "load": "net = FACTORY(**model_args); net.load_state_dict(torch.load('model.pt', "
                 "weights_only=True)); inputs: (x / scale - mean) / std",
