@@ -3,8 +3,10 @@
 Starts an embedded Redis, a broker and one worker per stage (the chosen one under cProfile),
 drives the run from this process, then splits the profiled worker's wall clock into: waiting
 for messages, decode, stage compute (torch), Redis ring writes, encode + send, heartbeats, and
-the Python around them. cProfile slows Python code more than torch kernels, so the Python
-share is an upper bound; it sees only the main thread (not the ring writer's thread).
+the Python around them. The profiler's clock is the main thread's CPU time (time.thread_time,
+so waiting and other processes' load do not count); cProfile slows Python code more than torch
+kernels, so the Python share is an upper bound; it sees only the main thread (not the ring
+writer's thread).
 
     python scripts/profile_worker.py --model fcn4 --stages 3 --stage 1 --train-limit 19200
 """
@@ -12,6 +14,7 @@ share is an upper bound; it sees only the main thread (not the ring writer's thr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pstats
 import subprocess
@@ -24,11 +27,29 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from zdni import protocol  # noqa: E402
 from zdni.cluster import run_remote  # noqa: E402
 from zdni.config import RunConfig  # noqa: E402
 from zdni.redisserver import EmbeddedRedis  # noqa: E402
-from zdni.transport import free_port_range  # noqa: E402
+from zdni.transport import local_address  # noqa: E402
+
+# The profiled worker: `zdni worker` under cProfile with the main thread's CPU clock.
+# A worker leaves with os._exit (zdni.shell.leave_now): the profile is written just before.
+PROFILED = ("import cProfile, os, runpy, sys, time\n"
+            "out = sys.argv.pop(1)\n"
+            "sys.argv[0] = 'zdni'\n"
+            "p = cProfile.Profile(time.thread_time)\n"
+            "leave = os._exit\n"
+            "def _exit(code):\n"
+            "    p.disable()\n"
+            "    p.dump_stats(out)\n"
+            "    leave(code)\n"
+            "os._exit = _exit\n"
+            "try:\n"
+            "    p.runcall(runpy.run_module, 'zdni.cli', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "finally:\n"
+            "    p.dump_stats(out)\n")
 
 # (label, file suffix, function name): cumulative time of these functions in the profile
 PARTS = [
@@ -54,6 +75,8 @@ def cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="fcn4")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="e.g. width=8 (the messaging floor's model)")
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--stage", type=int, default=1, help="the stage to profile")
     parser.add_argument("--mode", default="sg")
@@ -65,30 +88,31 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="keep the .prof file here")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    cfg = RunConfig(model=args.model, stages=args.stages, mode=args.mode,
+    model_args = {k: json.loads(v) if v[:1].isdigit() or v[:1] in "[{" else v
+                  for k, _, v in (a.partition("=") for a in args.model_arg)}
+    cfg = RunConfig(model=args.model, model_args=model_args, stages=args.stages, mode=args.mode,
                     conditioned=args.conditioned, epochs=1, train_limit=args.train_limit,
                     test_limit=2000, max_inflight=args.max_inflight, checkpoint_every=0,
                     data_dir=args.data_dir, run_id=f"profile-{os.getpid()}").validate()
     tmp = Path(tempfile.mkdtemp(prefix="zdni-profile-"))
     prof = Path(args.out) if args.out else tmp / f"stage{args.stage}.prof"
     procs: list[subprocess.Popen[bytes]] = []
-    with EmbeddedRedis() as server:
-        broker = f"tcp://127.0.0.1:{free_port_range(protocol.ENDPOINTS + 1)}"
+    with EmbeddedRedis() as server, local_address() as broker:
         base = [sys.executable]
         try:
             with open(tmp / "broker.log", "wb") as log:
                 procs.append(subprocess.Popen(
                     [*base, "-m", "zdni.cli", "broker", "--bind", broker, "--redis-url",
-                     server.url], stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+                     server.local_url], stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
             for s in range(1, cfg.stages + 1):
-                wrap = ["-m", "cProfile", "-o", str(prof)] if s == args.stage else []
+                wrap = ["-c", PROFILED, str(prof)] if s == args.stage else ["-m", "zdni.cli"]
                 with open(tmp / f"stage{s}.log", "wb") as log:
                     procs.append(subprocess.Popen(
-                        [*base, *wrap, "-m", "zdni.cli", "worker", "--stage", str(s), "--broker",
-                         broker, "--redis-url", server.url, "--threads", str(args.threads),
-                         "--wait", "120"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+                        [*base, *wrap, "worker", "--stage", str(s), "--broker",
+                         broker, "--redis-url", server.local_url, "--threads", str(args.threads),
+                         "--wait", "120", "--once"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
             start = time.monotonic()
-            summary = run_remote(cfg, broker, server.url, quiet=True, ready_s=120)
+            summary = run_remote(cfg, broker, server.local_url, quiet=True, ready_s=120)
             print(f"# run: {summary['iterations']} iterations, {summary['samples_per_s']} "
                   f"samples/s, wall {summary['wall_s']} s (with start-up "
                   f"{time.monotonic() - start:.1f} s); load {os.getloadavg()}")
@@ -101,7 +125,8 @@ def main() -> None:
     stats = pstats.Stats(str(prof))
     serve = cumulative(stats, "workers/worker.py", "serve")
     print(f"# stage {args.stage} of {cfg.stages} ({cfg.model}, {cfg.mode}"
-          f"{', conditioned' if cfg.conditioned else ''}), serve() {serve:.2f} s under cProfile")
+          f"{', conditioned' if cfg.conditioned else ''}), serve() {serve:.2f} s of main-thread CPU under cProfile, "
+          f"{1000 * serve / summary['iterations']:.2f} ms per iteration")
     for label, suffix, name in PARTS:
         t = cumulative(stats, suffix, name)
         print(f"{label:<34} {t:8.2f} s {100 * t / serve:6.1f}%")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from zdni.errors import ZdniError
+from zdni.finite import finite
 
 __all__ = ["NonFiniteError", "StageFailure", "UnitError", "check", "describe", "guard", "text"]
 
@@ -80,10 +81,6 @@ def kinds(values: torch.Tensor) -> str:
     if bool(torch.isneginf(values).any()):
         found.append("-inf")
     return ", ".join(found) or "none"
-
-
-def finite(values: torch.Tensor) -> bool:
-    return not values.is_floating_point() or bool(torch.isfinite(values).all())
 
 
 def locate(module: nn.Module, h: torch.Tensor) -> str | None:
