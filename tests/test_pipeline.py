@@ -138,12 +138,16 @@ def test_buffers_stay_bounded_however_long_the_run(
     assert abs(bytes_b - bytes_a) <= 0.02 * bytes_a
 
 
-def test_messages_per_iteration_and_a_generated_run_id(mnist_dir: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("window", [1, 4])
+def test_messages_per_iteration_and_a_generated_run_id(mnist_dir: Path, redis_url: str,
+                                                       window: int) -> None:
     """A library call without a run id gets one. Each cDNI iteration of 3 stages costs the broker
     8 messages: 1 BATCH (to stage 1 only: the labels ride with the activations), 2 ACT, 2 GRAD
-    and 3 DONE (M's losses ride in the next DONE, not their own). Evaluation adds 4 per test
-    batch (3 hops and the result), the end 3 CONTROL stops and the 2 M losses still held."""
-    cfg = small_config(mnist_dir, "", mode="sg", conditioned=True)
+    and 3 DONE (M's losses ride in the next DONE, not their own, also when M trains twice
+    between two updates with 4 in flight: zdni.held). Evaluation adds 4 per test batch (3 hops
+    and the result), the end 3 CONTROL stops and the 2 M losses still held."""
+    cfg = small_config(mnist_dir, "", mode="sg", conditioned=True, max_inflight=window,
+                       ring_size=4 + window)
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     assert summary["run_id"].startswith("sg-c-fcn3-")
     broker = summary["counts"]["broker"]

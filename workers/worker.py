@@ -18,7 +18,9 @@ from zdni.buffer import RedisRing, RingWriter
 from zdni.codec import Message
 from zdni.device import to_host
 from zdni.failure import StageFailure
+from zdni.header import MAX_META
 from zdni.health import beat
+from zdni.held import Held
 from zdni.inbox import Inbox, check_tensor
 from zdni.models import build_stages, input_shape, stage_shapes
 from zdni.objective import check_targets
@@ -100,7 +102,7 @@ class Worker:
         self.carry_labels = method.labels_ride(self.cfg) and stage < self.count
         self.checkpoint_at: int | None = None  # asked for, waiting for the segment to end there
         # Synthesizer losses wait for the next 'update' DONE instead of a message of their own.
-        self.held: dict[str, Any] = {}
+        self.held = Held()
         self.held_it = -1
         # A restarted worker goes on counting from where its predecessor's last beat left off.
         self.counts: Counter[str] = Counter({
@@ -367,22 +369,24 @@ class Worker:
                 self._save(it)
         metrics: dict[str, Any] = {k: float(v) for k, v in out.metrics.items()}
         if out.done:  # the synthesizers' losses held since the last update ride along
-            if metrics.keys() & self.held.keys():
+            if metrics.keys() & self.held.names or \
+                    self.held.entries() + len(metrics) >= MAX_META:
                 self._flush_held()
-            self._send(protocol.DONE, it, protocol.DRIVER, {},
-                       {**self.held, **metrics, protocol.DONE_EVENT: protocol.EVENT_UPDATE})
+            self._send(protocol.DONE, it, protocol.DRIVER, {}, {
+                **self.held.meta(), **metrics, protocol.DONE_EVENT: protocol.EVENT_UPDATE})
             self.held.clear()
         elif metrics:  # a synthesizer trained (M on a true gradient, I on a true input)
-            if metrics.keys() & self.held.keys():
+            if not self.held.fits(metrics):
                 self._flush_held()
-            self.held.update(metrics)
+            self.held.add(metrics)  # M trained again before an update: NAME/2, not a message
             self.held_it = it
 
     def _flush_held(self) -> None:
-        """Report held synthesizer losses in a DONE of their own (before evaluating or stopping)."""
+        """Report held synthesizer losses in a DONE of their own (before evaluating or
+        stopping, or when no more fit in one message)."""
         if self.held:
             self._send(protocol.DONE, self.held_it, protocol.DRIVER, {},
-                       {**self.held, protocol.DONE_EVENT: protocol.EVENT_SYNTH})
+                       {**self.held.meta(), protocol.DONE_EVENT: protocol.EVENT_SYNTH})
             self.held.clear()
 
     def _evaluate(self, msg: Message) -> None:

@@ -46,6 +46,7 @@ import torch
 
 from zdni import keys
 from zdni.config import RunConfig
+from zdni.held import base_name
 from zdni.outage import RedisWatch
 
 log = logging.getLogger("zdni.metrics")
@@ -109,6 +110,7 @@ class MetricsWriter:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
                     value):
                 continue
+            name = base_name(name)  # NAME/k: the k-th synthesizer event a stage held (zdni.held)
             key = TRAIN.get(name, f"{name}:{stage}")
             self.window[key].append(float(value))
             self.epoch_acc[key].append(float(value))

@@ -43,7 +43,8 @@ BATCH = "batch"  # driver -> stage: x and/or y of iteration `it` (stage 1 only, 
 ACT = "act"  # stage i -> stage i+1: the true activation h_i, and y but in full mode (zdni.inbox)
 GRAD = "grad"  # stage i -> stage i-1: dL/dh_{i-1}, the true (or bootstrapped) gradient
 DONE = "done"  # stage -> driver: the stage finished its update for `it`; meta holds its losses
-#                and those of synthesizer training held since its last DONE (meta "event")
+#                and those of synthesizer training held since its last DONE (meta "event"),
+#                the k-th such event's NAME as NAME/k (zdni.held)
 EVAL = "eval"  # driver -> stage / stage -> stage: a forward-only evaluation batch
 EVAL_RESULT = "eval_result"  # last stage -> driver: loss and metric sums of a batch
 CONTROL = "control"  # driver -> stage: meta["op"] in CONTROL_OPS
