@@ -56,6 +56,26 @@ def worker_state(client: redis.Redis, run: str, stage: int) -> dict[str, torch.T
     return found[0]
 
 
+def assert_workers_equal(client: redis.Redis, run: str, stages: list[Any],
+                         parts: tuple[str, ...] = ("M",)) -> list[int]:
+    """Each worker's backed-up stage (and its `parts`, M and/or I, where it keeps them) equals
+    the in-process stage of the same index (zdni.stage.Stage), tensor for tensor; returns how
+    many tensors were compared per stage."""
+    compared = []
+    for stage in stages:
+        got = worker_state(client, run, stage.index)
+        expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}
+        for name in parts:
+            part = getattr(stage, name)
+            if part is not None:
+                expected |= {f"{name}.{k}": v for k, v in part.state_dict().items()}
+        assert expected.keys() <= got.keys(), (stage.index, sorted(expected.keys() - got.keys()))
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, msg=f"stage {stage.index} {name}")
+        compared.append(len(expected))
+    return compared
+
+
 def assert_workers_equal_pytorch(client: redis.Redis, cfg: RunConfig) -> None:
     """The workers' backed-up parameters (and BatchNorm statistics) equal plain single-process
     PyTorch's after the same epoch of backprop with Adam."""

@@ -13,8 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import redis
-import torch
-from procs import assert_workers_equal_pytorch, batches, worker_state  # noqa: E402
+from procs import assert_workers_equal, assert_workers_equal_pytorch, batches  # noqa: E402
 from torch import nn
 
 from zdni import keys
@@ -110,11 +109,7 @@ def test_sg_on_a_user_cnn_equals_the_reference(user_files: tuple[str, str], redi
     plan(reference, load_data(reference))
     pipeline = build_pipeline(reference)
     replay(pipeline, batches(reference))
-    for stage in pipeline:
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        for name, value in stage.module.state_dict().items():
-            torch.testing.assert_close(got[f"stage.{name}"], value,
-                                       msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, pipeline, ())
 
 
 def test_a_worker_refuses_code_its_operator_did_not_name(tmp_path: Path, redis_url: str,

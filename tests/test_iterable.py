@@ -10,7 +10,7 @@ import pytest
 import redis
 import torch
 from click.testing import CliRunner
-from procs import worker_state
+from procs import assert_workers_equal
 
 from zdni.cli import main
 from zdni.cluster import train_distributed
@@ -98,13 +98,7 @@ def test_a_stream_through_the_broker_equals_the_in_process_oracle(
     batches += [(x, y) for _, x, y in list(feeder.iter_epoch(1))[:3]]
     pipeline = build_pipeline(reference)
     replay(pipeline, batches)
-    for stage in pipeline:
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}
-        if stage.M is not None:
-            expected |= {f"M.{k}": v for k, v in stage.M.state_dict().items()}
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, pipeline)
 
 
 @pytest.mark.parametrize("changes,says", [

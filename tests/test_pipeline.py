@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 import redis
-import torch
-from procs import assert_workers_equal_pytorch, batches, worker_state  # noqa: E402
+from procs import assert_workers_equal, assert_workers_equal_pytorch, batches  # noqa: E402
 
 from zdni import checkpoint, keys
 from zdni.cluster import train_distributed
@@ -58,13 +57,7 @@ def test_sg_through_broker_equals_inprocess_reference(
     train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
     pipeline = build_pipeline(cfg)
     replay(pipeline, batches(cfg))
-    for stage in pipeline:
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}
-        if stage.M is not None:
-            expected |= {f"M.{k}": v for k, v in stage.M.state_dict().items()}
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, pipeline)
 
 
 @pytest.mark.parametrize("mode", ["sg", "full"])
@@ -79,10 +72,7 @@ def test_remote_synthesizers_equal_local_ones(
     assert summary["history"][0]["grad_loss"], "M losses come back from the service"
     pipeline = build_pipeline(cfg)
     replay(pipeline, batches(cfg))
-    for stage in pipeline:
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        for name, value in stage.module.state_dict().items():
-            torch.testing.assert_close(got[f"stage.{name}"], value, msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, pipeline, ())
 
 
 def test_full_mode_runs_and_counts_add_up(mnist_dir: Path, redis_url: str,

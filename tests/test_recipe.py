@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 import torch
-from procs import batches, worker_state  # noqa: E402
+from procs import assert_workers_equal, batches, worker_state  # noqa: E402
 
 from zdni import methods
 from zdni.cluster import train_distributed
@@ -50,12 +50,7 @@ def test_adamw_cosine_and_clipping_through_the_broker_equal_the_reference(
     for stage in pipeline:
         assert stage.updater is not None
         assert stage.updater.lr == pytest.approx(1e-3)  # the cosine ended at lr_min
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}
-        if stage.M is not None:
-            expected |= {f"M.{k}": v for k, v in stage.M.state_dict().items()}
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, pipeline)
     m_up = pipeline[0].local.m_up if pipeline[0].local else None
     assert m_up is not None and m_up.lr == pytest.approx(cfg.synth_lr * 0.01)
 
@@ -247,11 +242,7 @@ def test_ten_million_generated_samples_stream_in_bounded_memory(
     reference.data_workers = 0
     pipeline = build_pipeline(reference)
     replay(pipeline, _first(reference, 12))
-    for stage in pipeline:
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        for name, value in stage.module.state_dict().items():
-            torch.testing.assert_close(got[f"stage.{name}"], value,
-                                       msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, pipeline, ())
 
 
 def _first(cfg: RunConfig, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

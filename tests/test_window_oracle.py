@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-import torch
-from procs import batches, worker_state
+from procs import assert_workers_equal, batches
 
 from zdni import methods
 from zdni.cluster import train_distributed
@@ -64,15 +63,7 @@ def test_ordered_run_equals_the_oracle(mnist_dir: Path, redis_url: str,
     summary = train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1,
                                 out_dir=str(tmp_path / "d"))
     assert summary["iterations"] == 20 and summary["max_inflight"] == window
-    for stage in oracle_stages(cfg):
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        expected = {f"stage.{k}": v for k, v in stage.module.state_dict().items()}
-        for name, part in (("M", stage.M), ("I", stage.I)):
-            if part is not None:
-                expected |= {f"{name}.{k}": v for k, v in part.state_dict().items()}
-        assert expected.keys() <= got.keys()
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, oracle_stages(cfg), ("M", "I"))
     inproc = train_inproc(RunConfig.from_json(cfg.to_json()), quiet=True,
                           out_dir=str(tmp_path / "i"))
     assert [h["test_accuracy"] for h in inproc["history"]] == \
@@ -98,8 +89,4 @@ def test_ordered_run_with_remote_synthesizers_equals_the_oracle(
     assert summary["iterations"] == 20
     trust = [r["trust"] for r in records(tmp_path / "d", "iter") if r.get("trust")]
     assert trust and any(0 < v < 1 for r in trust for v in r.values()), trust
-    for stage in oracle_stages(cfg):
-        got = worker_state(redis_client, cfg.run_id, stage.index)
-        for name, value in stage.module.state_dict().items():
-            torch.testing.assert_close(got[f"stage.{name}"], value,
-                                       msg=f"stage {stage.index} {name}")
+    assert_workers_equal(redis_client, cfg.run_id, oracle_stages(cfg), ())
