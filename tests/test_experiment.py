@@ -28,18 +28,24 @@ def test_seed_mnist_plan_compares_modes_with_the_same_model_seeds_and_epochs() -
     assert all(c.train_limit == 512 and c.epochs == 1 for _, c in plan("placement", quick=True))
 
 
-def test_quick_inproc_suite_runs_end_to_end(mnist_dir: Path, tmp_path: Path) -> None:
-    """`zdni experiment seed-mnist --quick --inproc` trains every variant and reports them all."""
+def quick_inproc(suite: str, mnist_dir: Path, out: Path, *more: str) -> str:
+    """`zdni experiment SUITE --quick --inproc [MORE]` on one torch thread; its report's
+    markdown."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = CliRunner().invoke(main, ["experiment", "seed-mnist", "--quick", "--inproc",
-                                           "--quiet", "--data-dir", str(mnist_dir),
-                                           "--out", str(tmp_path)])
+        result = CliRunner().invoke(main, ["experiment", suite, "--quick", "--inproc",
+                                           "--quiet", *more, "--data-dir", str(mnist_dir),
+                                           "--out", str(out)])
     finally:
         torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
-    table = (tmp_path / "report" / "report.md").read_text()
+    return (out / "report" / "report.md").read_text()
+
+
+def test_quick_inproc_suite_runs_end_to_end(mnist_dir: Path, tmp_path: Path) -> None:
+    """`zdni experiment seed-mnist --quick --inproc` trains every variant and reports them all."""
+    table = quick_inproc("seed-mnist", mnist_dir, tmp_path)
     for label in ("backprop", "sg", "sg cDNI", "full", "full, stage 1 frozen"):  # what differs
         assert f"| {label} | 1 |" in table
     assert (tmp_path / "report" / "loss_first200.png").stat().st_size > 10_000
@@ -50,14 +56,7 @@ def test_quick_inproc_suite_runs_end_to_end(mnist_dir: Path, tmp_path: Path) -> 
     assert not finished(str(run_dir), cfg)
     assert json.loads((tmp_path / "suite.json").read_text())["quick"] is True
     # A second epoch for every run: each goes on from its checkpoint instead of starting over.
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(main, ["experiment", "seed-mnist", "--quick", "--inproc",
-                                           "--quiet", "--epochs", "2", "--data-dir",
-                                           str(mnist_dir), "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(before)
-    assert result.exit_code == 0, result.output
+    quick_inproc("seed-mnist", mnist_dir, tmp_path, "--epochs", "2")
     assert finished(str(run_dir), cfg)
     kinds = [r["kind"] for r in read_metrics(str(run_dir / "metrics.jsonl"))]
     assert kinds.count("start") == kinds.count("resume") == 1 and kinds.count("epoch") == 2
@@ -79,16 +78,7 @@ def test_quick_methods_suite_reports_every_method_side_by_side(mnist_dir: Path,
                                                                 tmp_path: Path) -> None:
     """`zdni experiment methods --quick --inproc` trains each method and its report has one row
     per method, named by method and window, with no M/I on methods that have none."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(main, ["experiment", "methods", "--quick", "--inproc",
-                                           "--quiet", "--data-dir", str(mnist_dir),
-                                           "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(before)
-    assert result.exit_code == 0, result.output
-    table = (tmp_path / "report" / "report.md").read_text()
+    table = quick_inproc("methods", mnist_dir, tmp_path)
     variants = table.split("| run | variant |")[0]  # the first table: one row per variant
     rows = [line.split(" | ")[0].lstrip("| ") for line in variants.splitlines()
             if line.startswith("| ") and " | 1 | " in line]
