@@ -44,6 +44,9 @@ RECENT = 4096  # iterations remembered as finished, to drop replays
 RPC_TIMEOUT_S = 60.0  # a synthesizer service silent this long is an error, not a hang
 RPC_RESEND_S = 3.0  # unanswered this long, a request is sent again (a restarted service lost it)
 BACKLOG = 8192  # messages held while waiting for the synthesizer; the window keeps it small
+LAST_BEAT_S = 30.0  # a stopped stage's last beat waits out a Redis outage this long (the driver
+# reads its counters) ...
+SIGNALLED_LAST_BEAT_S = 2.0  # ... and this long when a signal stopped it (it is asked to leave)
 
 
 class Worker:
@@ -200,8 +203,11 @@ class Worker:
             self.writer.close()
             self._save(self.iteration)
             # The last beat waits out an outage (the driver reads its counters), unless Redis
-            # being gone for good is why the stage stops.
-            self._beat("stopped", last=not isinstance(sys.exc_info()[1], RedisGone))
+            # being gone for good is why the stage stops; stopped by a signal (its driver
+            # killed, and with it the embedded Redis, or an operator's kill), it waits
+            # seconds, not the driver's 30: the process is asked to leave.
+            self._beat("stopped", last=not isinstance(sys.exc_info()[1], RedisGone),
+                       wait_s=SIGNALLED_LAST_BEAT_S if stopper.signalled else LAST_BEAT_S)
             self.net.close()
             ctx.term()
 
@@ -490,10 +496,14 @@ class Worker:
             self.watch.call(checkpoint.save, self.redis, self.run, self.stage, it,
                             self.checkpoint_dir)
 
-    def _beat(self, status: str, last: bool = False) -> None:
-        call = self.watch.settle if last else self.watch.call
-        call(beat, self.redis, self.run, self.index, status, self.iteration,
-             self.counts, self.device, self.cfg.heartbeat_s, self.checkpoint_dir)
+    def _beat(self, status: str, last: bool = False, wait_s: float = 0.0) -> None:
+        if last:  # a last word: waits up to wait_s seconds for Redis (RedisWatch.settle)
+            self.watch.settle(beat, self.redis, self.run, self.index, status, self.iteration,
+                              self.counts, self.device, self.cfg.heartbeat_s,
+                              self.checkpoint_dir, wait_s=wait_s)
+        else:
+            self.watch.call(beat, self.redis, self.run, self.index, status, self.iteration,
+                            self.counts, self.device, self.cfg.heartbeat_s, self.checkpoint_dir)
 
 
 def main(stage: int, broker: str, redis_url: str, run: str | None, device: str,
