@@ -10,10 +10,11 @@ zdni then reads it as any .npz of x_train, y_train, x_test, y_test arrays:
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
-from zdni.data import read_idx
+from zdni.data import DataError, read_idx
 
 
 def main() -> None:
@@ -33,4 +34,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as exc:  # a wrong folder: one line, no traceback
+        sys.exit(f"Error: {exc}")

@@ -70,6 +70,9 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append every run here (JSON lines)")
     parser.add_argument("extra", nargs="*", help="more zdni train arguments, after --")
     args = parser.parse_args()
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows {unknown[0]}: not a row; rows: {', '.join(ROWS)}")
     windows = [None if w == "default" else int(w) for w in args.windows.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     table: dict[tuple[str, int | None], list[float]] = {}

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zdni.data import load_mnist  # noqa: E402
+from zdni.data import DataError, load_mnist  # noqa: E402
 
 MODELS = ("ln-tanh", "ln-relu", "tanh", "bn-relu")
 CUTS = ("zdni", "pre", "post")  # zdni: after each hidden Linear; pre: before the activation;
@@ -485,4 +485,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as exc:  # a wrong --data: one line, no traceback
+        sys.exit(f"Error: {exc}")

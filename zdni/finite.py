@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -19,8 +21,7 @@ def finite(values: torch.Tensor) -> bool:
     if not values.is_floating_point():
         return True
     if values.device.type == "cpu" and values.dtype != torch.bfloat16:
-        try:
+        # a conj/neg view raises here (numpy cannot see it) and takes torch's check below
+        with contextlib.suppress(TypeError, RuntimeError):
             return bool(np.isfinite(values.detach().numpy()).all())
-        except (TypeError, RuntimeError):  # a conj/neg view: numpy cannot see it
-            pass
     return bool(torch.isfinite(values).all())
