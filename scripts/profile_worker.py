@@ -97,6 +97,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="zdni-profile-"))
     prof = Path(args.out) if args.out else tmp / f"stage{args.stage}.prof"
     procs: list[subprocess.Popen[bytes]] = []
+    # A model named by reference is the operator's to allow (zdni.usercode): these workers do
+    env = {**os.environ, "ZDNI_MODEL": args.model} if ":" in args.model else None
     with EmbeddedRedis() as server, local_address() as broker:
         base = [sys.executable]
         try:
@@ -110,7 +112,8 @@ def main() -> None:
                     procs.append(subprocess.Popen(
                         [*base, *wrap, "worker", "--stage", str(s), "--broker",
                          broker, "--redis-url", server.local_url, "--threads", str(args.threads),
-                         "--wait", "120", "--once"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+                         "--wait", "120", "--once"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                        env=env))
             start = time.monotonic()
             summary = run_remote(cfg, broker, server.local_url, quiet=True, ready_s=120)
             print(f"# run: {summary['iterations']} iterations, {summary['samples_per_s']} "

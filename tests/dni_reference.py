@@ -38,7 +38,7 @@ def dni(fs: list[nn.Module], Ms: list[nn.Module | None], Is: list[nn.Module | No
 
     def adam(m: nn.Module | None, rate: float) -> torch.optim.Optimizer | None:
         params = list(m.parameters()) if m is not None else []
-        return torch.optim.Adam(params, lr=rate) if params else None
+        return torch.optim.Adam(params, lr=rate, fused=True) if params else None
 
     opt = [adam(f, lr) for f in fs]
     m_opt = [adam(m, synth_lr) for m in Ms]

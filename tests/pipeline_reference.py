@@ -27,7 +27,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _adam(modules: list[nn.Module], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
+    return torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr, fused=True)
 
 
 def delayed(fs: list[nn.Module], batches: list[Batch], window: int, lr: float,

@@ -80,7 +80,7 @@ def assert_workers_equal_pytorch(client: redis.Redis, cfg: RunConfig) -> None:
     """The workers' backed-up parameters (and BatchNorm statistics) equal plain single-process
     PyTorch's after the same epoch of backprop with Adam."""
     model = nn.Sequential(*build_stages(cfg))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     for xb, yb in batches(cfg):
         opt.zero_grad()
         F.cross_entropy(model(xb), yb).backward()

@@ -163,14 +163,14 @@ def test_perfect_synthesizers_make_backprops_updates(mode: str) -> None:
         assert stage.local is not None
         if stage.M is not None:
             stage.local.M = PerfectM()
-            stage.local.m_opt = torch.optim.Adam(stage.local.M.parameters(), lr=1e-3)
+            stage.local.m_opt = torch.optim.Adam(stage.local.M.parameters(), lr=1e-3, fused=True)
         Ms.append(stage.local.M)
         if stage.I is not None:
             stage.local.I = PerfectI()
-            stage.local.i_opt = torch.optim.Adam(stage.local.I.parameters(), lr=1e-3)
+            stage.local.i_opt = torch.optim.Adam(stage.local.I.parameters(), lr=1e-3, fused=True)
         Is.append(stage.local.I)
     reference = nn.Sequential(*build_stages(cfg))
-    opt = torch.optim.Adam(reference.parameters(), lr=LR)
+    opt = torch.optim.Adam(reference.parameters(), lr=LR, fused=True)
     runner = Oracle(stages)
     for x, y in batches(5):
         ins, grads = true_signals([s.module for s in stages], x, y)

@@ -105,7 +105,7 @@ def test_a_distributed_run_on_cuda_equals_the_reference(mnist_dir, redis_url,
                                 devices="cuda:0 cuda:0 cuda:0")
     assert summary["iterations"] == 10
     model = torch.nn.Sequential(*build_stages(cfg)).to("cuda:0")  # the same GPU kernels
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     for xb, yb in batches(cfg):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xb.cuda()), yb.cuda()).backward()

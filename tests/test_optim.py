@@ -71,6 +71,28 @@ def test_torch_optimizers_with_their_settings() -> None:
     assert type(Updater(OptimSpec(weight_decay=1e-4), p).opt) is torch.optim.Adam
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_the_step_is_fused_where_torch_has_the_kernel(name: str) -> None:
+    """CPU float parameters get torch's fused step, which takes the same step as the unfused
+    one up to the last bits; parameters it cannot take (complex) get the unfused one."""
+    spec = OptimSpec(optimizer=name, lr=1e-2, momentum=0.9)
+    fused = [nn.Parameter(torch.linspace(-1, 1, 64).reshape(8, 8))]
+    plain = [nn.Parameter(fused[0].detach().clone())]
+    up = Updater(spec, fused)
+    assert up.opt.defaults["fused"] is True
+    ref = type(up.opt)(plain, **{k: v for k, v in up.opt.defaults.items()
+                                 if k not in ("fused", "decoupled_weight_decay")})
+    for step in range(5):
+        g = torch.sin(torch.arange(64.0) * (step + 1)).reshape(8, 8)
+        fused[0].grad, plain[0].grad = g.clone(), g.clone()
+        up.step()
+        ref.step()
+    assert not torch.equal(fused[0], fused[0].detach() * 0)  # it moved
+    assert torch.allclose(fused[0], plain[0], rtol=0, atol=1e-6)
+    complex_ = [nn.Parameter(torch.zeros(2, dtype=torch.complex64))]
+    assert not Updater(spec, complex_).opt.defaults.get("fused")
+
+
 def test_synthesizers_take_the_stages_settings_unless_overridden() -> None:
     """M and I use the stages' settings with synth_lr, each overridden by synth_optim."""
     cfg = RunConfig(optimizer="adamw", weight_decay=0.1, lr_schedule="cosine", clip_norm=1.0,

@@ -26,7 +26,7 @@ def test_backprop_stages_equal_single_process_pytorch() -> None:
     cfg = RunConfig(mode="backprop", stages=3, lr=1e-2)
     pipeline = build_pipeline(cfg)
     reference = nn.Sequential(*build_stages(cfg))
-    opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
     runner = Oracle(pipeline)
     for x, y in batches(4):
         runner.feed(x, y)
