@@ -144,3 +144,28 @@ def test_messages_per_iteration_and_a_generated_run_id(mnist_dir: Path, redis_ur
     assert broker["received"] - broker.get("pings", 0) == 10 * 8 + 4 * 1 + 3 + 2
     assert broker["forwarded"] == broker["received"]
     assert summary["history"][0]["grad_loss"].keys() == {"1", "2"}  # M's losses arrived
+
+
+def test_the_driver_feeds_on_one_thread_and_gives_the_rest_back(
+        mnist_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While it feeds the stages the driver runs torch on one thread (its OpenMP team would
+    take the cores the workers need, docs/BENCHMARKS.md section 9), and restores the caller's
+    setting when the run ends."""
+    import torch
+
+    from zdni.metrics import MetricsWriter
+
+    seen: list[int] = []
+    record = MetricsWriter.record
+
+    def spy(self: MetricsWriter, kind: str, **fields: object) -> None:
+        if kind == "iter":
+            seen.append(torch.get_num_threads())
+        record(self, kind, **fields)
+
+    monkeypatch.setattr(MetricsWriter, "record", spy)
+    torch.set_num_threads(2)
+    cfg = small_config(mnist_dir, "driver-threads", mode="sg", stages=2, train_limit=192)
+    train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1)
+    assert seen and set(seen) == {1}, seen
+    assert torch.get_num_threads() == 2
