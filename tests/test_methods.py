@@ -110,6 +110,18 @@ def test_windows() -> None:
         assert methods.get(name).largest_window(cfg) == 4
 
 
+def test_which_runs_evaluate_without_a_drain() -> None:
+    """Only where every stage updates on its input (sg, dgl) does an evaluation queue behind
+    the last iteration without a drain; never in an ordered run or with remote synthesizers."""
+    got = {m: methods.evaluates_in_stream(RunConfig(mode=m, stages=3), 3)
+           for m in methods.names()}
+    assert got == {"backprop": False, "sg": True, "full": False, "ddg": False, "dgl": True,
+                   "fr": False, "pipedream": False}
+    assert not methods.evaluates_in_stream(RunConfig(mode="sg", ordered=True), 3)
+    assert not methods.evaluates_in_stream(RunConfig(mode="sg", synth_placement="remote"), 3)
+    assert methods.evaluates_in_stream(RunConfig(mode="dgl", stages=1), 1)
+
+
 @pytest.mark.parametrize(("mode", "args", "error"), [
     ("pipedream", {"head": "mlp"}, "--method-arg head: mode pipedream takes none"),
     ("dgl", {"replay": 1}, "--method-arg replay: mode dgl takes head"),

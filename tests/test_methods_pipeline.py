@@ -68,3 +68,38 @@ def test_each_method_learns_mnist(mnist_dir: Path, tmp_path: Path, mode: str) ->
     summary = train_inproc(cfg, quiet=True, out_dir=str(tmp_path))
     assert summary["max_inflight"] == 4
     assert summary["history"][-1]["test_accuracy"] > 0.85, summary["history"]
+
+
+@pytest.mark.parametrize("mode", ["dgl", "pipedream"])
+def test_an_evaluation_sees_one_iterations_parameters_with_or_without_a_drain(
+        mnist_dir: Path, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        mode: str) -> None:
+    """dgl's stages update on their input, so its evaluations queue behind the last iteration
+    fed with 4 in flight and no drain, and score what the in-process runner (which drains)
+    scores after the same iterations: dgl's parameters do not depend on arrival order.
+    pipedream updates on gradients coming back: it drains before each evaluation."""
+    from zdni.driver import Driver
+
+    drains: list[int] = []
+    drain = Driver.drain
+
+    def counted(self: Driver) -> None:
+        drains.append(len(self.window.flights))
+        drain(self)
+
+    monkeypatch.setattr(Driver, "drain", counted)
+    cfg = config(mnist_dir, f"evalq-{mode}", mode=mode, max_inflight=4, ordered=False,
+                 epochs=1, eval_every=3)
+    train_distributed(cfg, quiet=True, redis_url=redis_url, threads=1,
+                      out_dir=str(tmp_path / "d"))
+    evals = records(tmp_path / "d", "eval")
+    assert [r["iteration"] for r in evals] == [3, 6, 9]
+    if mode == "pipedream":
+        assert len(drains) == 3
+        return
+    assert drains == []
+    train_inproc(RunConfig.from_json(cfg.to_json()), quiet=True, out_dir=str(tmp_path / "i"))
+    expected = records(tmp_path / "i", "eval")
+    for got, want in zip(evals, expected, strict=True):
+        assert got["test_accuracy"] == want["test_accuracy"], (got, want)
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5), (got, want)

@@ -99,6 +99,7 @@ class Driver:
         self.eval_results: dict[int, dict[str, Any]] = {}
         self.eval_expected: dict[int, int] = {}  # eval batch -> its size, until its result comes
         self.eval_lost = False  # a restarted broker lost the eval batches it held: send again
+        self.in_stream = methods.evaluates_in_stream(cfg, self.stages)  # no drain to evaluate
         self.last_message = time.monotonic()
         self.next_health = 0.0
         self.ctx: zmq.Context | None = None
@@ -404,6 +405,15 @@ class Driver:
     def drain(self) -> None:
         while self.window.flights:
             self.pump()
+
+    def before_evaluation(self) -> None:
+        """Drain, unless every stage updates as an iteration's input reaches it
+        (zdni.methods.evaluates_in_stream): then the evaluation batches queue behind the last
+        iteration fed at every stage and see its parameters while the window still holds
+        iterations finishing. On two pinned cores this saves the drain and the refill, ~0.1 s
+        per evaluation (docs/BENCHMARKS.md section 10)."""
+        if not self.in_stream:
+            self.drain()
 
     def settle(self) -> None:
         while self.window.flights or self.window.replay:

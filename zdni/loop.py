@@ -63,6 +63,11 @@ class Runner(Protocol):
         """Feed every batch waiting to be fed again, then drain."""
         ...
 
+    def before_evaluation(self) -> None:
+        """Return once an evaluation sent now sees the parameters after the last iteration
+        fed, at every stage: a drain, or nothing where the evaluation queues behind it."""
+        ...
+
     def evaluate(self, split: Split, epoch: int) -> tuple[float, float]:
         """(mean loss, mean metric) of the current parameters on a split, batch by batch."""
         ...
@@ -215,7 +220,7 @@ def train(cfg: RunConfig, runner: Runner, data: Data, metrics: MetricsWriter,
                           *runner.flight())
         if cfg.eval_every and it % cfg.eval_every == 0 and (per_epoch is None or
                                                             it % per_epoch):
-            runner.drain()  # evaluate the parameters of one iteration, not a mix
+            runner.before_evaluation()  # the parameters of one iteration, not a mix
             scores = evaluate(watched, on, epoch)
             metrics.eval(it, epoch + 1, time.monotonic() - began, scores)
             shown = scores[f"{on}_{m}"]

@@ -103,6 +103,10 @@ class InprocRunner:
         """Nothing is lost in process: settling is draining."""
         self.drain()
 
+    def before_evaluation(self) -> None:
+        """The oracle's segment ends at an evaluation: a drain."""
+        self.drain()
+
     def evaluate(self, split: Split, epoch: int) -> tuple[float, float]:
         return evaluate_batches(self.pipeline, split.eval_batches(
             self.cfg.eval_batch_size, self.cfg.seed, self.cfg.data_workers))

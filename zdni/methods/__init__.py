@@ -14,7 +14,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build", "default_window", "get", "names"]
+__all__ = ["build", "default_window", "evaluates_in_stream", "get", "names"]
 
 ORDER = ("backprop", "sg", "full")  # listed first, in this order; others follow by name
 DEFAULT_WINDOW = 4  # batches in flight when --max-inflight is not given
@@ -45,6 +45,23 @@ def get(name: str) -> Any:
 def default_window(name: str) -> int:
     """Batches in flight for method `name` when the run does not say (--max-inflight)."""
     return SAFE_WINDOWS.get(name, DEFAULT_WINDOW)
+
+
+def evaluates_in_stream(cfg: Any, stages: int) -> bool:
+    """Whether a distributed run may evaluate without draining its window first: every stage
+    finishes its update of an iteration on that iteration's input (zdni.stage.Wiring: done_on
+    "input", no batch event of its own), so evaluation batches sent after iteration t queue
+    behind t's input at every stage (one FIFO path: driver, broker, stage 1, broker, stage 2
+    ...) and see exactly the parameters after t, as a drained window would. Not for methods
+    that update on a gradient coming back (backprop, pipedream, ddg, fr) or on the driver's
+    batch (full DNI's later stages), not with remote synthesizers (a stage then updates when
+    the service answers), and not in an ordered run (its segments end where the in-process
+    oracle's do: at the drain)."""
+    if cfg.ordered or cfg.synth_placement == "remote":
+        return False
+    method = get(cfg.mode)
+    wirings = [method.wiring(i, stages) for i in range(1, stages + 1)]
+    return all(w.done_on == "input" and not w.batch_event for w in wirings)
 
 
 def build(cfg: Any, index: int, *args: Any, **kwargs: Any) -> Any:
