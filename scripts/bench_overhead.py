@@ -13,6 +13,10 @@ with the load average, for what they are worth there.
     ratio   a model through the broker against the same model and mode in one process (the
             reference runner, memory rings): all processes' CPU per iteration, and the ratio
     relay   only the bare relay chain
+    wire    a model with large activations (dni-cnn: 16 MiB per batch at its first cut) on
+            random CIFAR-shaped data (--dataset cifar-shaped makes the file), through the
+            broker only: every process's CPU, and what reached Redis per iteration (SETs,
+            bytes in, each ring's slot size) to tell which slot writes cost what
 
 The window: WARMUP iterations are fed and drained, then ITERS more; CPU is read before and
 after them (after draining), so start-up, the final evaluation and shutdown are not counted.
@@ -27,6 +31,10 @@ given, interleaved case by case and repeat by repeat. Without --variant: this ch
         --iters 150 --synth-hidden 1 --synth-width 64
     python scripts/bench_overhead.py floor --stages 2 --repeat 3 \
         --variant before=/tmp/base --variant after=.
+    python scripts/bench_overhead.py wire --stages 4 --warmup 6 --iters 16 --repeat 2 \
+        --variant all=. --variant every8=.:cfg.ring_mirror_every=8
+
+A variant's `cfg.FIELD=VALUE` entries are RunConfig settings of its runs, not environment.
 """
 
 from __future__ import annotations
@@ -41,125 +49,28 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from cpu_window import Window, kernel_spent, snapshot, spent  # scripts/, beside this file
+
 REPO = Path(__file__).resolve().parents[1]
-TICK = os.sysconf("SC_CLK_TCK")
 WARMUP = 40
-
-
-# -- CPU of every process and thread, from /proc ----------------------------------------------
-def _ticks(path: str) -> tuple[str, float]:
-    """(comm, user + system seconds) of /proc/PID[/task/TID]/stat."""
-    with open(path) as fh:
-        raw = fh.read()
-    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return comm, (int(fields[11]) + int(fields[12])) / TICK
-
-
-def _role(pid: int) -> str:
-    if pid == os.getpid():
-        return "driver"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-    except OSError:
-        return "?"
-    text = " ".join(argv)
-    if "redis-server" in text:
-        return "redis"
-    if "--relay-role" in argv:
-        return argv[argv.index("--relay-role") + 1]
-    if " broker" in text:
-        return "broker"
-    if " worker" in text and "--stage" in argv:
-        return f"stage {argv[argv.index('--stage') + 1]}"
-    return os.path.basename(argv[0]) if argv else "?"
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as fh:
-                todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            pass
-    return out
-
-
-def snapshot() -> dict[int, tuple[str, dict[str, float]]]:
-    """{pid: (role, {thread: CPU s})} of this process and its descendants; a thread is 'main',
-    'zmq' (ZeroMQ's I/O threads) or 'other'."""
-    out: dict[int, tuple[str, dict[str, float]]] = {}
-    for pid in _descendants(os.getpid()):
-        threads: dict[str, float] = defaultdict(float)
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                comm, secs = _ticks(f"/proc/{pid}/task/{tid}/stat")
-                kind = "main" if int(tid) == pid else "zmq" if comm.startswith("ZMQbg") \
-                    else "other"
-                threads[kind] += secs
-        except (OSError, ValueError):
-            continue
-        out[pid] = (_role(pid), dict(threads))
-    return out
-
-
-def spent(before: dict[int, Any], after: dict[int, Any]) -> dict[str, dict[str, float]]:
-    """CPU seconds by role and thread kind between two snapshots (pids alive at both)."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for pid, (role, threads) in after.items():
-        if pid not in before:
-            continue
-        for kind, secs in threads.items():
-            out[role][kind] += secs - before[pid][1].get(kind, 0.0)
-    return {r: dict(k) for r, k in out.items()}
-
-
-class Window:
-    """CPU and wall clock from iteration `warmup` to `warmup + iters`, both drained."""
-
-    def __init__(self, warmup: int, iters: int) -> None:
-        self.warmup, self.iters = warmup, iters
-        self.start: tuple[float, dict[int, Any]] | None = None
-        self.result: dict[str, Any] | None = None
-
-    def hook(self, cls: Any) -> None:
-        """Wrap a runner class's feed: the window opens before iteration `warmup` is fed and
-        closes once iteration `warmup + iters - 1` is finished."""
-        feed, window = cls.feed, self
-
-        def timed_feed(runner: Any, x: Any, y: Any) -> int:
-            if window.start is None and runner.fed == window.warmup:
-                runner.drain()
-                window.start = (time.monotonic(), snapshot())
-            fed = feed(runner, x, y)
-            if window.start is not None and window.result is None and \
-                    runner.fed == window.warmup + window.iters:
-                runner.drain()
-                t0, snap0 = window.start
-                window.result = {"iters": window.iters, "wall_s": time.monotonic() - t0,
-                                 "cpu": spent(snap0, snapshot())}
-            return fed  # type: ignore[no-any-return]
-
-        cls.feed = timed_feed
+CIFAR_SHAPED = "/tmp/zdni-cifar-shaped.npz"  # random uint8 3x32x32 images, 10 classes
 
 
 # -- one measurement, in a fresh process --------------------------------------------------------
 def run_config(case: dict[str, Any]) -> Any:
     from zdni.config import RunConfig
 
-    samples = (WARMUP + case["iters"]) * case["batch"]  # MNIST has 60,000: more are epochs
+    samples = (case["warmup"] + case["iters"]) * case["batch"]  # more than the data: epochs
+    have = case["train_size"]
     return RunConfig(model=case["model"], model_args=case["model_args"], mode=case["mode"],
                      conditioned=case["conditioned"], stages=case["stages"],
-                     epochs=1 + samples // 60_000, batch_size=case["batch"],
-                     train_limit=samples if samples <= 60_000 else None,
+                     dataset=case["dataset"], epochs=1 + samples // have,
+                     batch_size=case["batch"], train_limit=samples if samples <= have else None,
                      test_limit=1000, max_inflight=case["window"], eval_every=0,
                      synth_hidden=case["synth_hidden"], synth_width=case["synth_width"],
                      data_dir=case["data_dir"],
-                     run_id=f"overhead-{os.getpid()}-{int(time.time())}").validate()
+                     run_id=f"overhead-{os.getpid()}-{int(time.time())}",
+                     **case.get("config", {})).validate()
 
 
 def measure_dist(case: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +80,7 @@ def measure_dist(case: dict[str, Any]) -> dict[str, Any]:
     from zdni.driver import Driver
 
     torch.set_num_threads(1)
-    window = Window(WARMUP, case["iters"])
+    window = Window(case["warmup"], case["iters"])
     window.hook(Driver)
     summary = train_distributed(run_config(case), quiet=True, restart=False)
     assert window.result is not None, "the run ended before its measured window"
@@ -183,7 +94,7 @@ def measure_inproc(case: dict[str, Any]) -> dict[str, Any]:
     from zdni.trainer import InprocRunner, train_inproc
 
     torch.set_num_threads(1)
-    window = Window(WARMUP, case["iters"])
+    window = Window(case["warmup"], case["iters"])
     window.hook(InprocRunner)
     train_inproc(run_config(case), quiet=True)
     assert window.result is not None
@@ -233,11 +144,12 @@ def measure_relay(case: dict[str, Any]) -> dict[str, Any]:
             done += finished[it] == k
 
     try:
-        run(0, WARMUP)
+        run(0, case["warmup"])
         t0, snap0 = time.monotonic(), snapshot()
-        run(WARMUP, case["iters"])
+        run(case["warmup"], case["iters"])
+        snap1 = snapshot()
         return {"iters": case["iters"], "wall_s": time.monotonic() - t0,
-                "cpu": spent(snap0, snapshot())}
+                "cpu": spent(snap0, snap1), "kernel": kernel_spent(snap0, snap1)}
     finally:
         push.close(0)
         pull.close(0)
@@ -310,9 +222,14 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
 
 # -- the driver of the benchmark: cases x variants, interleaved, in subprocesses ----------------
 def run_case(case: dict[str, Any], variant: tuple[str, str, dict[str, str]]) -> dict[str, Any]:
-    name, path, env_changes = variant
+    name, path, changes = variant
     root = str(Path(path).resolve())
-    env = {**os.environ, "PYTHONPATH": root, **env_changes}
+    env = {**os.environ, "PYTHONPATH": root,
+           **{k: v for k, v in changes.items() if not k.startswith("cfg.")}}
+    config = {k[4:]: json.loads(v) if v[:1].isdigit() or v[:1] in "[{-" or v in (
+        "true", "false", "null") else v for k, v in changes.items() if k.startswith("cfg.")}
+    if config:
+        case = {**case, "config": config}
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], cwd=root,
                           env=env, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -339,9 +256,20 @@ def describe(r: dict[str, Any]) -> str:
         split = "/".join(f"{1e3 * threads.get(t, 0.0) / r['iters']:.2f}"
                          for t in ("main", "zmq", "other"))
         parts.append(f"{role} {ms:.2f} ({split})")
+    wire = ""
+    if r.get("kernel"):  # where bytes are copied through sockets and fresh memory is touched
+        wire = " | sys ms, minor faults per iteration: " + ", ".join(
+            f"{role} {1e3 * v['sys_s'] / r['iters']:.1f}/{v['minflt'] / r['iters']:.0f}"
+            for role, v in sorted(r["kernel"].items()))
+    if r.get("redis"):
+        red, n = r["redis"], r["iters"]
+        wire += (f" | Redis per iteration: {red['set_calls'] / n:.1f} SETs, "
+                f"{red['in_bytes'] / n / 2**20:.1f} MiB in, {red['set_usec'] / n / 1e3:.2f} ms "
+                f"in SET; slots " + ", ".join(f"{name} {v['keys']}x{v['bytes'] / 2**20:.2f} MiB"
+                                              for name, v in r.get("slots", {}).items()))
     return (f"{r['variant']:<8} {r['runner']:<6} K={k} {total:7.2f} ms/it "
             f"{total / k:6.2f} ms/stage-it {r['iters'] / r['wall_s']:7.1f} it/s "
-            f"load {r['load']:.1f} | " + ", ".join(parts))
+            f"load {r['load']:.1f} | " + ", ".join(parts) + wire)
 
 
 def main() -> None:
@@ -352,8 +280,12 @@ def main() -> None:
         print(json.dumps(measure(json.loads(sys.argv[2]))), flush=True)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("floor", "ratio", "relay"))
-    parser.add_argument("--model", default=None, help="floor: fcnK width 8; ratio: fcn4")
+    parser.add_argument("what", choices=("floor", "ratio", "relay", "wire"))
+    parser.add_argument("--model", default=None,
+                        help="floor: fcnK width 8; ratio: fcn4; wire: dni-cnn")
+    parser.add_argument("--dataset", default=None, help="mnist (wire: cifar-shaped, random "
+                        "CIFAR-shaped data written to " + CIFAR_SHAPED + "), or a .npz file")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="iterations before the window")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--mode", default="sg")
@@ -382,20 +314,26 @@ def main() -> None:
         path, _, envs = rest.partition(":")
         variants.append((name, path, dict(e.split("=", 1) for e in envs.split(",") if e)))
     runners = {"floor": ("relay", "inproc", "dist"), "ratio": ("inproc", "dist"),
-               "relay": ("relay",)}[args.what]
+               "relay": ("relay",), "wire": ("dist",)}[args.what]
+    dataset = args.dataset or ("cifar-shaped" if args.what == "wire" else "mnist")
+    if dataset == "cifar-shaped":
+        dataset = cifar_shaped((args.warmup + args.iters) * args.batch)
+    train_size = 60_000 if dataset == "mnist" else _train_size(dataset)
     if args.runners:
         runners = tuple(r for r in runners if r in args.runners.split(","))
     print(f"# {args.what}: load {os.getloadavg()}, {os.cpu_count()} cores")
     results = []
     for rep in range(args.repeat):
         for k in (int(s) for s in args.stages.split(",")):
-            model = args.model or (f"fcn{max(k, 4)}" if args.what != "ratio" else "fcn4")
-            margs = model_args or ({"width": 8} if args.what != "ratio" else {})
+            model = args.model or {"ratio": "fcn4", "wire": "dni-cnn"}.get(
+                args.what, f"fcn{max(k, 4)}")
+            margs = model_args or ({"width": 8} if args.what in ("floor", "relay") else {})
             case = {"model": model, "model_args": margs, "mode": args.mode,
                     "conditioned": args.conditioned, "stages": k, "iters": args.iters,
                     "batch": args.batch, "window": args.window,
                     "synth_hidden": args.synth_hidden, "synth_width": args.synth_width,
-                    "data_dir": args.data_dir, "transport": args.transport, "repeat": rep}
+                    "data_dir": args.data_dir, "transport": args.transport, "repeat": rep,
+                    "warmup": args.warmup, "dataset": dataset, "train_size": train_size}
             for runner in runners:
                 for variant in variants if runner != "relay" else variants[:1]:
                     r = run_case({**case, "runner": runner}, variant)
@@ -409,6 +347,27 @@ def main() -> None:
         with open(args.json, "a") as fh:
             for r in results:
                 fh.write(json.dumps(r) + "\n")
+
+
+def cifar_shaped(samples: int) -> str:
+    """CIFAR_SHAPED with at least `samples` training images (written when it has fewer)."""
+    import numpy as np
+
+    if os.path.exists(CIFAR_SHAPED) and _train_size(CIFAR_SHAPED) >= samples:
+        return CIFAR_SHAPED
+    rng = np.random.default_rng(0)
+    n = max(samples, 4096)
+    np.savez(CIFAR_SHAPED, x_train=rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+             y_train=rng.integers(0, 10, n), y_test=rng.integers(0, 10, 1000),
+             x_test=rng.integers(0, 256, (1000, 3, 32, 32), dtype=np.uint8))
+    return CIFAR_SHAPED
+
+
+def _train_size(path: str) -> int:
+    import numpy as np
+
+    with np.load(path) as data:
+        return int(data["y_train"].shape[0])
 
 
 def paired(results: list[dict[str, Any]]) -> None:
