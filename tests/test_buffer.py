@@ -174,3 +174,32 @@ def test_writer_close_writes_what_was_handed_over(redis_client: redis.Redis) -> 
     assert writer.errors == 3
     assert_values(RedisRing(redis_client, "r1", 2, "out", N).get(1), 1)
     assert slot_keys(redis_client) == [keys.slot("r1", 2, "out", 1)]
+
+
+@pytest.mark.parametrize(("size", "every", "written"), [
+    (8, 1, list(range(8))), (8, 4, [0, 4]), (8, 3, [0, 3, 6]), (8, 8, [0]), (5, 2, [0, 2, 4]),
+])
+@pytest.mark.parametrize("threaded", [False, True], ids=["direct", "writer"])
+def test_mirror_policy_writes_exactly_its_slots(redis_client: redis.Redis, size: int,
+                                                every: int, written: list[int],
+                                                threaded: bool) -> None:
+    """With ring_mirror_every k, Redis gets one SET per put of a slot s with s % k == 0 and
+    nothing for the others (counted by Redis); every slot is still read from memory, and a
+    restarted worker finds exactly the mirrored ones."""
+    redis_client.config_resetstat()
+    with RingWriter(redis_client) as writer:
+        ring = RedisRing(redis_client, "r1", 2, "out", size, writer if threaded else None,
+                         mirror_every=every)
+        for it in range(3 * size):
+            ring.put(it, values(it))
+            assert_values(ring.get(it), it)
+        writer.flush()
+    assert redis_client.info("commandstats")["cmdstat_set"]["calls"] == 3 * len(written)
+    assert slot_keys(redis_client) == sorted(keys.slot("r1", 2, "out", s) for s in written)
+    assert ring.unmirrored == 3 * (size - len(written))
+    restarted = RedisRing(redis_client, "r1", 2, "out", size, mirror_every=every)
+    for it in range(2 * size, 3 * size):
+        if it % size in written:
+            assert_values(restarted.get(it), it)
+        else:
+            assert restarted.get(it) is None

@@ -100,3 +100,18 @@ def test_a_held_redis_port_is_one_line() -> None:
     assert result.output.strip() == (f"Error: cannot serve Redis on 127.0.0.1:{port}: another "
                                      "process holds it; give --port (or ZDNI_REDIS_PORT) a free "
                                      "port")
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--ring-mirror-every", "0"], {}),
+    (["--ring-size", "8", "--ring-mirror-every", "9"], {}),
+    ([], {"ZDNI_RING_MIRROR_EVERY": "40"}),
+])
+def test_a_bad_ring_mirror_policy_is_one_line(args: list[str], env: dict[str, str]) -> None:
+    """--ring-mirror-every (or ZDNI_RING_MIRROR_EVERY) outside 1..N is refused in one line
+    naming the setting, its range and what it means, exit 2, before anything starts."""
+    result = CliRunner().invoke(main, ["train", *args], env=env)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ring_mirror_every must be 1..ring_size ("), lines
+    assert "Traceback" not in result.output

@@ -17,6 +17,9 @@ from zdni.config import ConfigError, RunConfig
         ({"run_id": "bad id!"}, "run_id"),
         ({"train_limit": 0}, "train_limit"),
         ({"eval_every": -1}, "eval_every must be >= 0"),
+        ({"ring_mirror_every": 0}, r"ring_mirror_every must be 1\.\.ring_size \(32\)"),
+        ({"ring_mirror_every": 9, "ring_size": 8}, r"1\.\.ring_size \(8\).*got 9"),
+        ({"ring_mirror_every": True}, "ring_mirror_every must be"),
     ],
 )
 def test_bad_settings_name_the_setting(changes: dict, message: str) -> None:

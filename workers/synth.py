@@ -37,7 +37,8 @@ def serve(broker: str, redis_url: str, run: str, curve: Curve | None = None,
     modules = build_stages(cfg)
     shapes = stage_shapes(modules, input_shape(cfg))
     service = SynthService(cfg, shapes, lambda stage, name: RedisRing(
-        client, run, stage, name, cfg.ring_size), [span(m) for m in modules])
+        client, run, stage, name, cfg.ring_size, mirror_every=cfg.ring_mirror_every),
+        [span(m) for m in modules])
     counts: Counter[str] = Counter()
     trained = -1  # the newest iteration a synthesizer trained on
     found = checkpoint.load(client, run, protocol.SYNTH)

@@ -85,7 +85,7 @@ class Worker:
         # needs Redis only after a restart, so it need not wait for the write.
         self.writer = RingWriter(self.redis, depth=self.cfg.ring_size)
         rings = {name: RedisRing(self.redis, self.run, stage, name, self.cfg.ring_size,
-                                 self.writer) for name in ("out", "in")}
+                                 self.writer, self.cfg.ring_mirror_every) for name in ("out", "in")}
         method = methods.get(self.cfg.mode)
         synth = RemoteSynth(self._rpc, self.cfg, stage) if self.cfg.synth_placement == "remote" \
             and method.synthetic else None

@@ -13,6 +13,12 @@ command per slot (a hash needed MULTI, DEL, HSET, EXEC: 3 to 6 times the CPU, se
 docs/BENCHMARKS.md). The worker also keeps the N slots it wrote in memory and reads them from
 there first; Redis is read when the worker has restarted. Given a RingWriter, a ring writes
 from that writer's thread instead, so the stage never waits on Redis.
+
+By default every slot is mirrored to Redis (the design card). A run's ring_mirror_every k > 1
+(zdni.config) mirrors slot s only when s % k == 0 (`mirrored`): a worker restarted from its
+backup then finds no slot for the other iterations in flight and drops their true gradients
+(or, full mode, true inputs) as after a Redis outage, so M misses up to (k-1)/k of the
+trainings in flight at that restart; Redis is spared (k-1)/k of the ring's bytes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ Tensors = dict[str, torch.Tensor]
 log = logging.getLogger("zdni.buffer")
 WRITER_DEPTH = 64  # slots waiting for Redis; past it put() waits, so memory stays bounded
 COPY_BELOW = 64 * 1024  # bytes: smaller parts of slots are joined into one send (pyzmq's rule)
+
+
+def mirrored(it: int, size: int, every: int) -> bool:
+    """Whether iteration `it`'s slot of a ring of `size` slots goes to Redis when every
+    `every`-th slot does (slots 0, every, 2 * every, ...; every = 1: all of them)."""
+    return (it % size) % every == 0
 
 
 class Ring(Protocol):
@@ -178,9 +190,11 @@ class RedisRing:
     """One ring of one stage of one run."""
 
     def __init__(self, client: redis.Redis, run: str, stage: int, ring: str, size: int,
-                 writer: RingWriter | None = None) -> None:
+                 writer: RingWriter | None = None, mirror_every: int = 1) -> None:
         self.client = client
         self.writer = writer
+        self.mirror_every = mirror_every  # slot s goes to Redis when s % mirror_every == 0
+        self.unmirrored = 0  # slots kept in memory only, by that policy
         self.run = run
         self.stage = stage
         self.ring = ring
@@ -192,8 +206,11 @@ class RedisRing:
         return keys.slot(self.run, self.stage, self.ring, it % self.size)
 
     def put(self, it: int, tensors: Tensors) -> None:
-        """Replace slot it % N with iteration `it`'s values (in Redis now, or by the writer)."""
-        if self.writer is not None:
+        """Replace slot it % N with iteration `it`'s values (in Redis now, or by the writer;
+        in memory only when the mirror policy leaves the slot out)."""
+        if not mirrored(it, self.size, self.mirror_every):
+            self.unmirrored += 1
+        elif self.writer is not None:
             self.writer.put(self.key(it), it, tensors)
         else:
             conn = self.client.connection_pool.get_connection()

@@ -103,6 +103,12 @@ class RunConfig:
     freeze_stage: int | None = None  # leave this stage (1-based) at its random weights
     seed: int = 0
     ring_size: int = 32  # N: slots of the iteration % N buffers; must exceed max_inflight
+    # k: slot it % N is also written to Redis when (it % N) % k == 0; 1 = every slot (the design
+    # card). Workers read their slots from memory; Redis's copy serves a restarted worker only,
+    # which drops the true gradients (and, full mode, true inputs) of unmirrored slots: M skips
+    # up to (k-1)/k of the trainings in flight at a restart. k > 1 saves Redis 16-32 MiB per
+    # slot on large activations (docs/BENCHMARKS.md section 7).
+    ring_mirror_every: int = 1
     # K: batches fed but not yet finished by every stage; None: the method's default
     # (zdni.methods.default_window: 2 for sg and full, whose accuracy falls with more, else 4)
     max_inflight: int | None = None
@@ -205,6 +211,11 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 when given, got {value}")
+        if isinstance(self.ring_mirror_every, bool) or not isinstance(
+                self.ring_mirror_every, int) or not 1 <= self.ring_mirror_every <= self.ring_size:
+            raise ConfigError(
+                f"ring_mirror_every must be 1..ring_size ({self.ring_size}): Redis mirrors slot "
+                f"it % N when (it % N) % k == 0, 1 = every slot; got {self.ring_mirror_every!r}")
         if self.ring_size <= self.inflight:
             raise ConfigError(
                 f"ring_size (N={self.ring_size}) must exceed max_inflight (K={self.inflight}):"

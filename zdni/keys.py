@@ -34,10 +34,8 @@ def state(run: str) -> str:
 
 
 def slot(run: str, stage: int, ring: str, index: int) -> str:
-    """Hash: slot `index` of a stage's iteration % N ring `ring` ('out' or 'in').
-
-    Fields: '__meta__' (msgpack, holds the iteration 'it'), '__spec__' and one per tensor.
-    """
+    """String: slot `index` of a stage's iteration % N ring `ring` ('out' or 'in'), as
+    zdni.codec.encode_slot writes it (its iteration, then the tensors' bytes)."""
     return f"{run_prefix(run)}:buf:{stage}:{ring}:{index}"
 
 

@@ -312,6 +312,13 @@ config_options = _stack(
     option("--seed", type=int, default=_D.seed, show_default=True, envvar="ZDNI_SEED"),
     option("--ring-size", type=int, default=_D.ring_size, show_default=True,
                  envvar="ZDNI_RING_SIZE", help="N of the iteration %% N buffers."),
+    option("--ring-mirror-every", type=int, default=_D.ring_mirror_every, show_default=True,
+           envvar="ZDNI_RING_MIRROR_EVERY", metavar="K",
+           help="Write only ring slots it %% N with (it %% N) %% K == 0 to Redis (1: all, the "
+                "default). Workers read their slots from memory; a restarted worker drops the "
+                "true gradients (full mode: true inputs) of the others, so M skips up to "
+                "(K-1)/K of the trainings in flight at a restart. For large activations: each "
+                "slot is h and M's g (2 x 16 MiB for dni-cnn's first cut)."),
     option("--max-inflight", type=int, default=_D.max_inflight, envvar="ZDNI_MAX_INFLIGHT",
            help="Batches in flight at once [default: 2 for sg and full, whose accuracy falls "
                 "with more (docs/RESULTS.md); 4 for the other methods]."),
