@@ -6,6 +6,11 @@
 # samples/s and the time to 97%. Run it on a quiet machine: `uptime` before and after is printed.
 #
 #     bash scripts/bench_pinned.sh [MNIST_DIR] [OUT] [MODES]
+#
+# MODES: zdni methods run in 2 stages on the 2 pinned cores (cdni is sg --conditioned), and
+# torch2: the same single-process backprop with 2 threads on both cores (the honest row).
+# MODEL (a string of zdni options) replaces the wide FCN, e.g. MODEL="--model fcn8 --model-arg
+# width=1024 --data-dir ../shared/data/mnist" (the issue-19 table's fcn8).
 set -euo pipefail
 DATA=${1:-../shared/data/mnist}
 OUT=${2:-runs/pinned}
@@ -14,18 +19,29 @@ Z=${Z:-.venv/bin/zdni}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 [ -f "$OUT/mnist.npz" ] || "$PY" examples/make_npz.py "$DATA" "$OUT/mnist.npz" > /dev/null
-M=(--model examples/my_models.py:mlp --model-arg 'widths=[1024,1024,1024,1024]'
-   --model-arg batchnorm=true --dataset "$OUT/mnist.npz" --epochs 2 --eval-every 50 --quiet)
+if [ -n "${MODEL:-}" ]; then
+  read -r -a NET <<< "$MODEL"
+else
+  NET=(--model examples/my_models.py:mlp --model-arg 'widths=[1024,1024,1024,1024]'
+       --model-arg batchnorm=true --dataset "$OUT/mnist.npz")
+fi
+M=("${NET[@]}" --epochs 2 --eval-every 50 --quiet)
 echo "before: $(uptime)"
 taskset -c 0 "$Z" train --inproc --mode backprop --threads 1 "${M[@]}" --out "$OUT/backprop-1core" \
-    > /dev/null
+    --label "backprop, 1 core" > /dev/null
 for mode in $MODES; do
-  extra=()
-  [ "$mode" = sg ] && extra=(--conditioned)
-  "$Z" train --mode "$mode" "${extra[@]}" --stages 2 --devices 'cpu:0 cpu:1' "${M[@]}" \
-      --out "$OUT/$mode-2cores" > /dev/null
+  if [ "$mode" = torch2 ]; then
+    taskset -c 0,1 "$Z" train --inproc --mode backprop --threads 2 "${M[@]}" \
+        --out "$OUT/backprop-2threads" --label "backprop, 2 threads on 2 cores" > /dev/null
+    continue
+  fi
+  extra=(--mode "$mode")
+  [ "$mode" = cdni ] && extra=(--mode sg --conditioned)
+  "$Z" train "${extra[@]}" --stages 2 --devices 'cpu:0 cpu:1' "${M[@]}" \
+      --out "$OUT/$mode-2cores" --label "$mode, 2 stages on 2 pinned cores" > /dev/null
 done
 echo "after: $(uptime)"
-"$Z" report "$OUT"/backprop-1core "$OUT"/*-2cores -o "$OUT/report" \
+shopt -s nullglob
+"$Z" report "$OUT"/backprop-1core "$OUT"/backprop-2threads "$OUT"/*-2cores -o "$OUT/report" \
     --title "2 pinned worker cores against one" > /dev/null
 sed -n '/^| variant/,/^$/p' "$OUT/report/report.md"

@@ -10,7 +10,7 @@ Runners, all on the same model, data (MNIST), batch size, optimizer (Adam) and m
                  window --bp-inflight (1: with more in flight the workers fail, see
                  docs/BENCHMARKS.md)
     zdni-cdni    `zdni train --mode sg --conditioned`: the same processes, synthetic gradients
-    pipelining   torch.distributed.pipelining (ScheduleGPipe, gloo, 127.0.0.1), one process
+    pipelining   torch.distributed.pipelining (ScheduleGPipe, or Schedule1F1B with --pipe-schedule 1f1b; gloo, 127.0.0.1), one process
                  per stage: synchronous pipelined backprop over micro-batches
     bound        each stage's events timed alone in one process, no sockets, 1 thread (as a
                  worker has), in CPU seconds of the thread (wall time on a shared machine would
@@ -239,12 +239,12 @@ def run_zdni(args: argparse.Namespace, mode: str, conditioned: bool, stages: int
 
 # -- torch.distributed.pipelining --------------------------------------------------------------------
 def pipe_rank(rank: int, world: int, port: int, cfg_json: str, microbatches: int,
-              out: Any, pin: bool = False) -> None:
+              out: Any, pin: bool = False, schedule_name: str = "gpipe") -> None:
     """One pipelining stage process (pinned to core `rank` with `pin`); the last rank reports
     the history."""
     try:
         import torch.distributed as dist
-        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         if pin:
             os.sched_setaffinity(0, {rank})
@@ -257,7 +257,8 @@ def pipe_rank(rank: int, world: int, port: int, cfg_json: str, microbatches: int
         shapes = stage_shapes(modules, tuple(x.shape[1:]))
         module = modules[rank]
         stage = PipelineStage(module, rank, world, torch.device("cpu"))
-        schedule = ScheduleGPipe(stage, microbatches, loss_fn=F.cross_entropy)
+        kind = Schedule1F1B if schedule_name == "1f1b" else ScheduleGPipe
+        schedule = kind(stage, microbatches, loss_fn=F.cross_entropy)
         opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, fused=True)
         feeder = BatchFeeder(x, y, cfg.batch_size, cfg.seed)
         last = rank == world - 1
@@ -320,6 +321,9 @@ def pipe_evaluate(module: nn.Module, rank: int, world: int, shapes: list[tuple[i
     return int((h.argmax(1) == yt).sum()) / len(yt)
 
 
+PIPE_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B"}
+
+
 def run_pipelining(args: argparse.Namespace, stages: int) -> dict[str, Any]:
     from zdni.transport import free_port_range
 
@@ -329,11 +333,12 @@ def run_pipelining(args: argparse.Namespace, stages: int) -> dict[str, Any]:
     out = ctx.Queue()
     port = free_port_range(1)
     procs = [ctx.Process(target=pipe_rank, args=(r, stages, port, cfg.to_json(),
-                                                 args.microbatches, out, args.pin))
+                                                 args.microbatches, out, args.pin,
+                                                 args.pipe_schedule))
              for r in range(stages)]
     for p in procs:
         p.start()
-    name = f"torch pipelining GPipe, {stages} procs{', pinned' if args.pin else ''}, " \
+    name = f"torch pipelining {PIPE_SCHEDULES[args.pipe_schedule]}, {stages} procs{', pinned' if args.pin else ''}, " \
         f"{args.microbatches} micro-batches"
     try:
         got = out.get(timeout=args.timeout)
@@ -627,6 +632,10 @@ def main() -> None:
     parser.add_argument("--bp-inflight", type=int, default=1,
                         help="zdni backprop's window: > 1 fails (weights change under the graph)")
     parser.add_argument("--microbatches", type=int, default=4, help="pipelining micro-batches")
+    parser.add_argument("--pipe-schedule", choices=sorted(PIPE_SCHEDULES), default="gpipe",
+                        help="pipelining's schedule: GPipe (all forwards, then all backwards) "
+                             "or 1F1B (PipeDream-Flush: one forward, one backward; needs "
+                             "micro-batches >= stages)")
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--stages", default="2,3,4", help="stage counts of the distributed runs")
     parser.add_argument("--bp-stages", default="3", help="stage counts of zdni backprop runs")
