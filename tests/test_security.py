@@ -72,7 +72,14 @@ def exchange(addr: str, sender: Curve | None, receiver: Curve | None) -> bool:
         push.connect(addr)
         pull.connect(protocol.outbound_address(addr, 2))
         h = torch.arange(8.0).reshape(2, 4)
-        push.send_multipart(codec.encode(codec.Message(protocol.ACT, "sec", 0, 1, 2, {"h": h}, {})))
+        # A peer the broker refuses may have no pipe to queue into once its handshake failed:
+        # the send would block for ever (seen under load), so it too is bounded.
+        push.setsockopt(zmq.SNDTIMEO, 2000)
+        try:
+            push.send_multipart(codec.encode(codec.Message(protocol.ACT, "sec", 0, 1, 2,
+                                                           {"h": h}, {})))
+        except zmq.Again:
+            return False
         if not pull.poll(2000):
             return False
         got = codec.decode(pull.recv_multipart())
