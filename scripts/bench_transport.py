@@ -74,7 +74,7 @@ def budget(nbytes: int, total: int, least: int, most: int) -> int:
 
 # -- the two ends of a socket path --------------------------------------------------------------
 class Direct:
-    """Endpoint's interface over a direct PUSH/PULL pair (no broker): send encodes, zero-copy."""
+    """Endpoint's interface over a direct PUSH/PULL pair (no broker): zero-copy sends."""
 
     def __init__(self, ctx: zmq.Context, out_addr: str, in_addr: str, bind: bool) -> None:
         self.push = make_socket(ctx, zmq.PUSH)
@@ -88,8 +88,8 @@ class Direct:
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
 
-    def send(self, msg: codec.Message, timeout_ms: int = 10_000) -> None:
-        frames = codec.encode(msg)
+    def send(self, frames: list[Any], timeout_ms: int = 10_000) -> None:
+        """One message's frames (zdni.codec.encode), as Endpoint.send takes them."""
         if not self.push.poll(timeout_ms, zmq.POLLOUT):
             raise TimeoutError("peer did not take a message")
         self.push.send_multipart(frames, copy=False)
