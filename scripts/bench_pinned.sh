@@ -41,7 +41,9 @@ for mode in $MODES; do
       --out "$OUT/$mode-2cores" --label "$mode, 2 stages on 2 pinned cores" > /dev/null
 done
 echo "after: $(uptime)"
+runs=("$OUT"/backprop-1core)
+[ -d "$OUT/backprop-2threads" ] && runs+=("$OUT/backprop-2threads")
 shopt -s nullglob
-"$Z" report "$OUT"/backprop-1core "$OUT"/backprop-2threads "$OUT"/*-2cores -o "$OUT/report" \
+"$Z" report "${runs[@]}" "$OUT"/*-2cores -o "$OUT/report" \
     --title "2 pinned worker cores against one" > /dev/null
 sed -n '/^| variant/,/^$/p' "$OUT/report/report.md"
