@@ -86,11 +86,7 @@ def one_thread() -> Iterator[None]:
     and Adam turns its +-1e-9 rounding noise into +-lr steps, so two thread counts drift apart
     by whole learning-rate steps within a few iterations.
     """
-    import torch
+    from zdni.driver import one_thread as driver_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with driver_threads():
         yield
-    finally:
-        torch.set_num_threads(before)
