@@ -48,10 +48,13 @@ def test_split_refuses_more_stages_than_units() -> None:
         split(Costs([1, 1, 1]), 4)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_profile_measures_the_wide_unit_as_the_costliest() -> None:
     """A real profile on this CPU: a 2048-wide layer costs more than 64-wide ones, and in sg
     mode a boundary's synthesizer costs what its width makes it (M of a 2048-wide boundary has
-    ~900 times the weights of a 64-wide one's)."""
+    ~900 times the weights of a 64-wide one's). On one thread, as `zdni train --balance time`
+    measures on this 2-core machine (cores / stages): with torch's two, a loaded machine made
+    every unit wait ~38 ms for its OpenMP team and the two widest look alike."""
     units: list[nn.Module] = [nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU()),
                               nn.Sequential(nn.Linear(64, 2048), nn.ReLU()),
                               nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()),
