@@ -7,6 +7,7 @@ I/O threads and the rest, and what reached Redis in the same window.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -48,11 +49,9 @@ def _descendants(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
+        with contextlib.suppress(OSError):  # it ended while we walked: no children to add
             with open(f"/proc/{p}/task/{p}/children") as fh:
                 todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            pass
     return out
 
 

@@ -86,7 +86,7 @@ def one_thread() -> Iterator[None]:
     and Adam turns its +-1e-9 rounding noise into +-lr steps, so two thread counts drift apart
     by whole learning-rate steps within a few iterations.
     """
-    from zdni.driver import one_thread as driver_threads
+    from zdni.device import one_thread as driver_threads
 
     with driver_threads():
         yield

@@ -7,8 +7,10 @@ process (its affinity and torch's thread count).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +136,21 @@ def _ranges(cores: list[int]) -> str:
             out.append(f"{start}-{c}" if c != start else f"{c}")
             start = None
     return ",".join(out)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread while the driver feeds the stages, then as before.
+
+    The driver's torch work is gathering batches (and summing evaluation results): with the
+    default of one thread per core its OpenMP team takes cores the stage workers need. Measured
+    (docs/BENCHMARKS.md section 9): dgl on the wide FCN, 2 stages on 2 pinned cores, 6,361 and
+    6,401 samples/s with the driver at torch's default, 7,622 and 8,109 with one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

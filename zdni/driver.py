@@ -21,6 +21,7 @@ import zmq
 
 from zdni import checkpoint, codec, failure, keys, methods, protocol
 from zdni.config import RunConfig, new_run_id
+from zdni.device import one_thread
 from zdni.launcher import Cluster
 from zdni.loop import LoopState, RunError, Saver, State, train
 from zdni.metrics import MetricsWriter
@@ -541,22 +542,6 @@ class Driver:
             if statuses is not None and all(v in (b"stopped", None) for v in statuses):
                 return
             time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one intra-op thread while the driver feeds the stages, then as before.
-
-    The driver's torch work is gathering batches (and summing evaluation results): with the
-    default of one thread per core its OpenMP team takes cores the stage workers need. Measured
-    (docs/BENCHMARKS.md section 9): dgl on the wide FCN, 2 stages on 2 pinned cores, 6,361 and
-    6,401 samples/s with the driver at torch's default, 7,622 and 8,109 with one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def eval_result_problem(src: int, it: int, meta: dict[str, Any], stages: int,
