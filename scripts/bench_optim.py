@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
+    if min(args.width, args.layers, args.steps) < 1:
+        parser.error("--width, --layers and --steps must be >= 1")
     torch.set_num_threads(1)
     w = args.width
     params = [nn.Parameter(torch.randn(w, w)) for _ in range(args.layers)]
